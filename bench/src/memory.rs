@@ -1,0 +1,341 @@
+//! The in-memory transport and the worker, next to a raw `tokio::sync::mpsc` hand-off.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::TimeDelta;
+use redeliver::memory::MemoryTransport;
+use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Transport, Worker};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use crate::report::Report;
+use crate::{Scale, median, peak_since_reset, reset_peak};
+
+const GROUP: &str = "memory";
+
+/// The payload of every message: about 1 KiB of JSON.
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    id: u64,
+    data: String,
+}
+
+fn payload() -> Bytes {
+    let data = "x".repeat(1000);
+    Bytes::from(serde_json::to_vec(&Payload { id: 1, data }).expect("serializes"))
+}
+
+/// Counts handler calls and wakes the bench when `target` is reached.
+#[derive(Clone)]
+struct Countdown {
+    seen: Arc<AtomicUsize>,
+    target: usize,
+    done: Arc<Notify>,
+}
+
+impl Countdown {
+    fn new(target: usize) -> Self {
+        Countdown {
+            seen: Arc::default(),
+            target,
+            done: Arc::new(Notify::new()),
+        }
+    }
+
+    fn tick(&self) {
+        if self.seen.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        self.done.notified().await;
+    }
+}
+
+pub(crate) async fn run(scale: &Scale, report: &mut Report) {
+    let body = payload();
+    let raw = median(scale.runs, || mpsc_hand_off(scale.messages, body.clone())).await;
+    for concurrency in [1, 16] {
+        let ours = median(scale.runs, || {
+            worker_throughput(scale.messages, concurrency, body.clone())
+        })
+        .await;
+        report.compare(
+            GROUP,
+            format!("no-op handler, 1 KiB JSON, concurrency {concurrency} (raw: mpsc + decode)"),
+            ours,
+            raw,
+            "msg/s",
+        );
+    }
+    let retry = median(scale.runs, || retry_path(scale.messages, body.clone())).await;
+    report.add(
+        GROUP,
+        "fail once, then succeed (immediate retry), concurrency 16",
+        retry,
+        "msg/s",
+    );
+
+    let lateness = delay_precision(scale.scheduled, scale.longest_delay).await;
+    report.add(
+        GROUP,
+        format!("lateness of {} scheduled messages, p50", scale.scheduled),
+        lateness.p50,
+        "ms",
+    );
+    report.add(GROUP, "lateness, p99", lateness.p99, "ms");
+    report.add(GROUP, "lateness, max", lateness.max, "ms");
+    let hol = head_of_line(scale.longest_delay * 3, scale.longest_delay / 10).await;
+    report.add(
+        GROUP,
+        "head of line: short delay after a long one, lateness",
+        hol,
+        "ms",
+    );
+
+    let held = held_footprint(scale.held, body.clone()).await;
+    report.add(
+        GROUP,
+        format!("{} scheduled 1 KiB messages held, peak", scale.held),
+        held as f64 / (1024.0 * 1024.0),
+        "MiB",
+    );
+    report.add(
+        GROUP,
+        "  per message",
+        held as f64 / scale.held as f64,
+        "bytes",
+    );
+    let in_flight = in_flight_footprint(scale.in_flight, body).await;
+    report.add(
+        GROUP,
+        format!("worker with {} messages in flight, peak", scale.in_flight),
+        in_flight as f64 / (1024.0 * 1024.0),
+        "MiB",
+    );
+}
+
+async fn fill(transport: &MemoryTransport, messages: usize, body: &Bytes) {
+    for _ in 0..messages {
+        // Each message gets its own copy of the payload, as messages from a producer would.
+        let message =
+            Message::new(Bytes::copy_from_slice(body)).with_content_type("application/json");
+        transport
+            .send("bench", message)
+            .await
+            .expect("memory sends do not fail");
+    }
+}
+
+async fn worker_throughput(messages: usize, concurrency: usize, body: Bytes) -> f64 {
+    let memory = MemoryTransport::new();
+    fill(&memory, messages, &body).await;
+    let countdown = Countdown::new(messages);
+    let counter = countdown.clone();
+    let started = Instant::now();
+    let worker = Worker::builder(Arc::new(memory), "bench")
+        .concurrency(concurrency)
+        .start(move |_: Payload, _: Context| {
+            counter.tick();
+            async { Outcome::success() }
+        })
+        .await
+        .expect("the worker starts");
+    countdown.wait().await;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    worker.shutdown().await;
+    rate
+}
+
+/// The same payloads handed over a `tokio::sync::mpsc` channel and decoded, one consumer.
+async fn mpsc_hand_off(messages: usize, body: Bytes) -> f64 {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..messages {
+        tx.send(Bytes::copy_from_slice(&body))
+            .expect("the receiver is alive");
+    }
+    drop(tx);
+    let started = Instant::now();
+    let consumer = tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Some(bytes) = rx.recv().await {
+            let payload: Payload = serde_json::from_slice(&bytes).expect("valid JSON");
+            n += usize::from(payload.id > 0);
+        }
+        n
+    });
+    let handled = consumer.await.expect("the consumer does not panic");
+    assert_eq!(handled, messages);
+    messages as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn retry_path(messages: usize, body: Bytes) -> f64 {
+    let memory = MemoryTransport::new();
+    fill(&memory, messages, &body).await;
+    let countdown = Countdown::new(messages);
+    let counter = countdown.clone();
+    let immediate = BackoffPolicy::builder()
+        .max_attempts(2)
+        .backoff(Backoff::fixed(Duration::ZERO))
+        .jitter(Jitter::None)
+        .build()
+        .expect("a valid policy");
+    let started = Instant::now();
+    let worker = Worker::builder(Arc::new(memory), "bench")
+        .concurrency(16)
+        .retry_policy(immediate)
+        .start(move |_: Payload, ctx: Context| {
+            let outcome = if ctx.attempt() == 1 {
+                Outcome::retry("first try fails")
+            } else {
+                counter.tick();
+                Outcome::success()
+            };
+            async move { outcome }
+        })
+        .await
+        .expect("the worker starts");
+    countdown.wait().await;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    worker.shutdown().await;
+    rate
+}
+
+pub(crate) struct Lateness {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+}
+
+/// Messages scheduled at random instants up to `longest` ahead; how late each reaches its
+/// handler, in milliseconds.
+async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
+    let memory = MemoryTransport::new();
+    let clock = memory.clock();
+    let transport: Arc<dyn Transport> = Arc::new(memory);
+    let late = Arc::new(Mutex::new(Vec::with_capacity(messages)));
+    let countdown = Countdown::new(messages);
+    let (counter, record, handler_clock) = (countdown.clone(), Arc::clone(&late), clock.clone());
+    let worker = Worker::builder(Arc::clone(&transport), "bench")
+        .concurrency(16)
+        .start(move |_: u64, ctx: Context| {
+            let lateness =
+                handler_clock.now() - ctx.not_before().expect("every message is scheduled");
+            record
+                .lock()
+                .expect("not poisoned")
+                .push(lateness.as_seconds_f64() * 1000.0);
+            counter.tick();
+            async { Outcome::success() }
+        })
+        .await
+        .expect("the worker starts");
+    let longest_ms = i64::try_from(longest.as_millis()).unwrap_or(i64::MAX);
+    for i in 0..messages {
+        let at = clock.now() + TimeDelta::milliseconds(fastrand_ms(i, longest_ms));
+        transport
+            .send(
+                "bench",
+                Message::json(&(i as u64))
+                    .expect("json")
+                    .with_not_before(at),
+            )
+            .await
+            .expect("sent");
+    }
+    countdown.wait().await;
+    worker.shutdown().await;
+    let mut late = std::mem::take(&mut *late.lock().expect("not poisoned"));
+    late.sort_by(f64::total_cmp);
+    let at = |q: f64| late[((late.len() - 1) as f64 * q).round() as usize];
+    Lateness {
+        p50: at(0.5),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+/// A spread of delays between a tenth of `longest_ms` and `longest_ms`, deterministic per `i`.
+fn fastrand_ms(i: usize, longest_ms: i64) -> i64 {
+    let low = longest_ms / 10;
+    let spread = (longest_ms - low).max(1);
+    low + ((i as i64).wrapping_mul(7_919) % spread)
+}
+
+/// A message due after `long` is sent first, one due after `short` second: how late the
+/// short one is.
+async fn head_of_line(long: Duration, short: Duration) -> f64 {
+    let memory = MemoryTransport::new();
+    let clock = memory.clock();
+    let transport: Arc<dyn Transport> = Arc::new(memory);
+    let (tx, mut rx) = watch::channel(None);
+    let handler_clock = clock.clone();
+    let worker = Worker::builder(Arc::clone(&transport), "bench")
+        .start(move |_: u64, ctx: Context| {
+            let lateness = handler_clock.now() - ctx.not_before().expect("scheduled");
+            tx.send_replace(Some(lateness.as_seconds_f64() * 1000.0));
+            async { Outcome::success() }
+        })
+        .await
+        .expect("the worker starts");
+    for delay in [long, short] {
+        let at = clock.now() + TimeDelta::from_std(delay).expect("a short delay");
+        transport
+            .send(
+                "bench",
+                Message::json(&0u64).expect("json").with_not_before(at),
+            )
+            .await
+            .expect("sent");
+    }
+    let lateness = *rx
+        .wait_for(Option::is_some)
+        .await
+        .expect("the worker is alive");
+    worker.shutdown().await;
+    lateness.expect("set")
+}
+
+async fn held_footprint(messages: usize, body: Bytes) -> usize {
+    let baseline = reset_peak();
+    let memory = MemoryTransport::new();
+    let at = memory.clock().now() + TimeDelta::hours(1);
+    for _ in 0..messages {
+        let message = Message::new(Bytes::copy_from_slice(&body)).with_not_before(at);
+        memory.send("bench", message).await.expect("sent");
+    }
+    let peak = peak_since_reset(baseline);
+    drop(memory);
+    peak
+}
+
+async fn in_flight_footprint(in_flight: usize, body: Bytes) -> usize {
+    let baseline = reset_peak();
+    let memory = MemoryTransport::new();
+    fill(&memory, in_flight, &body).await;
+    let all_in = Countdown::new(in_flight);
+    // A flag rather than a notification: a handler that looks after the release still sees it.
+    let (release, released) = watch::channel(false);
+    let counter = all_in.clone();
+    let worker = Worker::builder(Arc::new(memory), "bench")
+        .concurrency(in_flight)
+        .start(move |_: Payload, _: Context| {
+            counter.tick();
+            let mut released = released.clone();
+            async move {
+                let _ = released.wait_for(|go| *go).await;
+                Outcome::success()
+            }
+        })
+        .await
+        .expect("the worker starts");
+    all_in.wait().await;
+    let peak = peak_since_reset(baseline);
+    release.send_replace(true);
+    worker.shutdown().await;
+    peak
+}

@@ -1,0 +1,167 @@
+//! The one error type of redeliver, shared by every transport.
+
+use std::time::Duration;
+
+/// A boxed error kept as the [`source`](std::error::Error::source) of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in redeliver, classified so that callers can decide without
+/// matching strings: see [`Error::is_transient`].
+///
+/// Transports convert their client's errors into this type and keep them as the `source`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is impossible. `field` names it; `reason` says what is allowed.
+    #[error("invalid configuration `{field}`: {reason}")]
+    Config {
+        /// The field, in the dotted form a user wrote it (`backoff.factor`).
+        field: String,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+
+    /// An endpoint, topic, queue or exchange does not exist.
+    #[error("{what} `{name}` does not exist{hint}", hint = hint_suffix(hint))]
+    NotFound {
+        /// What kind of entity (`endpoint`, `queue`, `exchange`, `topic`, ...).
+        what: &'static str,
+        /// Its name.
+        name: String,
+        /// What to do about it, if the transport knows.
+        hint: Option<String>,
+    },
+
+    /// The broker could not be reached or the connection was lost.
+    #[error("connection to the broker failed: {message}")]
+    Connection {
+        /// What happened.
+        message: String,
+        /// The client's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The broker refused a message it was given (a negative publisher confirm, a rejected
+    /// transfer, a full queue).
+    #[error("the broker rejected the message: {message}")]
+    Rejected {
+        /// What the broker said.
+        message: String,
+        /// The client's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A published message matched no queue, so the broker would have dropped it.
+    #[error("the message could not be routed: {message}")]
+    Unroutable {
+        /// Where it was sent.
+        message: String,
+    },
+
+    /// An operation did not finish in time.
+    #[error("{operation} did not finish within {after:?}")]
+    Timeout {
+        /// What was being done.
+        operation: String,
+        /// The bound that was exceeded.
+        after: Duration,
+    },
+
+    /// A message is not acceptable: its payload cannot be decoded, a header is malformed, it is
+    /// too large, or a delay is longer than the transport supports.
+    #[error("invalid message: {message}")]
+    InvalidMessage {
+        /// What is wrong with it.
+        message: String,
+        /// The decoder's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The transport has been shut down.
+    #[error("the transport is closed")]
+    Closed,
+
+    /// Anything else a transport reports.
+    #[error("{message}")]
+    Other {
+        /// What happened.
+        message: String,
+        /// The client's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+fn hint_suffix(hint: &Option<String>) -> String {
+    hint.as_ref().map(|h| format!(": {h}")).unwrap_or_default()
+}
+
+impl Error {
+    /// An [`Error::Config`] naming `field`.
+    pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::InvalidMessage`] without a source.
+    pub fn invalid_message(message: impl Into<String>) -> Self {
+        Error::InvalidMessage {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Connection`] with the client's error as its source.
+    pub fn connection(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Connection {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether trying the same operation again later may succeed (a lost connection, a time-out)
+    /// as opposed to an error that will repeat (bad configuration, a missing queue, an invalid
+    /// message).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Connection { .. } | Error::Timeout { .. } | Error::Other { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_what_is_wrong() {
+        let e = Error::config("backoff.factor", "must be at least 1.0, got 0.5");
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration `backoff.factor`: must be at least 1.0, got 0.5"
+        );
+        let e = Error::NotFound {
+            what: "queue",
+            name: "orders".into(),
+            hint: Some("declare the topology or create it".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "queue `orders` does not exist: declare the topology or create it"
+        );
+    }
+
+    #[test]
+    fn transient_errors_are_told_apart() {
+        assert!(Error::connection("reset", std::io::Error::other("x")).is_transient());
+        assert!(!Error::config("a", "b").is_transient());
+        assert!(!Error::invalid_message("too large").is_transient());
+        assert!(!Error::Closed.is_transient());
+    }
+}

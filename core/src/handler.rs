@@ -1,0 +1,301 @@
+//! The handler contract: what application code implements.
+//!
+//! A handler receives the decoded message and its [`Context`] and returns an [`Outcome`]. It
+//! never acknowledges, retries or dead-letters by itself: the worker does that from the outcome,
+//! the same way on every transport. A handler that panics is treated as
+//! [`Outcome::Retry`]: a crash is a failure, never a loss.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::message::{DeadLetterInfo, Headers, Message, MessageId};
+use crate::transport::Source;
+
+/// Handles messages of type `T` (decoded from the body, JSON by default).
+///
+/// Implemented for every `Fn(T, Context) -> impl Future<Output = Outcome>`, so a closure or an
+/// `async fn` is a handler:
+///
+/// ```
+/// use redeliver_core::{Context, Outcome};
+///
+/// #[derive(serde::Deserialize)]
+/// struct OrderPlaced { order_id: u64 }
+///
+/// async fn on_order_placed(event: OrderPlaced, ctx: Context) -> Outcome {
+///     println!("order {} (attempt {})", event.order_id, ctx.attempt());
+///     Outcome::success()
+/// }
+/// # fn assert_handler<H: redeliver_core::Handler<OrderPlaced>>(_: H) {}
+/// # assert_handler(on_order_placed);
+/// ```
+pub trait Handler<T>: Send + Sync + 'static {
+    /// Handles one message.
+    fn handle(&self, message: T, context: Context) -> impl Future<Output = Outcome> + Send;
+}
+
+impl<T, F, Fut> Handler<T> for F
+where
+    F: Fn(T, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    fn handle(&self, message: T, context: Context) -> impl Future<Output = Outcome> + Send {
+        self(message, context)
+    }
+}
+
+/// Everything about a delivery except its decoded body.
+#[derive(Clone, Debug)]
+pub struct Context {
+    message: Arc<Message>,
+    source: Source,
+    received_at: DateTime<Utc>,
+}
+
+impl Context {
+    /// The context of `message` from `source`, received at `received_at`.
+    pub fn new(message: Arc<Message>, source: Source, received_at: DateTime<Utc>) -> Self {
+        Context {
+            message,
+            source,
+            received_at,
+        }
+    }
+
+    /// The whole message, body bytes included.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The message id, the same on every attempt.
+    pub fn message_id(&self) -> &MessageId {
+        self.message.id()
+    }
+
+    /// Which handler call this is: 1 for the first. See [`Message::attempt`].
+    pub fn attempt(&self) -> u32 {
+        self.message.attempt()
+    }
+
+    /// The application headers.
+    pub fn headers(&self) -> &Headers {
+        self.message.headers()
+    }
+
+    /// The correlation id, if any.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.message.correlation_id()
+    }
+
+    /// Where replies should go, if anywhere.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.message.reply_to()
+    }
+
+    /// The subject, if any.
+    pub fn subject(&self) -> Option<&str> {
+        self.message.subject()
+    }
+
+    /// The message's not-before. The handler is never called before it.
+    pub fn not_before(&self) -> Option<DateTime<Utc>> {
+        self.message.not_before()
+    }
+
+    /// Why the previous attempt failed, on a retry.
+    pub fn last_failure(&self) -> Option<&str> {
+        self.message.last_failure()
+    }
+
+    /// Why the message was dead-lettered, when handling dead letters.
+    pub fn dead_letter(&self) -> Option<&DeadLetterInfo> {
+        self.message.dead_letter()
+    }
+
+    /// Where the message was consumed from.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// The name of the endpoint the message was consumed from.
+    pub fn endpoint(&self) -> &str {
+        self.source.endpoint_name()
+    }
+
+    /// When the worker received the message, on the transport's clock.
+    pub fn received_at(&self) -> DateTime<Utc> {
+        self.received_at
+    }
+}
+
+/// A server's request to wait before trying again (HTTP `Retry-After`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// Not before this instant.
+    At(DateTime<Utc>),
+    /// Not before this long after the failure.
+    Delay(Duration),
+}
+
+impl RetryAfter {
+    /// Parses an HTTP `Retry-After` value: whole seconds (`120`) or an HTTP date
+    /// (`Wed, 21 Oct 2026 07:28:00 GMT`, and the two obsolete HTTP date forms). Anything else is
+    /// `None`.
+    pub fn parse(value: &str) -> Option<Self> {
+        let value = value.trim();
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Some(RetryAfter::Delay(Duration::from_secs(seconds)));
+        }
+        httpdate::parse_http_date(value)
+            .ok()
+            .map(|t| RetryAfter::At(DateTime::<Utc>::from(t)))
+    }
+
+    /// The delay from `now`, zero for a date in the past.
+    pub fn delay_from(&self, now: DateTime<Utc>) -> Duration {
+        match *self {
+            RetryAfter::Delay(d) => d,
+            RetryAfter::At(at) => crate::clock::until(now, at),
+        }
+    }
+}
+
+/// What a handler decided.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Handled: the message is completed.
+    Success,
+    /// Failed for now: try again after the retry policy's delay (and not before `retry_after`),
+    /// or dead-letter with this reason once the policy's attempts are used up.
+    Retry {
+        /// Why, short and stable (it becomes the dead-letter reason if attempts run out).
+        reason: String,
+        /// A server's request to wait at least this long; a floor under the policy's delay.
+        retry_after: Option<RetryAfter>,
+    },
+    /// Failed for good: dead-letter now, without further attempts.
+    DeadLetter {
+        /// Why, short and stable.
+        reason: String,
+        /// Details for a person.
+        description: Option<String>,
+    },
+    /// Dropped on purpose (for example, a message about an entity that no longer exists): the
+    /// message is completed and the reason logged.
+    Discard {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// [`Outcome::Success`].
+    pub fn success() -> Self {
+        Outcome::Success
+    }
+
+    /// [`Outcome::Retry`] without a Retry-After.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Outcome::Retry {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    /// [`Outcome::Retry`] with a server's Retry-After.
+    pub fn retry_after(reason: impl Into<String>, retry_after: RetryAfter) -> Self {
+        Outcome::Retry {
+            reason: reason.into(),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// [`Outcome::DeadLetter`] without a description.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Outcome::DeadLetter {
+            reason: reason.into(),
+            description: None,
+        }
+    }
+
+    /// [`Outcome::DeadLetter`] with a description.
+    pub fn dead_letter_with(reason: impl Into<String>, description: impl Into<String>) -> Self {
+        Outcome::DeadLetter {
+            reason: reason.into(),
+            description: Some(description.into()),
+        }
+    }
+
+    /// [`Outcome::Discard`].
+    pub fn discard(reason: impl Into<String>) -> Self {
+        Outcome::Discard {
+            reason: reason.into(),
+        }
+    }
+
+    /// A short name for logs and spans: `success`, `retry`, `dead-letter` or `discard`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Retry { .. } => "retry",
+            Outcome::DeadLetter { .. } => "dead-letter",
+            Outcome::Discard { .. } => "discard",
+        }
+    }
+}
+
+/// `Ok(())` is a success; an error is a retry whose reason is the error's message.
+impl<E: std::fmt::Display> From<Result<(), E>> for Outcome {
+    fn from(result: Result<(), E>) -> Self {
+        match result {
+            Ok(()) => Outcome::Success,
+            Err(e) => Outcome::retry(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        assert_eq!(
+            RetryAfter::parse(" 90 "),
+            Some(RetryAfter::Delay(Duration::from_secs(90)))
+        );
+        let at = RetryAfter::parse("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        let expected = DateTime::parse_from_rfc3339("1994-11-06T08:49:37Z").unwrap();
+        assert_eq!(at, RetryAfter::At(expected.with_timezone(&Utc)));
+        assert_eq!(
+            RetryAfter::parse("Sunday, 06-Nov-94 08:49:37 GMT"),
+            Some(at)
+        );
+        assert_eq!(RetryAfter::parse("soon"), None);
+        assert_eq!(RetryAfter::parse("-5"), None);
+    }
+
+    #[test]
+    fn retry_after_delay_from_now() {
+        let now = Utc::now();
+        let at = RetryAfter::At(now + chrono::TimeDelta::seconds(30));
+        assert_eq!(at.delay_from(now), Duration::from_secs(30));
+        assert_eq!(
+            RetryAfter::At(now).delay_from(now + chrono::TimeDelta::seconds(1)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn results_become_outcomes() {
+        assert_eq!(Outcome::from(Ok::<(), String>(())), Outcome::Success);
+        assert_eq!(
+            Outcome::from(Err::<(), _>("timeout")),
+            Outcome::retry("timeout")
+        );
+    }
+}

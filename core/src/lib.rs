@@ -1,0 +1,56 @@
+//! The core of [redeliver](https://docs.rs/redeliver): the message model, the [`Transport`] and
+//! [`Handler`] contracts, [`RetryPolicy`] and the [`Worker`] that runs handlers.
+//!
+//! This crate has no broker dependency. Transports live in their own crates
+//! (`redeliver-memory`, `redeliver-rabbitmq`, `redeliver-servicebus`) and applications usually
+//! depend on the `redeliver` facade instead of this crate.
+//!
+//! # The promise
+//! - **At-least-once.** A message accepted by a transport is handled until the handler succeeds,
+//!   discards it, or it is dead-lettered — never silently dropped, not when a handler panics, not
+//!   when the payload is invalid, not at shutdown. Duplicates are possible (a handler that
+//!   finished whose settlement was lost runs again), so handlers must be idempotent; the
+//!   [`MessageId`] stays the same across retries for that purpose.
+//! - **Not-before is never violated.** A handler is never called before the message's
+//!   not-before (`NotBeforeUtc`).
+//! - **The same attempt numbers everywhere.** [`Message::attempt`] is 1 on the first handler
+//!   call and grows by one per retry, counted by the framework, identical on every transport.
+//!   [`RetryPolicy::max_attempts`] counts handler calls including the first.
+//!
+//! # Modules
+//! - [`message`] — [`Message`], [`MessageId`], [`Headers`].
+//! - [`transport`] — the [`Transport`] trait, [`Delivery`] and settlement.
+//! - [`handler`] — the [`Handler`] trait, [`Context`], [`Outcome`].
+//! - [`http`] — HTTP status + `Retry-After` → [`Outcome`].
+//! - [`retry`] — [`RetryPolicy`], [`BackoffPolicy`], [`Backoff`], [`Jitter`].
+//! - [`worker`] — [`Worker`].
+//! - [`clock`] — [`Clock`], the source of "now" (controllable in tests).
+//! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
+//! - [`wire`] — the header names broker transports carry the framework's state in.
+
+pub mod clock;
+pub mod error;
+pub mod handler;
+pub mod http;
+pub mod message;
+pub mod reasons;
+pub mod request_reply;
+pub mod retry;
+pub mod transport;
+pub mod wire;
+pub mod worker;
+
+pub use clock::Clock;
+pub use error::{BoxError, Error};
+pub use handler::{Context, Handler, Outcome, RetryAfter};
+pub use http::{FailureCategory, outcome_for_status};
+pub use message::{DeadLetterInfo, Headers, Message, MessageId};
+pub use retry::{Backoff, BackoffPolicy, FailedAttempt, Jitter, RetryPolicy};
+pub use transport::{
+    Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settlement, Source, Topology,
+    Transport,
+};
+pub use worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
+
+#[cfg(feature = "mock")]
+pub use transport::MockTransport;

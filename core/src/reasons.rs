@@ -1,0 +1,8 @@
+//! Dead-letter reasons the framework itself gives. Handlers give their own through
+//! [`Outcome::DeadLetter`](crate::Outcome::DeadLetter) and [`Outcome::Retry`](crate::Outcome::Retry).
+
+/// The body could not be decoded into the handler's type.
+pub const INVALID_PAYLOAD: &str = "invalid payload";
+
+/// The framework's headers on the message could not be read (see [`wire`](crate::wire)).
+pub const MALFORMED_HEADERS: &str = "malformed headers";

@@ -1,0 +1,366 @@
+//! Request/reply over any transport: a [`Requester`] sends a request with a reply-to endpoint and
+//! a fresh correlation id, waits for the reply with a time-out and tries again a configured number
+//! of times; a responder answers with [`reply_to`], copying the correlation id.
+//!
+//! Replies carry a [`StatusEnvelope`]: `statusCode`, `statusMessage` and optional `messages`
+//! (JSON, camel case), plus the response's own fields.
+//!
+//! Replies the requester cannot use are handled by its reply worker, the same way on every
+//! transport:
+//! - a reply **without a correlation id** is dead-lettered with reason
+//!   [`MISSING_CORRELATION_ID`];
+//! - a reply whose body is **not valid JSON** is dead-lettered with reason
+//!   [`INVALID_PAYLOAD`](crate::reasons::INVALID_PAYLOAD);
+//! - a reply with an **unknown correlation id** (it came after its request timed out, or belongs
+//!   to another client) is put back and retried a few times, in case its request is still being
+//!   registered, then dead-lettered with reason [`UNKNOWN_CORRELATION_ID`].
+//!
+//! Requests are at-least-once like every message: a responder may see a request twice, and a
+//! request that timed out may still be handled. Each try has its own correlation id, so a late
+//! reply to an earlier try is never taken for the answer to a later one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::Error;
+use crate::handler::{Context, Outcome};
+use crate::message::{Message, MessageId};
+use crate::retry::{Backoff, BackoffPolicy, Jitter};
+use crate::transport::Transport;
+use crate::worker::Worker;
+
+/// Dead-letter reason of a reply without a correlation id.
+pub const MISSING_CORRELATION_ID: &str = "missing correlation id";
+/// Dead-letter reason of a reply whose correlation id matches no waiting request.
+pub const UNKNOWN_CORRELATION_ID: &str = "unknown correlation id";
+/// The header carrying the requesting application's id (`app_id` in AMQP terms).
+pub const APP_ID: &str = "app-id";
+
+/// A reply's status envelope, plus the response's own fields in `body` (flattened into the same
+/// JSON object).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusEnvelope<T = serde_json::Map<String, serde_json::Value>> {
+    /// An HTTP-like status code: 2xx for success.
+    pub status_code: u16,
+    /// A short text for the status.
+    pub status_message: String,
+    /// Details: validation results, warnings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<StatusMessage>>,
+    /// The response's own fields.
+    #[serde(flatten)]
+    pub body: T,
+}
+
+impl<T> StatusEnvelope<T> {
+    /// An envelope with `status_code`, `status_message` and `body`, without messages.
+    pub fn new(status_code: u16, status_message: impl Into<String>, body: T) -> Self {
+        StatusEnvelope {
+            status_code,
+            status_message: status_message.into(),
+            messages: None,
+            body,
+        }
+    }
+
+    /// Whether the status code is 2xx.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status_code)
+    }
+}
+
+/// One detail of a [`StatusEnvelope`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusMessage {
+    /// What it is about (a field name, a rule).
+    pub key: String,
+    /// `error`, `warning`, `info`, ...
+    pub severity: String,
+    /// A status code for this detail.
+    pub status: String,
+    /// Text for a person.
+    pub text: String,
+    /// When it was produced (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+}
+
+/// Builds the reply to the request in `ctx`: `envelope` as JSON, with the request's correlation
+/// id. Returns the endpoint to send it to (the request's reply-to) and the message.
+pub fn reply_to<T: Serialize>(
+    ctx: &Context,
+    envelope: &StatusEnvelope<T>,
+) -> Result<(String, Message), Error> {
+    let endpoint = ctx.reply_to().ok_or_else(|| {
+        Error::invalid_message("the request has no reply-to endpoint to answer to")
+    })?;
+    let mut reply = Message::json(envelope)?;
+    if let Some(correlation_id) = ctx.correlation_id() {
+        reply = reply.with_correlation_id(correlation_id);
+    }
+    Ok((endpoint.to_owned(), reply))
+}
+
+/// Options of a [`Requester`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RequestOptions {
+    /// How long to wait for each try's reply. Default 30 s.
+    pub timeout: Duration,
+    /// How many tries, each with a new correlation id. Default 3.
+    pub attempts: u32,
+    /// Sent in the [`APP_ID`] header, if set.
+    pub app_id: Option<String>,
+    /// How many times a reply with an unknown correlation id is tried before it is
+    /// dead-lettered. Default 3.
+    pub unknown_reply_attempts: u32,
+    /// The delay between those tries. Default 1 s.
+    pub unknown_reply_delay: Duration,
+}
+
+impl Default for RequestOptions {
+    fn default() -> Self {
+        RequestOptions {
+            timeout: Duration::from_secs(30),
+            attempts: 3,
+            app_id: None,
+            unknown_reply_attempts: 3,
+            unknown_reply_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RequestOptions {
+    /// Sets [`timeout`](RequestOptions::timeout).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets [`attempts`](RequestOptions::attempts).
+    #[must_use]
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+
+    /// Sets [`app_id`](RequestOptions::app_id).
+    #[must_use]
+    pub fn with_app_id(mut self, app_id: impl Into<String>) -> Self {
+        self.app_id = Some(app_id.into());
+        self
+    }
+
+    /// Sets how often, and how far apart, a reply with an unknown correlation id is tried.
+    #[must_use]
+    pub fn with_unknown_replies(mut self, attempts: u32, delay: Duration) -> Self {
+        self.unknown_reply_attempts = attempts;
+        self.unknown_reply_delay = delay;
+        self
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.attempts == 0 {
+            return Err(Error::config("attempts", "must be at least 1, got 0"));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("timeout", "must be longer than zero"));
+        }
+        if self.unknown_reply_attempts == 0 {
+            return Err(Error::config(
+                "unknown_reply_attempts",
+                "must be at least 1, got 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Message>>>>;
+
+/// Sends requests and waits for their replies on its own reply endpoint.
+pub struct Requester {
+    transport: Arc<dyn Transport>,
+    reply_endpoint: String,
+    options: RequestOptions,
+    waiting: Waiting,
+    worker: Worker,
+}
+
+impl std::fmt::Debug for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requester")
+            .field("reply_endpoint", &self.reply_endpoint)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Requester {
+    /// Starts consuming replies on `reply_endpoint`, which must exist on the transport and be
+    /// used by this requester only.
+    pub async fn start(
+        transport: Arc<dyn Transport>,
+        reply_endpoint: impl Into<String>,
+        options: RequestOptions,
+    ) -> Result<Self, Error> {
+        options.validate()?;
+        let reply_endpoint = reply_endpoint.into();
+        let waiting: Waiting = Arc::default();
+        let policy = BackoffPolicy::builder()
+            .max_attempts(options.unknown_reply_attempts)
+            .backoff(Backoff::fixed(options.unknown_reply_delay))
+            .jitter(Jitter::None)
+            .build()?;
+        let handler_waiting = Arc::clone(&waiting);
+        let worker = Worker::builder(Arc::clone(&transport), reply_endpoint.as_str())
+            .concurrency(16)
+            .retry_policy(policy)
+            .start(move |_: serde_json::Value, ctx: Context| {
+                let outcome = deliver_reply(&handler_waiting, &ctx);
+                async move { outcome }
+            })
+            .await?;
+        Ok(Requester {
+            transport,
+            reply_endpoint,
+            options,
+            waiting,
+            worker,
+        })
+    }
+
+    /// Sends `request` to `endpoint` and returns the reply's envelope with the response decoded
+    /// as `R`. Each try waits [`timeout`](RequestOptions::timeout); after
+    /// [`attempts`](RequestOptions::attempts) tries without a reply the result is
+    /// [`Error::Timeout`]. A reply whose body is not a `StatusEnvelope<R>` is
+    /// [`Error::InvalidMessage`]. A non-2xx status is returned as a reply, not an error: check
+    /// [`StatusEnvelope::is_success`].
+    pub async fn request<Q, R>(
+        &self,
+        endpoint: &str,
+        request: &Q,
+    ) -> Result<StatusEnvelope<R>, Error>
+    where
+        Q: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        for attempt in 1..=self.options.attempts {
+            let correlation_id = MessageId::random().to_string();
+            let mut message = Message::json(request)?
+                .with_reply_to(&self.reply_endpoint)
+                .with_correlation_id(&correlation_id);
+            if let Some(app_id) = &self.options.app_id {
+                message = message.with_header(APP_ID, app_id);
+            }
+            let (tx, rx) = oneshot::channel();
+            self.lock().insert(correlation_id.clone(), tx);
+            let sent = self.transport.send(endpoint, message).await;
+            if let Err(e) = sent {
+                self.lock().remove(&correlation_id);
+                return Err(e);
+            }
+            match tokio::time::timeout(self.options.timeout, rx).await {
+                Ok(Ok(reply)) => return reply.decode::<StatusEnvelope<R>>(),
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => {
+                    self.lock().remove(&correlation_id);
+                    tracing::warn!(
+                        endpoint,
+                        attempt,
+                        correlation_id,
+                        "no reply within the time-out"
+                    );
+                }
+            }
+        }
+        Err(Error::Timeout {
+            operation: format!(
+                "waiting for a reply from `{endpoint}` ({} tries)",
+                self.options.attempts
+            ),
+            after: self.options.timeout * self.options.attempts,
+        })
+    }
+
+    /// Stops consuming replies. Requests still waiting fail with [`Error::Closed`].
+    pub async fn shutdown(self) {
+        self.lock().clear();
+        self.worker.shutdown().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Message>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn deliver_reply(waiting: &Waiting, ctx: &Context) -> Outcome {
+    let Some(correlation_id) = ctx.correlation_id() else {
+        return Outcome::dead_letter(MISSING_CORRELATION_ID);
+    };
+    let waiter = waiting
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(correlation_id);
+    match waiter {
+        // A waiter that gave up in the meantime drops the reply: it is handled either way.
+        Some(waiter) => {
+            let _ = waiter.send(ctx.message().clone());
+            Outcome::success()
+        }
+        None => Outcome::retry(UNKNOWN_CORRELATION_ID),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_are_camel_case_and_flatten_the_body() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Quote {
+            price: u32,
+        }
+        let envelope = StatusEnvelope::new(200, "OK", Quote { price: 12 });
+        let json = serde_json::to_value(&envelope).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"statusCode": 200, "statusMessage": "OK", "price": 12})
+        );
+        let back: StatusEnvelope<Quote> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, envelope);
+
+        let with_messages: StatusEnvelope = serde_json::from_value(serde_json::json!({
+            "statusCode": 422, "statusMessage": "Unprocessable",
+            "messages": [{"key": "vat", "severity": "error", "status": "INVALID", "text": "bad VAT number"}]
+        }))
+        .unwrap();
+        assert!(!with_messages.is_success());
+        assert_eq!(with_messages.messages.unwrap()[0].key, "vat");
+    }
+
+    #[test]
+    fn invalid_options_name_the_field() {
+        let field = |o: RequestOptions| match o.validate().unwrap_err() {
+            Error::Config { field, .. } => field,
+            e => panic!("{e}"),
+        };
+        assert_eq!(
+            field(RequestOptions::default().with_attempts(0)),
+            "attempts"
+        );
+        assert_eq!(
+            field(RequestOptions::default().with_timeout(Duration::ZERO)),
+            "timeout"
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! How broker transports carry the framework's retry state: one set of header names, shared by
+//! every transport, so that a message means the same wherever it travels.
+//!
+//! Broker-native fields (message id, content type, correlation id, reply-to, subject) go into the
+//! broker's own properties; the framework's state goes into headers named here, which the
+//! framework owns. Handlers see neither these headers nor broker history such as `x-death`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
+
+use crate::message::{DeadLetterInfo, Headers, Message};
+
+/// Every header starting with this belongs to the framework.
+pub const PREFIX: &str = "redeliver-";
+/// Which handler call the message is for (1, 2, ...).
+pub const ATTEMPT: &str = "redeliver-attempt";
+/// The not-before instant, RFC 3339 in UTC.
+pub const NOT_BEFORE: &str = "redeliver-not-before";
+/// Why the previous attempt failed.
+pub const LAST_FAILURE: &str = "redeliver-last-failure";
+/// The delay chosen after the previous attempt, in milliseconds.
+pub const LAST_DELAY_MS: &str = "redeliver-last-delay-ms";
+/// Why the message was dead-lettered.
+pub const DEAD_LETTER_REASON: &str = "redeliver-dead-letter-reason";
+/// Details of why the message was dead-lettered.
+pub const DEAD_LETTER_DESCRIPTION: &str = "redeliver-dead-letter-description";
+
+/// The headers to put on the wire: the application's headers (minus any that use the reserved
+/// prefix) followed by the framework's state.
+pub fn encode_headers(message: &Message) -> Headers {
+    let mut headers: Headers = message
+        .headers()
+        .iter()
+        .filter(|(k, _)| !k.starts_with(PREFIX))
+        .collect();
+    headers.insert(ATTEMPT, message.attempt().to_string());
+    if let Some(at) = message.not_before() {
+        // Millisecond precision on the wire, rounded up: a not-before is never moved earlier.
+        let at = at
+            .duration_round_up(TimeDelta::milliseconds(1))
+            .unwrap_or(at);
+        headers.insert(NOT_BEFORE, at.to_rfc3339_opts(SecondsFormat::Millis, true));
+    }
+    if let Some(reason) = message.last_failure() {
+        headers.insert(LAST_FAILURE, reason);
+    }
+    if let Some(delay) = message.last_delay() {
+        headers.insert(LAST_DELAY_MS, delay.as_millis().to_string());
+    }
+    if let Some(info) = message.dead_letter() {
+        headers.insert(DEAD_LETTER_REASON, info.reason.clone());
+        if let Some(description) = &info.description {
+            headers.insert(DEAD_LETTER_DESCRIPTION, description.clone());
+        }
+    }
+    headers
+}
+
+/// A message rebuilt from the wire.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The message, with the framework headers moved into its fields.
+    pub message: Message,
+    /// What was wrong with the framework headers, if anything. A malformed value is left at its
+    /// default (attempt 1, no not-before) and reported here, so that the worker can dead-letter
+    /// the message with reason [`MALFORMED_HEADERS`](crate::reasons::MALFORMED_HEADERS) instead
+    /// of losing it or guessing.
+    pub problem: Option<String>,
+}
+
+/// Moves the framework's headers out of `message`'s headers into its fields. A message without
+/// any framework header (sent by another producer) is attempt 1 with no not-before.
+pub fn decode_headers(message: Message) -> Decoded {
+    let mut headers = message.headers().clone();
+    let mut problems = Vec::new();
+
+    let attempt = match headers.remove(ATTEMPT) {
+        None => 1,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                problems.push(format!("`{ATTEMPT}` is `{v}`, not a whole number >= 1"));
+                1
+            }
+        },
+    };
+    let not_before = headers.remove(NOT_BEFORE).and_then(|v| {
+        DateTime::parse_from_rfc3339(v.trim())
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| problems.push(format!("`{NOT_BEFORE}` is `{v}`, not an RFC 3339 time")))
+            .ok()
+    });
+    let last_failure = headers.remove(LAST_FAILURE);
+    let last_delay = headers.remove(LAST_DELAY_MS).and_then(|v| {
+        v.trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| problems.push(format!("`{LAST_DELAY_MS}` is `{v}`, not milliseconds")))
+            .ok()
+    });
+    let dead_letter = headers
+        .remove(DEAD_LETTER_REASON)
+        .map(|reason| DeadLetterInfo {
+            reason,
+            description: headers.remove(DEAD_LETTER_DESCRIPTION),
+        });
+    // Unknown framework headers (from a newer version) are dropped rather than shown to handlers.
+    let foreign: Vec<String> = headers
+        .iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .map(|(k, _)| k.to_owned())
+        .collect();
+    for key in foreign {
+        headers.remove(&key);
+    }
+
+    let mut message = message
+        .with_headers(headers)
+        .with_attempt(attempt)
+        .with_last_failure(last_failure, last_delay)
+        .with_dead_letter(dead_letter);
+    if let Some(at) = not_before {
+        message = message.with_not_before(at);
+    }
+    Decoded {
+        message,
+        problem: (!problems.is_empty()).then(|| problems.join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framework_state_round_trips_through_headers() {
+        let at = DateTime::parse_from_rfc3339("2026-11-21T10:00:01.250Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let m = Message::new("x")
+            .with_header("tenant", "a")
+            .next_attempt(at, "timeout".into(), Duration::from_millis(1500))
+            .with_dead_letter(Some(DeadLetterInfo {
+                reason: "rate-limited".into(),
+                description: Some("HTTP 429".into()),
+            }));
+        let wire = encode_headers(&m);
+        assert_eq!(wire.get(ATTEMPT), Some("2"));
+        let back = decode_headers(Message::new("x").with_id(m.id().clone()).with_headers(wire));
+        assert_eq!(back.problem, None);
+        assert_eq!(back.message, m);
+    }
+
+    #[test]
+    fn the_not_before_is_rounded_up_never_down() {
+        let at = DateTime::parse_from_rfc3339("2026-11-21T10:00:01.250000001Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let wire = encode_headers(&Message::new("x").with_not_before(at));
+        assert_eq!(wire.get(NOT_BEFORE), Some("2026-11-21T10:00:01.251Z"));
+    }
+
+    #[test]
+    fn reserved_headers_set_by_applications_are_not_sent() {
+        let m = Message::new("x").with_header("redeliver-attempt", "99");
+        assert_eq!(encode_headers(&m).get(ATTEMPT), Some("1"));
+    }
+
+    #[test]
+    fn a_foreign_message_is_a_first_attempt() {
+        let d = decode_headers(Message::new("x").with_header("other", "1"));
+        assert_eq!(d.problem, None);
+        assert_eq!(d.message.attempt(), 1);
+        assert_eq!(d.message.not_before(), None);
+        assert_eq!(d.message.headers().get("other"), Some("1"));
+    }
+
+    #[test]
+    fn malformed_headers_are_reported_not_guessed() {
+        let d = decode_headers(
+            Message::new("x")
+                .with_header(ATTEMPT, "zero")
+                .with_header(NOT_BEFORE, "tomorrow")
+                .with_header("redeliver-future-thing", "1"),
+        );
+        let problem = d.problem.unwrap();
+        assert!(problem.contains("redeliver-attempt"), "{problem}");
+        assert!(problem.contains("redeliver-not-before"), "{problem}");
+        assert_eq!(d.message.attempt(), 1);
+        assert!(d.message.headers().is_empty());
+    }
+}

@@ -1,0 +1,641 @@
+//! The worker: runs a handler on a source with a concurrency limit and settles every delivery
+//! from the handler's [`Outcome`].
+//!
+//! # What the worker guarantees
+//! - **Never early.** The handler is not called before the message's not-before. A delivery that
+//!   arrives early is put back (parked) without calling the handler and without counting an
+//!   attempt; when it is early by less than the transport's scheduling precision the worker waits
+//!   for it instead, since the transport could not do better.
+//! - **Nothing lost.** Every delivery is settled: completed, retried, dead-lettered, discarded on
+//!   the handler's request, or abandoned at shutdown. A payload that cannot be decoded is
+//!   dead-lettered with reason [`INVALID_PAYLOAD`] (or discarded, if configured) and never
+//!   retried; a delivery with malformed framework headers is dead-lettered with reason
+//!   [`MALFORMED_HEADERS`]. A handler that panics counts as a retryable failure. If settling fails
+//!   (a lost connection), the transport delivers the message again.
+//! - **At-least-once, so duplicates are possible**: a handler that finished but whose settlement
+//!   did not reach the broker runs again for the same message id. Make handlers idempotent.
+//! - **Graceful shutdown.** [`Worker::shutdown`] stops taking deliveries, lets handlers in flight
+//!   finish until the shutdown timeout, then abandons the rest, which are delivered again (their
+//!   attempt unchanged, since no handler result was recorded).
+//! - **Dead-letter handlers.** A worker on [`Source::DeadLetters`] never drops a dead letter that
+//!   its handler did not complete or discard: a retry, and anything that would dead-letter again
+//!   (a dead-letter outcome, an invalid payload, malformed headers), is rescheduled among the dead
+//!   letters after the policy's delay, without the attempt limit. To drop dead letters whose
+//!   payload cannot be decoded, use [`InvalidPayload::Discard`].
+//!
+//! Every delivery is handled inside a `tracing` span named `delivery` with the fields
+//! `message_id`, `endpoint`, `attempt` and `outcome`.
+//!
+//! [`INVALID_PAYLOAD`]: crate::reasons::INVALID_PAYLOAD
+//! [`MALFORMED_HEADERS`]: crate::reasons::MALFORMED_HEADERS
+
+use std::any::Any;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::Error;
+use crate::clock::{Clock, to_chrono, until};
+use crate::handler::{Context, Handler, Outcome, RetryAfter};
+use crate::reasons::{INVALID_PAYLOAD, MALFORMED_HEADERS};
+use crate::retry::{BackoffPolicy, FailedAttempt, RetryPolicy};
+use crate::transport::{ConsumeOptions, Delivery, DeliveryStream, Source, Transport};
+
+/// What the worker does with a message whose body cannot be decoded into the handler's type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidPayload {
+    /// Dead-letter it with reason [`INVALID_PAYLOAD`] and the
+    /// decoder's error as description.
+    #[default]
+    DeadLetter,
+    /// Drop it, logging the decoder's error.
+    Discard,
+}
+
+/// Configures and starts a [`Worker`].
+#[must_use]
+pub struct WorkerBuilder {
+    transport: Arc<dyn Transport>,
+    source: Source,
+    concurrency: usize,
+    policy: Arc<dyn RetryPolicy>,
+    invalid_payload: InvalidPayload,
+    shutdown_timeout: Duration,
+}
+
+impl WorkerBuilder {
+    /// How many handler calls may run at once (and so how many deliveries are prefetched).
+    /// Default 1.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// The retry policy for this source. Default: [`BackoffPolicy::default`].
+    pub fn retry_policy(mut self, policy: impl RetryPolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// What to do with payloads that cannot be decoded. Default: dead-letter.
+    pub fn on_invalid_payload(mut self, action: InvalidPayload) -> Self {
+        self.invalid_payload = action;
+        self
+    }
+
+    /// How long [`Worker::shutdown`] lets handlers in flight finish before abandoning them.
+    /// Default 30 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Starts consuming and handling messages of type `T` with `handler`. Must be called inside
+    /// a tokio runtime. Fails if the configuration is invalid or the transport cannot start
+    /// consuming (for example, the endpoint does not exist).
+    pub async fn start<T, H>(self, handler: H) -> Result<Worker, Error>
+    where
+        T: DeserializeOwned + Send + 'static,
+        H: Handler<T>,
+    {
+        if self.concurrency == 0 {
+            return Err(Error::config("concurrency", "must be at least 1, got 0"));
+        }
+        if self.policy.max_attempts() == 0 {
+            return Err(Error::config(
+                "retry_policy.max_attempts",
+                "must be at least 1 (it counts every handler call, the first included)",
+            ));
+        }
+        let options = ConsumeOptions::default().with_prefetch(self.concurrency);
+        let stream = self
+            .transport
+            .consume(&self.source, options.clone())
+            .await?;
+        let capabilities = self.transport.capabilities();
+        let shared = Arc::new(Shared {
+            clock: self.transport.clock(),
+            transport: self.transport,
+            source: self.source,
+            policy: self.policy,
+            handler,
+            invalid_payload: self.invalid_payload,
+            precision: capabilities.scheduling_precision,
+            max_delay: capabilities.max_delay,
+            stats: Counters::default(),
+            _payload: PhantomData,
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::clone(&shared),
+            stream,
+            options,
+            self.concurrency,
+            self.shutdown_timeout,
+            cancel.clone(),
+        ));
+        let stats: Arc<dyn StatsSource> = shared;
+        Ok(Worker {
+            cancel,
+            task,
+            stats,
+        })
+    }
+}
+
+/// A running worker. Dropping it leaves it running until the runtime stops; call
+/// [`shutdown`](Worker::shutdown) to stop it gracefully.
+pub struct Worker {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+    stats: Arc<dyn StatsSource>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A builder for a worker that consumes `source` (an endpoint name, or
+    /// [`Source::dead_letters`]) from `transport`.
+    pub fn builder(transport: Arc<dyn Transport>, source: impl Into<Source>) -> WorkerBuilder {
+        WorkerBuilder {
+            transport,
+            source: source.into(),
+            concurrency: 1,
+            policy: Arc::new(BackoffPolicy::default()),
+            invalid_payload: InvalidPayload::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// What the worker has done so far.
+    pub fn stats(&self) -> WorkerStats {
+        self.stats.snapshot()
+    }
+
+    /// Stops taking deliveries, waits for handlers in flight up to the shutdown timeout, then
+    /// abandons the rest so the transport delivers them again. Returns the final statistics.
+    pub async fn shutdown(self) -> WorkerStats {
+        self.cancel.cancel();
+        if let Err(e) = self.task.await {
+            error!(error = %e, "the worker task failed");
+        }
+        self.stats.snapshot()
+    }
+}
+
+/// Counts of what a worker did with its deliveries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Deliveries received.
+    pub received: u64,
+    /// Handler calls made.
+    pub handled: u64,
+    /// Deliveries completed after a success.
+    pub completed: u64,
+    /// Retries scheduled.
+    pub retried: u64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: u64,
+    /// Deliveries discarded (handler's request or invalid payload, if so configured).
+    pub discarded: u64,
+    /// Early deliveries put back without calling the handler.
+    pub parked: u64,
+    /// Deliveries given back at shutdown.
+    pub abandoned: u64,
+    /// Settlements that failed (the transport will deliver those messages again).
+    pub settle_failures: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    handled: AtomicU64,
+    completed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    discarded: AtomicU64,
+    parked: AtomicU64,
+    abandoned: AtomicU64,
+    settle_failures: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+trait StatsSource: Send + Sync {
+    fn snapshot(&self) -> WorkerStats;
+}
+
+struct Shared<T, H> {
+    transport: Arc<dyn Transport>,
+    source: Source,
+    policy: Arc<dyn RetryPolicy>,
+    handler: H,
+    invalid_payload: InvalidPayload,
+    clock: Clock,
+    precision: Duration,
+    max_delay: Option<Duration>,
+    stats: Counters,
+    _payload: PhantomData<fn() -> T>,
+}
+
+impl<T: Send + 'static, H: Send + Sync + 'static> StatsSource for Shared<T, H> {
+    fn snapshot(&self) -> WorkerStats {
+        let c = &self.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        WorkerStats {
+            received: get(&c.received),
+            handled: get(&c.handled),
+            completed: get(&c.completed),
+            retried: get(&c.retried),
+            dead_lettered: get(&c.dead_lettered),
+            discarded: get(&c.discarded),
+            parked: get(&c.parked),
+            abandoned: get(&c.abandoned),
+            settle_failures: get(&c.settle_failures),
+        }
+    }
+}
+
+/// How a delivery ends up, decided before settling.
+enum Disposition {
+    Complete,
+    Discard(String),
+    DeadLetter {
+        reason: String,
+        description: Option<String>,
+    },
+    Retry {
+        not_before: DateTime<Utc>,
+        reason: String,
+        delay: Duration,
+    },
+    Park(DateTime<Utc>),
+    Abandon,
+}
+
+impl Disposition {
+    fn name(&self) -> &'static str {
+        match self {
+            Disposition::Complete => "completed",
+            Disposition::Discard(_) => "discarded",
+            Disposition::DeadLetter { .. } => "dead-lettered",
+            Disposition::Retry { .. } => "retried",
+            Disposition::Park(_) => "parked",
+            Disposition::Abandon => "abandoned",
+        }
+    }
+}
+
+async fn run<T, H>(
+    shared: Arc<Shared<T, H>>,
+    mut stream: DeliveryStream,
+    options: ConsumeOptions,
+    concurrency: usize,
+    shutdown_timeout: Duration,
+    cancel: CancellationToken,
+) where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let hard_stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let mut backoff = FIRST_BACKOFF;
+
+    'taking: loop {
+        // Take a delivery only when a handler slot is free, so nothing waits unhandled here.
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let next = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            next = stream.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                backoff = FIRST_BACKOFF;
+                let shared = Arc::clone(&shared);
+                let stop = hard_stop.clone();
+                tasks.spawn(async move {
+                    shared.process(delivery, &stop).await;
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                warn!(source = %shared.source, error = %e, "the transport reported a consumer error");
+                if !pause(&cancel, &mut backoff, MAX_BACKOFF).await {
+                    break;
+                }
+            }
+            None => {
+                // The transport closed the consumer (for example after losing its connection):
+                // open a new one, backing off, until it works or the worker is shut down.
+                warn!(source = %shared.source, "the consumer was closed by the transport; consuming again");
+                loop {
+                    if !pause(&cancel, &mut backoff, MAX_BACKOFF).await {
+                        break 'taking;
+                    }
+                    match shared
+                        .transport
+                        .consume(&shared.source, options.clone())
+                        .await
+                    {
+                        Ok(s) => {
+                            stream = s;
+                            break;
+                        }
+                        Err(e) => {
+                            error!(source = %shared.source, error = %e, "could not consume again")
+                        }
+                    }
+                }
+            }
+        }
+        while let Some(done) = tasks.try_join_next() {
+            report_task_failure(done);
+        }
+    }
+
+    // Stop taking deliveries, then let handlers in flight finish until the deadline.
+    drop(stream);
+    let deadline = tokio::time::sleep(shutdown_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(done) => report_task_failure(done),
+                None => break,
+            },
+            _ = &mut deadline, if !hard_stop.is_cancelled() => {
+                warn!(source = %shared.source, in_flight = tasks.len(), "shutdown timeout reached; abandoning handlers in flight");
+                hard_stop.cancel();
+            }
+        }
+    }
+}
+
+/// Sleeps for `backoff` (doubling it up to `max`), returning `false` if cancelled meanwhile.
+async fn pause(cancel: &CancellationToken, backoff: &mut Duration, max: Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(max);
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+fn report_task_failure(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        // Handler panics are caught inside the task; this is a bug in the worker itself.
+        error!(error = %e, "a delivery task failed");
+    }
+}
+
+impl<T, H> Shared<T, H>
+where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    async fn process(&self, delivery: Delivery, hard_stop: &CancellationToken) {
+        let message = delivery.message();
+        let span = info_span!(
+            "delivery",
+            message_id = %message.id(),
+            endpoint = %self.source,
+            attempt = message.attempt(),
+            outcome = tracing::field::Empty,
+        );
+        async {
+            bump(&self.stats.received);
+            let (delivery, disposition) = self.decide(delivery, hard_stop).await;
+            let disposition = self.keep_dead_letters(delivery.message(), disposition);
+            self.settle(delivery, disposition).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn decide(
+        &self,
+        delivery: Delivery,
+        hard_stop: &CancellationToken,
+    ) -> (Delivery, Disposition) {
+        if let Some(problem) = delivery.problem() {
+            let disposition = Disposition::DeadLetter {
+                reason: MALFORMED_HEADERS.to_owned(),
+                description: Some(problem.to_owned()),
+            };
+            return (delivery, disposition);
+        }
+
+        if let Some(not_before) = delivery.message().not_before() {
+            let early_by = until(self.clock.now(), not_before);
+            if early_by > self.precision {
+                return (delivery, Disposition::Park(not_before));
+            }
+            if !early_by.is_zero() {
+                // Early by less than the transport can schedule: wait here instead.
+                tokio::select! {
+                    _ = self.clock.sleep_until(not_before) => {}
+                    _ = hard_stop.cancelled() => return (delivery, Disposition::Abandon),
+                }
+            }
+        }
+
+        let payload = match delivery.message().decode::<T>() {
+            Ok(payload) => payload,
+            Err(e) => {
+                let disposition = match self.invalid_payload {
+                    InvalidPayload::DeadLetter => Disposition::DeadLetter {
+                        reason: INVALID_PAYLOAD.to_owned(),
+                        description: Some(e.to_string()),
+                    },
+                    InvalidPayload::Discard => {
+                        Disposition::Discard(format!("{INVALID_PAYLOAD}: {e}"))
+                    }
+                };
+                return (delivery, disposition);
+            }
+        };
+
+        let context = Context::new(
+            Arc::clone(delivery.shared_message()),
+            self.source.clone(),
+            self.clock.now(),
+        );
+        bump(&self.stats.handled);
+        let outcome = tokio::select! {
+            biased;
+            outcome = call(&self.handler, payload, context) => outcome,
+            _ = hard_stop.cancelled() => return (delivery, Disposition::Abandon),
+        };
+        let disposition = self.disposition(delivery.message(), outcome);
+        (delivery, disposition)
+    }
+
+    fn disposition(&self, message: &crate::Message, outcome: Outcome) -> Disposition {
+        match outcome {
+            Outcome::Success => Disposition::Complete,
+            Outcome::Discard { reason } => Disposition::Discard(reason),
+            Outcome::DeadLetter {
+                reason,
+                description,
+            } => Disposition::DeadLetter {
+                reason,
+                description,
+            },
+            Outcome::Retry {
+                reason,
+                retry_after,
+            } => self.retry_or_give_up(message, reason, retry_after),
+        }
+    }
+
+    fn retry_or_give_up(
+        &self,
+        message: &crate::Message,
+        reason: String,
+        retry_after: Option<RetryAfter>,
+    ) -> Disposition {
+        let attempt = message.attempt();
+        let max_attempts = self.policy.max_attempts();
+        if attempt >= max_attempts && !self.source.is_dead_letters() {
+            return Disposition::DeadLetter {
+                description: Some(format!(
+                    "gave up after attempt {attempt} of {max_attempts}; last failure: {reason}"
+                )),
+                reason,
+            };
+        }
+        let now = self.clock.now();
+        let floor = retry_after.map(|r| r.delay_from(now));
+        let failed = FailedAttempt::new(attempt)
+            .with_previous_delay(message.last_delay())
+            .with_retry_after(floor);
+        let mut delay = self.policy.delay(&failed).max(floor.unwrap_or_default());
+        if let Some(max) = self.max_delay.filter(|max| delay > *max) {
+            warn!(
+                ?delay,
+                ?max,
+                "the retry delay exceeds the transport's longest delay; using the longest"
+            );
+            delay = max;
+        }
+        Disposition::Retry {
+            not_before: now + to_chrono(delay),
+            reason,
+            delay,
+        }
+    }
+
+    /// On a dead-letter source there is nowhere further to dead-letter to: a message that would
+    /// be dead-lettered (handler's outcome, invalid payload, malformed headers) stays among the
+    /// dead letters and is tried again after the policy's delay, without an attempt limit.
+    fn keep_dead_letters(&self, message: &crate::Message, disposition: Disposition) -> Disposition {
+        match disposition {
+            Disposition::DeadLetter { reason, .. } if self.source.is_dead_letters() => {
+                warn!(
+                    reason,
+                    "a dead letter could not be handled; it stays a dead letter and is tried again later"
+                );
+                self.retry_or_give_up(message, reason, None)
+            }
+            other => other,
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery, disposition: Disposition) {
+        tracing::Span::current().record("outcome", disposition.name());
+        let counter = match &disposition {
+            Disposition::Complete => &self.stats.completed,
+            Disposition::Discard(_) => &self.stats.discarded,
+            Disposition::DeadLetter { .. } => &self.stats.dead_lettered,
+            Disposition::Retry { .. } => &self.stats.retried,
+            Disposition::Park(_) => &self.stats.parked,
+            Disposition::Abandon => &self.stats.abandoned,
+        };
+        let result = match disposition {
+            Disposition::Complete => delivery.complete().await,
+            Disposition::Discard(reason) => {
+                info!(reason, "discarded");
+                delivery.complete().await
+            }
+            Disposition::DeadLetter {
+                reason,
+                description,
+            } => {
+                warn!(reason, description, "dead-lettered");
+                delivery.dead_letter(reason, description).await
+            }
+            Disposition::Retry {
+                not_before,
+                reason,
+                delay,
+            } => {
+                info!(reason, %not_before, ?delay, "retry scheduled");
+                delivery.retry(not_before, reason, delay).await
+            }
+            Disposition::Park(not_before) => {
+                debug!(%not_before, "arrived before its not-before; parked again");
+                delivery.park(not_before).await
+            }
+            Disposition::Abandon => delivery.abandon().await,
+        };
+        match result {
+            Ok(()) => bump(counter),
+            Err(e) => {
+                bump(&self.stats.settle_failures);
+                error!(error = %e, "could not settle the delivery; the transport will deliver it again");
+            }
+        }
+    }
+}
+
+/// Calls the handler, turning a panic (while creating or polling its future) into a retry.
+async fn call<T, H: Handler<T>>(handler: &H, payload: T, context: Context) -> Outcome {
+    let future =
+        match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(payload, context))) {
+            Ok(future) => future,
+            Err(panic) => return panicked(panic),
+        };
+    match AssertUnwindSafe(future).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(panic) => panicked(panic),
+    }
+}
+
+fn panicked(panic: Box<dyn Any + Send>) -> Outcome {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic payload".to_owned());
+    error!(panic = %text, "the handler panicked; the message will be retried");
+    Outcome::retry(format!("handler panicked: {text}"))
+}

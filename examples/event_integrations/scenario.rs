@@ -1,0 +1,274 @@
+//! Seed system 1: event integrations with retries (a password manager's server).
+//!
+//! - Events are published to a topic; the `integrations` endpoint and the `event-store` endpoint
+//!   each get a copy.
+//! - The integrations handler turns each event into one integration message per configured
+//!   target and sends it to the endpoint of the integration kind (`webhook`). The message id is
+//!   the event's id plus the target, so it stays the same across retries.
+//! - The webhook handler posts to the target and turns the HTTP answer into an outcome with
+//!   [`outcome_for_status`]: 429 and 5xx are retried (a `Retry-After` is honoured), 401/403 and
+//!   other 4xx are dead-lettered with their category.
+//! - A local HTTP server stands in for the customers' web servers and answers per target:
+//!   `ok` 200; `rate-limited` 429 with `Retry-After: 1` once, then 200; `broken` 500 always;
+//!   `revoked` 401.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use redeliver::{
+    Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Source, Topology, Transport, Worker,
+    outcome_for_status,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Report, Timeline};
+
+pub(crate) const EVENTS: &str = "events";
+pub(crate) const INTEGRATIONS: &str = "integrations";
+pub(crate) const EVENT_STORE: &str = "event-store";
+pub(crate) const WEBHOOK: &str = "webhook";
+/// "Max retries" of the seed system: total handler calls.
+pub(crate) const MAX_ATTEMPTS: u32 = 3;
+/// The targets an organization configured, by name.
+pub(crate) const TARGETS: [&str; 4] = ["ok", "rate-limited", "broken", "revoked"];
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Event {
+    pub(crate) id: String,
+    pub(crate) organization_id: String,
+    pub(crate) kind: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct IntegrationMessage {
+    pub(crate) event_id: String,
+    pub(crate) organization_id: String,
+    pub(crate) target: String,
+    pub(crate) url: String,
+    pub(crate) payload: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Outcomes {
+    /// Target → (attempt, seconds since the start, HTTP status) of each webhook call.
+    pub(crate) webhook_calls: BTreeMap<String, Vec<(u32, f64, u16)>>,
+    /// Event ids stored by the event store.
+    pub(crate) stored: Vec<String>,
+    /// (message id, attempt, reason) of each dead letter of the webhook endpoint.
+    pub(crate) dead_letters: Vec<(String, u32, String)>,
+    /// Targets that got a 2xx.
+    pub(crate) delivered: Vec<String>,
+}
+
+/// How many times each path of the stand-in web server was called.
+type Hits = Arc<Mutex<BTreeMap<String, u32>>>;
+
+async fn customer_server(
+    Path(target): Path<String>,
+    State(hits): State<Hits>,
+) -> (StatusCode, HeaderMap, &'static str) {
+    let hit = {
+        let mut hits = hits.lock().unwrap();
+        let n = hits.entry(target.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let mut headers = HeaderMap::new();
+    let status = match (target.as_str(), hit) {
+        ("ok", _) => StatusCode::OK,
+        ("rate-limited", 1) => {
+            headers.insert("retry-after", "1".parse().expect("a header value"));
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        ("rate-limited", _) => StatusCode::NO_CONTENT,
+        ("broken", _) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    (status, headers, "")
+}
+
+async fn start_customer_server() -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/hooks/{target}", post(customer_server))
+        .with_state(Hits::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(address)
+}
+
+pub(crate) async fn run(
+    transport: Arc<dyn Transport>,
+    timeline: Timeline,
+    delay: Duration,
+) -> Result<Outcomes, redeliver::Error> {
+    let server = start_customer_server()
+        .await
+        .map_err(|e| redeliver::Error::connection("could not start the stand-in web server", e))?;
+    transport
+        .declare(
+            &Topology::new()
+                .subscribe(EVENTS, INTEGRATIONS)
+                .subscribe(EVENTS, EVENT_STORE)
+                .endpoint(WEBHOOK),
+        )
+        .await?;
+    let report = Report::<Outcomes>::new();
+    let clock = transport.clock();
+    let start = clock.now();
+
+    // Events -> one integration message per configured target, sent to the kind's endpoint.
+    let sender = Arc::clone(&transport);
+    let integrations = Worker::builder(Arc::clone(&transport), INTEGRATIONS)
+        .start(move |event: Event, _: Context| {
+            let sender = Arc::clone(&sender);
+            async move {
+                for target in TARGETS {
+                    let message = IntegrationMessage {
+                        event_id: event.id.clone(),
+                        organization_id: event.organization_id.clone(),
+                        target: target.to_owned(),
+                        url: format!("http://{server}/hooks/{target}"),
+                        payload: format!(
+                            r#"{{"type":"{}","organization":"{}"}}"#,
+                            event.kind, event.organization_id
+                        ),
+                    };
+                    let sent = match Message::json(&message) {
+                        Ok(m) => {
+                            sender
+                                .send(
+                                    WEBHOOK,
+                                    m.with_id(format!("{}:{target}", event.id))
+                                        .with_subject(WEBHOOK),
+                                )
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = sent {
+                        return Outcome::retry(format!(
+                            "could not send the integration message: {e}"
+                        ));
+                    }
+                }
+                Outcome::success()
+            }
+        })
+        .await?;
+
+    let seen = report.clone();
+    let event_store = Worker::builder(Arc::clone(&transport), EVENT_STORE)
+        .start(move |event: Event, _: Context| {
+            seen.update(|r| r.stored.push(event.id));
+            async { Outcome::success() }
+        })
+        .await?;
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| redeliver::Error::connection("could not build the HTTP client", e))?;
+    let policy = BackoffPolicy::builder()
+        .max_attempts(MAX_ATTEMPTS)
+        .backoff(Backoff::exponential(delay, delay * 8))
+        .jitter(Jitter::None)
+        .build()?;
+    let (log, seen, webhook_clock) = (timeline.clone(), report.clone(), clock.clone());
+    let webhooks = Worker::builder(Arc::clone(&transport), WEBHOOK)
+        .concurrency(4)
+        .retry_policy(policy)
+        .start(move |message: IntegrationMessage, ctx: Context| {
+            let (http, log, seen, clock) = (
+                http.clone(),
+                log.clone(),
+                seen.clone(),
+                webhook_clock.clone(),
+            );
+            async move {
+                let response = http
+                    .post(&message.url)
+                    .body(message.payload.clone())
+                    .send()
+                    .await;
+                let (status, retry_after) = match response {
+                    Ok(r) => {
+                        let retry_after = r
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        (r.status().as_u16(), retry_after)
+                    }
+                    // No answer at all: as transient as a 503.
+                    Err(_) => (503, None),
+                };
+                let outcome = outcome_for_status(status, retry_after.as_deref());
+                let since = (clock.now() - start).as_seconds_f64();
+                log.log(format!(
+                    "webhook {:<12} attempt {}: HTTP {status}{} -> {}",
+                    message.target,
+                    ctx.attempt(),
+                    retry_after
+                        .map(|s| format!(" (Retry-After {s} s)"))
+                        .unwrap_or_default(),
+                    outcome.kind()
+                ));
+                seen.update(|r| {
+                    r.webhook_calls
+                        .entry(message.target.clone())
+                        .or_default()
+                        .push((ctx.attempt(), since, status));
+                    if outcome == Outcome::Success {
+                        r.delivered.push(message.target.clone());
+                    }
+                });
+                outcome
+            }
+        })
+        .await?;
+
+    let (log, seen) = (timeline.clone(), report.clone());
+    let dead_letters = Worker::builder(Arc::clone(&transport), Source::dead_letters(WEBHOOK))
+        .start(move |message: IntegrationMessage, ctx: Context| {
+            let reason = ctx
+                .dead_letter()
+                .map(|d| d.reason.clone())
+                .unwrap_or_default();
+            log.log(format!(
+                "dead letter {} after attempt {}: category `{reason}`",
+                message.target,
+                ctx.attempt()
+            ));
+            seen.update(|r| {
+                r.dead_letters
+                    .push((ctx.message_id().to_string(), ctx.attempt(), reason))
+            });
+            async { Outcome::success() }
+        })
+        .await?;
+
+    let event = Event {
+        id: "evt-0001".into(),
+        organization_id: "acme".into(),
+        kind: "cipher.updated".into(),
+    };
+    transport
+        .publish(EVENTS, Message::json(&event)?.with_id(event.id.clone()))
+        .await?;
+
+    let outcomes = report
+        .wait_until(delay * 60 + Duration::from_secs(10), |r| {
+            r.delivered.len() == 2 && r.dead_letters.len() == 2 && r.stored.len() == 1
+        })
+        .await;
+    for worker in [integrations, event_store, webhooks, dead_letters] {
+        worker.shutdown().await;
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,318 @@
+//! Choosing a transport at run time, from a URL or a configuration value, so that switching
+//! brokers is a change of configuration, not of code.
+//!
+//! | configuration | transport | cargo feature of `redeliver` |
+//! |---|---|---|
+//! | `memory://` | in memory, in this process | `memory` (default) |
+//! | `amqp://user:password@host:5672/vhost`, `amqps://...` | RabbitMQ | `rabbitmq` |
+//! | `Endpoint=sb://namespace.servicebus.windows.net/;SharedAccessKeyName=...;SharedAccessKey=...` | Azure Service Bus | `servicebus` |
+//!
+//! A Service Bus connection string with `UseDevelopmentEmulator=true` (the emulator's, and the
+//! test broker's) connects without TLS.
+//!
+//! A scheme that is unknown, or whose feature is not enabled, is an [`Error::Config`] that says
+//! which feature to enable.
+
+use std::fmt;
+use std::sync::Arc;
+
+use redeliver_core::{Error, Transport};
+
+/// The configuration field the errors of this module name.
+const FIELD: &str = "transport";
+
+/// A transport location: a URL or a Service Bus connection string. Deserializes from a string,
+/// so it can sit in an application's configuration struct:
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// struct Config {
+///     transport: redeliver::TransportUrl,
+/// }
+/// let config: Config = serde_json::from_str(r#"{ "transport": "memory://" }"#).unwrap();
+/// assert_eq!(config.transport.kind(), redeliver::TransportKind::Memory);
+/// ```
+///
+/// Its `Debug` and `Display` forms hide passwords and keys.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct TransportUrl {
+    kind: TransportKind,
+    value: String,
+}
+
+/// Which transport a [`TransportUrl`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// `memory://`.
+    Memory,
+    /// `amqp://` or `amqps://`.
+    RabbitMq,
+    /// A Service Bus connection string.
+    ServiceBus,
+}
+
+impl TransportKind {
+    /// The cargo feature of `redeliver` that provides this transport.
+    pub fn feature(self) -> &'static str {
+        match self {
+            TransportKind::Memory => "memory",
+            TransportKind::RabbitMq => "rabbitmq",
+            TransportKind::ServiceBus => "servicebus",
+        }
+    }
+}
+
+impl TransportUrl {
+    /// Parses `value`, checking only which transport it names (each transport validates the
+    /// rest when connecting).
+    pub fn parse(value: &str) -> Result<Self, Error> {
+        let trimmed = value.trim();
+        let lower = trimmed.to_ascii_lowercase();
+        let kind = if lower.starts_with("endpoint=") || lower.contains(";endpoint=") {
+            TransportKind::ServiceBus
+        } else if let Some((scheme, _)) = lower.split_once("://") {
+            match scheme {
+                "memory" => TransportKind::Memory,
+                "amqp" | "amqps" => TransportKind::RabbitMq,
+                other => {
+                    return Err(Error::config(
+                        FIELD,
+                        format!(
+                            "unknown scheme `{other}://`; expected `memory://`, `amqp://`, \
+                             `amqps://` or a Service Bus connection string (`Endpoint=sb://...`)"
+                        ),
+                    ));
+                }
+            }
+        } else {
+            return Err(Error::config(
+                FIELD,
+                "expected a URL (`memory://`, `amqp://...`) or a Service Bus connection string \
+                 (`Endpoint=sb://...`), got a value without a scheme",
+            ));
+        };
+        Ok(TransportUrl {
+            kind,
+            value: trimmed.to_owned(),
+        })
+    }
+
+    /// Which transport this names.
+    pub fn kind(&self) -> TransportKind {
+        self.kind
+    }
+
+    /// The value as given, secrets included. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+
+    /// The value with passwords and keys replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self.kind {
+            TransportKind::ServiceBus => self
+                .value
+                .split(';')
+                .map(|part| match part.split_once('=') {
+                    Some((key, _)) if key.trim().eq_ignore_ascii_case("SharedAccessKey") => {
+                        format!("{key}=***")
+                    }
+                    Some((key, _)) if key.trim().eq_ignore_ascii_case("SharedAccessSignature") => {
+                        format!("{key}=***")
+                    }
+                    _ => part.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(";"),
+            _ => match self.value.split_once("://") {
+                Some((scheme, rest)) => match rest.split_once('@') {
+                    Some((credentials, host)) => {
+                        let user = credentials.split(':').next().unwrap_or_default();
+                        format!("{scheme}://{user}:***@{host}")
+                    }
+                    None => self.value.clone(),
+                },
+                None => self.value.clone(),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for TransportUrl {
+    type Error = Error;
+
+    fn try_from(value: String) -> Result<Self, Error> {
+        TransportUrl::parse(&value)
+    }
+}
+
+impl std::str::FromStr for TransportUrl {
+    type Err = Error;
+
+    fn from_str(value: &str) -> Result<Self, Error> {
+        TransportUrl::parse(value)
+    }
+}
+
+impl fmt::Debug for TransportUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TransportUrl")
+            .field(&self.redacted())
+            .finish()
+    }
+}
+
+impl fmt::Display for TransportUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Connects to the transport `url` names (see the [module docs](self)) and returns it ready to
+/// use. Declare the application's topology on it with [`Transport::declare`].
+pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, Error> {
+    connect_to(&TransportUrl::parse(url)?).await
+}
+
+/// Like [`connect`], reading the URL from the environment variable `var`.
+pub async fn connect_from_env(var: &str) -> Result<Arc<dyn Transport>, Error> {
+    let value = std::env::var(var).map_err(|e| {
+        Error::config(
+            var,
+            format!("the environment variable is not usable ({e}); set it to `memory://`, `amqp://...` or a Service Bus connection string"),
+        )
+    })?;
+    connect(&value).await
+}
+
+/// Connects to the transport `url` names.
+pub async fn connect_to(url: &TransportUrl) -> Result<Arc<dyn Transport>, Error> {
+    match url.kind() {
+        #[cfg(feature = "memory")]
+        TransportKind::Memory => Ok(Arc::new(redeliver_memory::MemoryTransport::new())),
+        #[cfg(feature = "rabbitmq")]
+        TransportKind::RabbitMq => {
+            let transport =
+                redeliver_rabbitmq::RabbitMqTransport::connect_url(url.expose()).await?;
+            Ok(Arc::new(transport))
+        }
+        #[cfg(feature = "servicebus")]
+        TransportKind::ServiceBus => {
+            // As with Microsoft's emulator, `UseDevelopmentEmulator=true` means plain AMQP.
+            let unsecured = url.expose().split(';').any(|part| {
+                part.split_once('=').is_some_and(|(key, value)| {
+                    key.trim().eq_ignore_ascii_case("UseDevelopmentEmulator")
+                        && value.trim().eq_ignore_ascii_case("true")
+                })
+            });
+            let options =
+                redeliver_servicebus::ServiceBusOptions::default().with_unsecured(unsecured);
+            let transport =
+                redeliver_servicebus::ServiceBusTransport::connect(url.expose(), options).await?;
+            Ok(Arc::new(transport))
+        }
+        #[allow(unreachable_patterns)] // Every kind is handled when every feature is on.
+        kind => Err(feature_disabled(kind)),
+    }
+}
+
+#[allow(dead_code)] // Unused when every transport feature is enabled.
+fn feature_disabled(kind: TransportKind) -> Error {
+    let feature = kind.feature();
+    Error::config(
+        FIELD,
+        format!(
+            "this build of redeliver has no {kind:?} transport: enable the `{feature}` feature \
+             (`redeliver = {{ version = \"{}\", features = [\"{feature}\"] }}` in Cargo.toml)",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_are_recognised() {
+        let kind = |s: &str| TransportUrl::parse(s).unwrap().kind();
+        assert_eq!(kind("memory://"), TransportKind::Memory);
+        assert_eq!(
+            kind("amqp://guest:guest@localhost:5672/%2f"),
+            TransportKind::RabbitMq
+        );
+        assert_eq!(kind("AMQPS://host"), TransportKind::RabbitMq);
+        assert_eq!(
+            kind(
+                "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=b"
+            ),
+            TransportKind::ServiceBus
+        );
+        assert_eq!(
+            kind("SharedAccessKeyName=a;SharedAccessKey=b;Endpoint=sb://ns/"),
+            TransportKind::ServiceBus
+        );
+    }
+
+    #[test]
+    fn unknown_schemes_say_what_is_expected() {
+        let e = TransportUrl::parse("kafka://broker:9092")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown scheme `kafka://`"), "{e}");
+        assert!(e.contains("amqp://"), "{e}");
+        let e = TransportUrl::parse("localhost:5672")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without a scheme"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_not_shown() {
+        let url = TransportUrl::parse("amqp://app:s3cret@rabbit:5672/prod").unwrap();
+        assert_eq!(url.to_string(), "amqp://app:***@rabbit:5672/prod");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        let sb =
+            TransportUrl::parse("Endpoint=sb://ns/;SharedAccessKeyName=k;SharedAccessKey=s3cret")
+                .unwrap();
+        assert_eq!(
+            sb.to_string(),
+            "Endpoint=sb://ns/;SharedAccessKeyName=k;SharedAccessKey=***"
+        );
+        assert_eq!(
+            sb.expose(),
+            "Endpoint=sb://ns/;SharedAccessKeyName=k;SharedAccessKey=s3cret"
+        );
+    }
+
+    #[test]
+    fn a_disabled_feature_names_the_feature_to_enable() {
+        let e = feature_disabled(TransportKind::RabbitMq).to_string();
+        assert!(e.contains("enable the `rabbitmq` feature"), "{e}");
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn memory_urls_connect() {
+        let transport = connect("memory://").await.unwrap();
+        assert_eq!(
+            transport.capabilities().scheduling_precision,
+            std::time::Duration::ZERO
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_environment_variable_is_named() {
+        let e = connect_from_env("REDELIVER_TEST_SURELY_UNSET_VARIABLE")
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("REDELIVER_TEST_SURELY_UNSET_VARIABLE"),
+            "{e}"
+        );
+    }
+}

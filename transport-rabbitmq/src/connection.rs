@@ -1,0 +1,548 @@
+//! The connection to the broker: start-up retries, recovery, and confirmed publishing.
+//!
+//! One AMQP connection per transport. A supervisor task watches it; when it is lost, the
+//! supervisor reconnects with back-off until the transport is closed, declares the topology
+//! again (in [`TopologyMode::Declare`]) and only then hands the new connection out. Publishers
+//! waiting meanwhile wait at most the publish timeout; consumers open a new consumer on the new
+//! connection.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use redeliver_core::{Error, Topology};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::errors;
+use crate::naming::Names;
+use crate::options::{RabbitMqOptions, TopologyMode};
+use crate::topology;
+
+/// How long one attempt to open a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the supervisor looks at the connection's state besides listening to its events.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One open connection, with the channel used for publishing.
+pub(crate) struct Link {
+    pub(crate) generation: u64,
+    pub(crate) connection: Connection,
+    publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// Whether the delay infrastructure was declared on this connection.
+    pub(crate) infrastructure_ready: AtomicBool,
+}
+
+impl Link {
+    pub(crate) fn is_up(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// The publishing channel, in confirm mode; a new one if the last was closed (a channel
+    /// error, such as publishing to a missing exchange, closes it).
+    async fn publisher(&self) -> Result<Channel, lapin::Error> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+}
+
+pub(crate) enum LinkState {
+    Connecting,
+    Up(Arc<Link>),
+    Closed,
+}
+
+/// Everything the transport, its consumers and the supervisor share.
+pub(crate) struct Shared {
+    pub(crate) options: RabbitMqOptions,
+    pub(crate) names: Names,
+    state: watch::Sender<LinkState>,
+    closed: CancellationToken,
+    broken: tokio::sync::Notify,
+    generation: AtomicU64,
+    /// Every topology declared so far, declared again after a reconnection.
+    declared: Mutex<Vec<Topology>>,
+}
+
+/// Where a message is published.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Target<'a> {
+    pub(crate) exchange: &'a str,
+    pub(crate) routing_key: &'a str,
+    /// Whether a message that matches no queue is an error ([`Error::Unroutable`]).
+    pub(crate) mandatory: bool,
+}
+
+impl Shared {
+    /// Connects, trying `connect_attempts` times, and starts the supervisor.
+    pub(crate) async fn connect(options: RabbitMqOptions) -> Result<Arc<Shared>, Error> {
+        options.validate()?;
+        let shared = Arc::new(Shared {
+            names: Names::new(&options),
+            options,
+            state: watch::Sender::new(LinkState::Connecting),
+            closed: CancellationToken::new(),
+            broken: tokio::sync::Notify::new(),
+            generation: AtomicU64::new(0),
+            declared: Mutex::new(Vec::new()),
+        });
+        let attempts = shared.options.connect_attempts;
+        let mut attempt = 1;
+        let link = loop {
+            match shared.open().await {
+                Ok(link) => break link,
+                Err(e) if attempt >= attempts => {
+                    error!(
+                        url = %shared.options.redacted_url(),
+                        attempts,
+                        error = %e,
+                        "could not connect to the broker; giving up"
+                    );
+                    return Err(Error::Connection {
+                        message: format!(
+                            "could not connect to {} after {attempts} attempt(s); giving up",
+                            shared.options.redacted_url()
+                        ),
+                        source: Some(Box::new(e)),
+                    });
+                }
+                Err(e) => {
+                    warn!(
+                        url = %shared.options.redacted_url(),
+                        attempt,
+                        attempts,
+                        error = %e,
+                        "could not connect to the broker; trying again"
+                    );
+                    attempt += 1;
+                    tokio::time::sleep(shared.options.connect_retry_delay).await;
+                }
+            }
+        };
+        shared.state.send_replace(LinkState::Up(link));
+        tokio::spawn(supervise(Arc::clone(&shared)));
+        Ok(shared)
+    }
+
+    async fn open(&self) -> Result<Arc<Link>, Error> {
+        let uri = self.options.parsed_url()?;
+        let name = self
+            .options
+            .connection_name
+            .clone()
+            .unwrap_or_else(|| "redeliver".to_owned());
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let url = self.options.redacted_url();
+        let connection =
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties))
+                .await
+                .map_err(|_| Error::Timeout {
+                    operation: format!("connecting to {url}"),
+                    after: CONNECT_TIMEOUT,
+                })?
+                .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        Ok(Arc::new(Link {
+            generation,
+            connection,
+            publisher: tokio::sync::Mutex::new(None),
+            infrastructure_ready: AtomicBool::new(false),
+        }))
+    }
+
+    /// Closes the connection; everything waiting for it fails with [`Error::Closed`].
+    pub(crate) async fn close(&self) {
+        self.closed.cancel();
+        let previous = self.state.send_replace(LinkState::Closed);
+        if let LinkState::Up(link) = previous {
+            close_link(&link, self.options.publish_timeout).await;
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Sleeps for `duration`; `false` if the transport was closed meanwhile.
+    pub(crate) async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = self.closed.cancelled() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    /// Reports that an operation failed in a way that may mean the connection is gone.
+    pub(crate) fn report_broken(&self) {
+        self.broken.notify_one();
+    }
+
+    /// The current connection, waiting for a reconnection until `deadline` if there is none
+    /// (or only the one numbered `stale`, known to be broken).
+    pub(crate) async fn link(
+        &self,
+        deadline: Instant,
+        stale: Option<u64>,
+        doing: &str,
+    ) -> Result<Arc<Link>, Error> {
+        let mut rx = self.state.subscribe();
+        let ready = tokio::time::timeout_at(
+            deadline,
+            rx.wait_for(|s| match s {
+                LinkState::Up(link) => Some(link.generation) != stale,
+                LinkState::Closed => true,
+                LinkState::Connecting => false,
+            }),
+        )
+        .await;
+        match ready {
+            Err(_) => Err(Error::Timeout {
+                operation: format!("waiting for the connection to the broker to recover, {doing}"),
+                after: self.options.publish_timeout,
+            }),
+            Ok(Err(_)) => Err(Error::Closed),
+            Ok(Ok(state)) => match &*state {
+                LinkState::Up(link) => Ok(Arc::clone(link)),
+                _ => Err(Error::Closed),
+            },
+        }
+    }
+
+    /// Waits for the current connection as long as it takes (consumers).
+    pub(crate) async fn link_eventually(&self, stale: Option<u64>) -> Result<Arc<Link>, Error> {
+        let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        loop {
+            match self.link(far, stale, "consuming").await {
+                Err(Error::Timeout { .. }) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Publishes and waits for the broker's confirm: `Ok` only once the broker has taken
+    /// responsibility for the message. A negative confirm is [`Error::Rejected`], a mandatory
+    /// message that matched no queue is [`Error::Unroutable`], a missing exchange is
+    /// [`Error::NotFound`]. If the connection is down the call waits for it within the publish
+    /// timeout.
+    pub(crate) async fn publish(
+        &self,
+        target: Target<'_>,
+        properties: &BasicProperties,
+        body: &[u8],
+        doing: &str,
+    ) -> Result<(), Error> {
+        let timeout = self.options.publish_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut stale = None;
+        loop {
+            let link = self.link(deadline, stale, doing).await?;
+            let channel = match tokio::time::timeout_at(deadline, link.publisher()).await {
+                Err(_) if link.is_up() => {
+                    return Err(Error::Timeout {
+                        operation: format!("opening a channel for {doing}"),
+                        after: timeout,
+                    });
+                }
+                Err(_) => {
+                    self.report_broken();
+                    stale = Some(link.generation);
+                    continue;
+                }
+                Ok(Ok(channel)) => channel,
+                Ok(Err(e)) if !link.is_up() => {
+                    debug!(error = %e, "the connection is down; waiting for it before publishing");
+                    self.report_broken();
+                    stale = Some(link.generation);
+                    continue;
+                }
+                Ok(Err(e)) => return Err(errors::map(e, format!("opening a channel for {doing}"))),
+            };
+            let options = BasicPublishOptions {
+                mandatory: target.mandatory,
+                ..BasicPublishOptions::default()
+            };
+            // lapin resolves `basic_publish` only once its frames are written to the socket;
+            // nothing else bounds that wait.
+            let sent = tokio::time::timeout_at(
+                deadline,
+                channel.basic_publish(
+                    target.exchange.into(),
+                    crate::convert::short("routing key", target.routing_key)?,
+                    options,
+                    body,
+                    properties.clone(),
+                ),
+            )
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("sending {doing} to the broker"),
+                after: timeout,
+            })?;
+            let confirm = match sent {
+                Ok(confirm) => confirm,
+                // Refused before anything was sent: safe to try again on the next connection.
+                Err(e) if !link.is_up() => {
+                    debug!(error = %e, "the connection is down; waiting for it before publishing");
+                    self.report_broken();
+                    stale = Some(link.generation);
+                    continue;
+                }
+                Err(e) => return Err(errors::map(e, doing.to_owned())),
+            };
+            let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: format!("waiting for the broker to confirm {doing}"),
+                        after: timeout,
+                    });
+                }
+                Ok(Err(e)) if errors::is_not_found(&e) => {
+                    return Err(Error::NotFound {
+                        what: "exchange",
+                        name: target.exchange.to_owned(),
+                        hint: Some(format!(
+                            "{doing} failed; declare the topology first (Transport::declare)"
+                        )),
+                    });
+                }
+                Ok(Err(e)) => {
+                    if !link.is_up() {
+                        self.report_broken();
+                    }
+                    // The message may or may not have reached the broker: the caller's retry
+                    // may duplicate it, which at-least-once allows.
+                    return Err(errors::map(
+                        e,
+                        format!("{doing}: no confirm received, the message may not be stored"),
+                    ));
+                }
+                Ok(Ok(confirmation)) => confirmation,
+            };
+            return match confirmation {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))
+                    if returned.reply_code == 312 =>
+                {
+                    Err(Error::Unroutable {
+                        message: format!(
+                            "{doing}: no queue is bound to routing key `{}` on {} ({})",
+                            target.routing_key,
+                            exchange_label(target.exchange),
+                            returned.reply_text
+                        ),
+                    })
+                }
+                Confirmation::Ack(Some(returned)) => Err(Error::Rejected {
+                    message: format!(
+                        "{doing}: the broker returned the message: {} {}",
+                        returned.reply_code, returned.reply_text
+                    ),
+                    source: None,
+                }),
+                Confirmation::Nack(_) => Err(Error::Rejected {
+                    message: format!(
+                        "{doing}: the broker did not accept the message (negative confirm; \
+                         for example a full queue with x-overflow=reject-publish)"
+                    ),
+                    source: None,
+                }),
+                Confirmation::NotRequested => Err(Error::Other {
+                    message: format!("{doing}: publisher confirms were not enabled on the channel"),
+                    source: None,
+                }),
+            };
+        }
+    }
+
+    /// Declares (or checks) `topology` now, and remembers it for reconnections.
+    pub(crate) async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        let deadline = Instant::now() + self.options.publish_timeout;
+        let link = self.link(deadline, None, "declaring the topology").await?;
+        let after = self.options.publish_timeout;
+        bounded(
+            deadline,
+            after,
+            || "declaring the topology".to_owned(),
+            topology::apply(self, &link, topology),
+        )
+        .await?;
+        if self.options.topology == TopologyMode::Declare {
+            let mut declared = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+            if !declared.contains(topology) {
+                declared.push(topology.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn redeclare(&self, link: &Link) -> Result<(), Error> {
+        let declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let after = self.options.publish_timeout;
+        let deadline = Instant::now() + after;
+        bounded(
+            deadline,
+            after,
+            || "declaring the topology again after reconnecting".to_owned(),
+            async {
+                for topology in &declared {
+                    topology::apply(self, link, topology).await?;
+                }
+                Ok(())
+            },
+        )
+        .await
+    }
+}
+
+/// Runs `future` until `deadline`: a half-dead connection must never hang a caller.
+pub(crate) async fn bounded<T>(
+    deadline: Instant,
+    after: Duration,
+    doing: impl FnOnce() -> String,
+    future: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout_at(deadline, future)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                operation: doing(),
+                after,
+            })
+        })
+}
+
+fn exchange_label(exchange: &str) -> String {
+    if exchange.is_empty() {
+        "the default exchange".to_owned()
+    } else {
+        format!("exchange `{exchange}`")
+    }
+}
+
+/// Watches the connection and replaces it when it is lost, until the transport is closed.
+async fn supervise(shared: Arc<Shared>) {
+    loop {
+        let link = match &*shared.state.borrow() {
+            LinkState::Up(link) => Arc::clone(link),
+            LinkState::Closed | LinkState::Connecting => return,
+        };
+        if !wait_until_broken(&shared, &link).await {
+            return;
+        }
+        let replaced = shared.state.send_if_modified(|state| {
+            if matches!(state, LinkState::Up(l) if l.generation == link.generation) {
+                *state = LinkState::Connecting;
+                true
+            } else {
+                false
+            }
+        });
+        if !replaced {
+            return;
+        }
+        warn!(
+            url = %shared.options.redacted_url(),
+            "lost the connection to the broker; reconnecting"
+        );
+        drop(link);
+        let mut delay = shared.options.reconnect_delay;
+        let mut attempt = 1u32;
+        loop {
+            let result = match shared.open().await {
+                Ok(link) => shared.redeclare(&link).await.map(|()| link),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(link) => {
+                    info!(attempt, "reconnected to the broker");
+                    let published = shared.state.send_if_modified(|state| {
+                        if matches!(state, LinkState::Connecting) {
+                            *state = LinkState::Up(Arc::clone(&link));
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    if !published {
+                        close_link(&link, shared.options.publish_timeout).await;
+                        return;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    warn!(attempt, error = %e, retry_in = ?delay, "could not reconnect to the broker");
+                }
+            }
+            tokio::select! {
+                _ = shared.closed.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(shared.options.reconnect_max_delay);
+            attempt += 1;
+        }
+    }
+}
+
+/// Closes `link`'s connection, waiting at most `timeout` for the broker's `close-ok`.
+///
+/// lapin's `Connection::close` completes only when the broker's `close-ok` arrives or lapin
+/// fails the request. Nothing bounds that wait: with heartbeats stopped for the close, a broker
+/// (or network) that has gone silent without closing the socket, or a request lapin never sends,
+/// leaves it pending forever, and with it whoever closes the transport (a worker's owner, a
+/// test's clean-up). After the timeout the connection is given up on and dropped.
+async fn close_link(link: &Link, timeout: Duration) {
+    if !link.is_up() {
+        return;
+    }
+    match tokio::time::timeout(
+        timeout,
+        link.connection.close(200, "closed by redeliver".into()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "closing the connection to the broker failed"),
+        Err(_) => warn!(
+            after = ?timeout,
+            "the broker did not confirm closing the connection in time; abandoning it"
+        ),
+    }
+}
+
+/// Returns `true` once `link` is lost, `false` if the transport was closed meanwhile.
+async fn wait_until_broken(shared: &Shared, link: &Link) -> bool {
+    let mut events = link.connection.events_listener();
+    loop {
+        tokio::select! {
+            _ = shared.closed.cancelled() => return false,
+            event = events.next() => match event {
+                Some(Event::Error(e)) => {
+                    debug!(error = %e, "connection error event");
+                    if !link.is_up() {
+                        return true;
+                    }
+                }
+                Some(_) => {}
+                None => return true,
+            },
+            _ = shared.broken.notified() => if !link.is_up() { return true },
+            _ = tokio::time::sleep(WATCH_INTERVAL) => if !link.is_up() { return true },
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Messages to AMQP properties and back.
+//!
+//! | [`Message`] | AMQP 0-9-1 |
+//! |---|---|
+//! | id | `message-id` property |
+//! | content type | `content-type` property |
+//! | correlation id | `correlation-id` property |
+//! | reply-to | `reply-to` property |
+//! | subject | `type` property (and the routing key when publishing to a topic) |
+//! | headers | `headers` table, as long strings |
+//! | attempt, not-before, last failure, dead-letter reason | headers named in [`wire`] |
+//!
+//! Every message is published persistent (delivery mode 2). On the way in, broker history headers
+//! (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`, ...) are removed, so
+//! handlers see exactly the headers the sender set.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use redeliver_core::{DeadLetterInfo, Error, Headers, Message, MessageId, wire};
+
+/// Delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// Why the broker itself dead-lettered a message (quorum `x-delivery-limit`), when the framework
+/// did not record a reason.
+const BROKER_REASON_PREFIX: &str = "dead-lettered by the broker";
+
+/// The AMQP properties carrying `message`.
+pub(crate) fn properties(message: &Message) -> Result<BasicProperties, Error> {
+    let mut headers = FieldTable::default();
+    for (key, value) in wire::encode_headers(message).iter() {
+        headers.insert(
+            short("header name", key)?,
+            AMQPValue::LongString(value.into()),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(short("message id", message.id().as_str())?)
+        .with_headers(headers);
+    if let Some(ct) = message.content_type() {
+        props = props.with_content_type(short("content type", ct)?);
+    }
+    if let Some(id) = message.correlation_id() {
+        props = props.with_correlation_id(short("correlation id", id)?);
+    }
+    if let Some(reply_to) = message.reply_to() {
+        props = props.with_reply_to(short("reply-to", reply_to)?);
+    }
+    if let Some(subject) = message.subject() {
+        props = props.with_type(short("subject", subject)?);
+    }
+    Ok(props)
+}
+
+/// A message rebuilt from a delivery's properties and body, with a description of anything
+/// malformed in the framework's headers.
+pub(crate) fn message(
+    properties: &BasicProperties,
+    body: Vec<u8>,
+    from_dead_letters: bool,
+) -> (Message, Option<String>) {
+    let mut headers = Headers::new();
+    let mut broker_reason = None;
+    if let Some(table) = properties.headers() {
+        for (key, value) in table {
+            let key = key.as_str();
+            if key == "x-first-death-reason" {
+                broker_reason = text(value);
+            }
+            if is_broker_history(key) {
+                continue;
+            }
+            if let Some(value) = text(value) {
+                headers.insert(key, value);
+            }
+        }
+    }
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| MessageId::from(id.as_str()))
+        // A message from another producer without an id: give it one, which its retries keep.
+        .unwrap_or_else(MessageId::random);
+    let mut message = Message::new(body).with_id(id).with_headers(headers);
+    if let Some(ct) = properties.content_type() {
+        message = message.with_content_type(ct.as_str());
+    }
+    if let Some(id) = properties.correlation_id() {
+        message = message.with_correlation_id(id.as_str());
+    }
+    if let Some(reply_to) = properties.reply_to() {
+        message = message.with_reply_to(reply_to.as_str());
+    }
+    if let Some(subject) = properties.kind() {
+        message = message.with_subject(subject.as_str());
+    }
+    let decoded = wire::decode_headers(message);
+    let mut message = decoded.message;
+    if from_dead_letters && message.dead_letter().is_none() {
+        // Put there by the broker (delivery limit), not by the framework: say so.
+        if let Some(reason) = broker_reason {
+            message = message.with_dead_letter(Some(DeadLetterInfo {
+                reason: format!("{BROKER_REASON_PREFIX} ({reason})"),
+                description: Some(
+                    "the broker dead-lettered the message itself, for example because the \
+                     queue's x-delivery-limit was reached"
+                        .to_owned(),
+                ),
+            }));
+        }
+    }
+    (message, decoded.problem)
+}
+
+fn is_broker_history(key: &str) -> bool {
+    key == "x-death"
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
+        || key == "x-delivery-count"
+        || key == "x-received-from"
+}
+
+/// Header values as text; tables and arrays (never set by redeliver) are dropped.
+fn text(value: &AMQPValue) -> Option<String> {
+    Some(match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        AMQPValue::ByteArray(b) => String::from_utf8_lossy(b.as_slice()).into_owned(),
+        AMQPValue::DecimalValue(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::FieldTable(_)
+        | AMQPValue::Void => return None,
+    })
+}
+
+/// A short string (at most 255 bytes), or an error naming the field that is too long.
+pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, Error> {
+    ShortString::try_new(value).map_err(|_| {
+        Error::invalid_message(format!(
+            "the {what} is {} bytes long; AMQP allows at most 255",
+            value.len()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use super::*;
+
+    #[test]
+    fn a_message_survives_the_round_trip() {
+        let m = Message::json(&serde_json_value())
+            .unwrap()
+            .with_header("tenant", "acme")
+            .with_correlation_id("c-1")
+            .with_reply_to("replies")
+            .with_subject("webhook")
+            .next_attempt(Utc::now(), "HTTP 503".into(), Duration::from_secs(4));
+        let props = properties(&m).unwrap();
+        assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(
+            props.kind().as_ref().map(ShortString::as_str),
+            Some("webhook")
+        );
+        let (back, problem) = message(&props, m.body().to_vec(), false);
+        assert_eq!(problem, None);
+        // RFC 3339 keeps milliseconds: compare through the wire form.
+        assert_eq!(back.id(), m.id());
+        assert_eq!(back.attempt(), 2);
+        assert_eq!(back.headers(), m.headers());
+        assert_eq!(back.correlation_id(), Some("c-1"));
+        assert_eq!(back.reply_to(), Some("replies"));
+        assert_eq!(back.subject(), Some("webhook"));
+        assert_eq!(back.content_type(), m.content_type());
+        assert_eq!(back.last_failure(), Some("HTTP 503"));
+        assert_eq!(back.last_delay(), Some(Duration::from_secs(4)));
+        // Millisecond precision on the wire, never earlier than asked.
+        let drift = back.not_before().unwrap() - m.not_before().unwrap();
+        assert!(drift >= chrono::TimeDelta::zero(), "{drift}");
+        assert!(drift < chrono::TimeDelta::milliseconds(1), "{drift}");
+    }
+
+    fn serde_json_value() -> std::collections::BTreeMap<&'static str, u32> {
+        [("id", 7)].into_iter().collect()
+    }
+
+    #[test]
+    fn broker_history_is_not_shown_to_handlers() {
+        let mut table = FieldTable::default();
+        table.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        table.insert(
+            "x-first-death-reason".into(),
+            AMQPValue::LongString("delivery_limit".into()),
+        );
+        table.insert("x-delivery-count".into(), AMQPValue::LongLongInt(3));
+        table.insert("tenant".into(), AMQPValue::LongString("acme".into()));
+        table.insert("retries".into(), AMQPValue::LongInt(2));
+        let props = BasicProperties::default().with_headers(table);
+        let (m, problem) = message(&props, b"{}".to_vec(), false);
+        assert_eq!(problem, None);
+        let keys: Vec<&str> = m.headers().iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["retries", "tenant"]);
+        assert_eq!(m.attempt(), 1);
+        assert!(m.dead_letter().is_none());
+        // On the dead letters, the broker's own reason is kept as the dead-letter reason.
+        let (dead, _) = message(&props, b"{}".to_vec(), true);
+        let info = dead.dead_letter().unwrap();
+        assert!(info.reason.contains("delivery_limit"), "{info:?}");
+    }
+
+    #[test]
+    fn malformed_framework_headers_are_reported() {
+        let mut table = FieldTable::default();
+        table.insert(wire::ATTEMPT.into(), AMQPValue::LongString("many".into()));
+        let props = BasicProperties::default().with_headers(table);
+        let (_, problem) = message(&props, Vec::new(), false);
+        assert!(problem.unwrap().contains(wire::ATTEMPT));
+    }
+
+    #[test]
+    fn overlong_properties_are_an_error_not_a_panic() {
+        let m = Message::new("x").with_correlation_id("c".repeat(300));
+        let e = properties(&m).unwrap_err();
+        assert!(e.to_string().contains("correlation id"), "{e}");
+    }
+}

@@ -1,0 +1,156 @@
+//! The RabbitMQ transport of [redeliver](https://docs.rs/redeliver): exact not-before without
+//! plugins, publisher confirms, dead letters and recovery, on [`lapin`] 4 and tokio.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use redeliver_core::{Context, Message, Outcome, Topology, Transport, Worker};
+//! use redeliver_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct OrderPlaced { order_id: u64 }
+//!
+//! # async fn run() -> Result<(), redeliver_core::Error> {
+//! let transport = RabbitMqTransport::connect(
+//!     RabbitMqOptions::new("amqp://guest:guest@localhost:5672/%2f"),
+//! )
+//! .await?;
+//! transport.declare(&Topology::new().endpoint("orders")).await?;
+//! let transport: Arc<dyn Transport> = Arc::new(transport);
+//!
+//! let worker = Worker::builder(Arc::clone(&transport), "orders")
+//!     .concurrency(8)
+//!     .start(|event: OrderPlaced, ctx: Context| async move {
+//!         println!("order {} (attempt {})", event.order_id, ctx.attempt());
+//!         Outcome::success()
+//!     })
+//!     .await?;
+//! transport.send("orders", Message::json(&OrderPlaced { order_id: 1 })?).await?;
+//! # worker.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Topology and names
+//! [`Transport::declare`](redeliver_core::Transport::declare) creates, idempotently (declaring
+//! twice is harmless), or with [`TopologyMode::CheckOnly`] only checks (a missing queue or
+//! exchange is [`Error::NotFound`](redeliver_core::Error::NotFound) naming it):
+//!
+//! | what | name | kind |
+//! |---|---|---|
+//! | endpoint `E` | `{prefix}E` | durable quorum (or classic) queue; dead-letters (broker side, e.g. `x-delivery-limit`) into the dead-letter queue |
+//! | dead letters of `E` | `{prefix}E.dead-letters` | durable queue (suffix configurable) |
+//! | topic `T` | `{prefix}T` | durable **fanout** exchange, bound to every subscribed endpoint's queue |
+//! | delay level `L` (cascade of `N` levels) | `{prefix}redeliver.delay.n{N}.l{LL}` | topic exchange + quorum queue with a TTL of 2^L s |
+//! | end of the cascade | `{prefix}redeliver.delay.n{N}.deliver` | topic exchange bound to every endpoint and dead-letter queue |
+//! | unroutable delayed messages | `{prefix}redeliver.delay.unroutable` | fanout exchange + quorum queue, the alternate exchange of `deliver` |
+//! | fixed-TTL mode: retry queue of `Q` | `Q{suffix}` (`-retry` in seed system 1) | queue with a TTL, dead-lettering back to `Q` |
+//!
+//! The prefix is empty by default ([`RabbitMqOptions::with_prefix`]). In declare mode the topology
+//! is declared again after every reconnection. Changing queue options (type, delivery limit) of
+//! queues that already exist is refused by the broker; the error says which one.
+//!
+//! # Delays: the binary cascade
+//! A message with a not-before in the future is delayed by the broker, with nothing but core
+//! features (no delayed-message plugin): the delay is rounded **up** to whole seconds — never
+//! early — and written in binary. Level `L` is a quorum queue whose every message waits 2^L
+//! seconds, so its queue order is its expiry order and nothing waits behind a longer delay (no
+//! head-of-line blocking). The routing key carries the bits, most significant first, then `q`
+//! and the destination queue: `0.1.0.1.q.orders` waits 4 + 1 s for `orders`. The message is
+//! published to the level of its highest set bit; each level's queue takes keys with its bit
+//! set, its exchange passes the others down a level, and each level queue dead-letters (keeping
+//! the key) into the level below, the last into the `deliver` exchange. Destination queues bind
+//! to `deliver` with one `*` per bit and then their exact name, so `a.b` never receives `b`'s
+//! messages. Level queues use `x-dead-letter-strategy=at-least-once` with
+//! `x-overflow=reject-publish`, so a message is never lost between levels (RabbitMQ ≥ 3.10 with
+//! the `stream_queue` feature flag; measured on 3.10.8: 6–16 ms late, per test run).
+//!
+//! The **longest delay** is 2^N - 1 seconds for `N` levels: with the default 28 levels about 8.5
+//! years, with [`with_delay_levels`](RabbitMqOptions::with_delay_levels)`(20)` about 12 days.
+//! [`send`](redeliver_core::Transport::send) with a longer delay fails with
+//! [`Error::InvalidMessage`](redeliver_core::Error::InvalidMessage); retries and parking are
+//! capped at it (the worker parks again what comes back early). Destination names are limited to
+//! 255 - 2N - 2 bytes (197 with 28 levels), since a routing key holds at most 255.
+//!
+//! Failure mode: a delayed message whose destination queue was deleted while it waited cannot be
+//! routed out of the cascade; instead of blocking the last level (at-least-once dead-lettering
+//! would retry it forever) it goes to the `unroutable` queue through the alternate exchange, for
+//! an operator to inspect. [`send`](redeliver_core::Transport::send) checks once per queue that
+//! the destination exists before a delayed publish. A scheduled message cannot be cancelled.
+//!
+//! A message **published to a topic** with a future not-before is delivered to every subscribed
+//! endpoint at once; each endpoint's worker then parks its copy in the cascade without calling
+//! the handler, so handlers still never run early (a consumer other than the worker sees the
+//! early copy). Routing the topic copy itself through the cascade would block a level whenever
+//! the topic had no subscriber, since at-least-once dead-lettering keeps retrying a message that
+//! routes nowhere.
+//!
+//! # Fixed-TTL compatibility mode
+//! [`with_fixed_ttl_retry_queue`](RabbitMqOptions::with_fixed_ttl_retry_queue) reuses what
+//! seed system 1 deploys: one retry queue per queue with a fixed TTL that dead-letters back. Any
+//! delayed message goes there and comes back after the TTL; if that is before its not-before the
+//! worker parks it again without calling the handler or counting an attempt, and when it is
+//! early by less than the TTL
+//! ([`Capabilities::scheduling_precision`](redeliver_core::Capabilities)) the worker waits out
+//! the rest itself. A consumer other than the worker sees these early returns.
+//!
+//! # At-least-once, and where duplicates come from
+//! - Every publish is persistent (delivery mode 2), `mandatory` (except to topics, where no
+//!   subscriber is not an error), and waits for the broker's confirm: `Ok` means the broker has
+//!   the message. A negative confirm is [`Error::Rejected`](redeliver_core::Error::Rejected), a
+//!   message that matched no queue [`Error::Unroutable`](redeliver_core::Error::Unroutable), a
+//!   missing exchange [`Error::NotFound`](redeliver_core::Error::NotFound).
+//! - Deliveries use manual acknowledgements. A retry, park or dead letter is a new copy that is
+//!   confirmed **before** the original is acknowledged.
+//! - Duplicates arise (1) when a copy was confirmed but the acknowledgement of the original was
+//!   lost (connection cut in between): both come back; (2) when a handler finished but its
+//!   acknowledgement was lost with the connection: the broker delivers the message again and
+//!   the handler runs again (same message id and attempt); (3) when a publish failed without a
+//!   confirm (connection lost while waiting) and the caller sends again: the first may have
+//!   been stored. Handlers must be idempotent; use the message id.
+//! - A [`Delivery`](redeliver_core::Delivery) dropped without settling is given back at once
+//!   with `basic.nack` (requeue), from a task on the current tokio runtime; without a runtime it
+//!   comes back when its channel closes. A consumer's channel stays open until every delivery
+//!   taken from it is settled or dropped, so stopping to consume never hands a message that is
+//!   still being handled to someone else.
+//!
+//! # Headers and properties
+//! Message id, content type, correlation id and reply-to travel in the AMQP properties of those
+//! names; the **subject** in the `type` property (and, when publishing to a topic, as the
+//! routing key, so that direct or topic exchanges provisioned elsewhere can route on it). The
+//! framework's state (attempt, not-before, last failure, dead-letter reason) travels in the
+//! headers named in [`redeliver_core::wire`]; broker history (`x-death`, `x-first-death-*`,
+//! `x-last-death-*`, `x-delivery-count`) is removed before handlers see the headers. A message
+//! with unreadable framework headers is handed over with a problem, and the worker dead-letters
+//! it. A message the broker dead-lettered by itself (quorum `x-delivery-limit`) arrives on the
+//! dead letters with the reason `dead-lettered by the broker (delivery_limit)`.
+//!
+//! # Recovery
+//! - Start-up tries the first connection
+//!   [`with_connect_attempts`](RabbitMqOptions::with_connect_attempts) times, then fails with
+//!   [`Error::Connection`](redeliver_core::Error::Connection) naming the URL (password hidden).
+//! - A lost connection is replaced by a supervisor task, backing off from 1 s to 30 s
+//!   ([`with_reconnect_delay`](RabbitMqOptions::with_reconnect_delay)) until it succeeds or the
+//!   transport is closed; the topology is declared again before the new connection is used.
+//! - Consumer streams survive: they open a new consumer on the new connection. Deliveries taken
+//!   before the loss cannot be settled any more (their settlement fails); the broker delivers
+//!   them again.
+//! - Sends and settlements while disconnected wait for the new connection up to
+//!   [`with_publish_timeout`](RabbitMqOptions::with_publish_timeout) (30 s), then fail with
+//!   [`Error::Timeout`](redeliver_core::Error::Timeout).
+//!
+//! Prefetch (`basic.qos`, per consumer) is the worker's concurrency
+//! ([`ConsumeOptions::prefetch`](redeliver_core::ConsumeOptions)), capped at
+//! [`with_prefetch_limit`](RabbitMqOptions::with_prefetch_limit).
+
+mod connection;
+mod consumer;
+mod convert;
+mod errors;
+mod naming;
+mod options;
+mod topology;
+mod transport;
+
+pub use options::{
+    DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS, QueueType, RabbitMqOptions, TopologyMode,
+};
+pub use transport::RabbitMqTransport;

@@ -1,0 +1,487 @@
+//! Configuration of a [`RabbitMqTransport`](crate::RabbitMqTransport).
+
+use std::time::Duration;
+
+use lapin::uri::{AMQPScheme, AMQPUri};
+use redeliver_core::Error;
+
+/// The URL used when none is given: the local broker's default virtual host.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The most delay levels the cascade may have (2^28 - 1 s, about 8.5 years).
+pub const MAX_DELAY_LEVELS: u8 = 28;
+
+/// Whether the transport creates its topology or only checks that it exists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TopologyMode {
+    /// Declare every queue, exchange and binding (idempotent: declaring twice is harmless), at
+    /// [`declare`](redeliver_core::Transport::declare) and again after every reconnection.
+    #[default]
+    Declare,
+    /// Only check, with passive declarations, that queues and exchanges exist (for brokers
+    /// provisioned elsewhere). A missing one is an [`Error::NotFound`] naming it. Bindings cannot
+    /// be checked over AMQP 0-9-1 and are assumed to be in place.
+    CheckOnly,
+}
+
+/// The queue type of endpoint queues and their dead-letter queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueType {
+    /// Replicated quorum queues (the default), which also support
+    /// [`with_delivery_limit`](RabbitMqOptions::with_delivery_limit).
+    #[default]
+    Quorum,
+    /// Classic queues.
+    Classic,
+}
+
+impl QueueType {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// How messages are held until their not-before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DelayMode {
+    /// The binary delay cascade (the default): `levels` levels of fixed-TTL quorum queues, level
+    /// `L` waiting 2^L seconds. Delays are rounded **up** to whole seconds and may be at most
+    /// 2^levels - 1 seconds. See the [crate documentation](crate#delays-the-binary-cascade).
+    Cascade {
+        /// How many levels, 1 to [`MAX_DELAY_LEVELS`].
+        levels: u8,
+    },
+    /// The compatibility mode for an existing fixed-TTL retry queue: a message to be delayed on
+    /// queue `Q` goes to the queue `Q` + `suffix`, which holds every message for `ttl` and then
+    /// dead-letters it back to `Q`. A message that comes back before its not-before is parked again
+    /// by the worker without calling the handler, so delays are honoured in steps of `ttl`.
+    FixedTtlRetryQueue {
+        /// Appended to a queue's name to name its retry queue (`-retry` in seed system 1).
+        suffix: String,
+        /// The retry queue's `x-message-ttl`.
+        ttl: Duration,
+    },
+}
+
+impl Default for DelayMode {
+    fn default() -> Self {
+        DelayMode::Cascade {
+            levels: MAX_DELAY_LEVELS,
+        }
+    }
+}
+
+/// Options of a [`RabbitMqTransport`](crate::RabbitMqTransport), built with the `with_*` methods
+/// and checked by [`validate`](RabbitMqOptions::validate) when the transport connects.
+///
+/// ```
+/// use std::time::Duration;
+/// use redeliver_rabbitmq::RabbitMqOptions;
+///
+/// let options = RabbitMqOptions::new("amqp://guest:guest@localhost:5672/%2f")
+///     .with_prefix("billing.")
+///     .with_delay_levels(20)
+///     .with_prefetch_limit(500)
+///     .with_connect_attempts(10, Duration::from_secs(3));
+/// assert!(options.validate().is_ok());
+/// ```
+#[derive(Clone, Debug)]
+pub struct RabbitMqOptions {
+    pub(crate) url: String,
+    pub(crate) prefix: String,
+    pub(crate) dead_letter_suffix: String,
+    pub(crate) topology: TopologyMode,
+    pub(crate) delays: DelayMode,
+    pub(crate) queue_type: QueueType,
+    pub(crate) delivery_limit: Option<u32>,
+    pub(crate) connect_attempts: u32,
+    pub(crate) connect_retry_delay: Duration,
+    pub(crate) reconnect_delay: Duration,
+    pub(crate) reconnect_max_delay: Duration,
+    pub(crate) publish_timeout: Duration,
+    pub(crate) prefetch_limit: u16,
+    pub(crate) connection_name: Option<String>,
+}
+
+impl Default for RabbitMqOptions {
+    fn default() -> Self {
+        RabbitMqOptions {
+            url: DEFAULT_URL.to_owned(),
+            prefix: String::new(),
+            dead_letter_suffix: ".dead-letters".to_owned(),
+            topology: TopologyMode::default(),
+            delays: DelayMode::default(),
+            queue_type: QueueType::default(),
+            delivery_limit: None,
+            connect_attempts: 5,
+            connect_retry_delay: Duration::from_secs(2),
+            reconnect_delay: Duration::from_secs(1),
+            reconnect_max_delay: Duration::from_secs(30),
+            publish_timeout: Duration::from_secs(30),
+            prefetch_limit: 1000,
+            connection_name: None,
+        }
+    }
+}
+
+impl RabbitMqOptions {
+    /// Default options for the broker at `url` (`amqp://` or `amqps://`, virtual host
+    /// percent-encoded: `%2f` is `/`).
+    pub fn new(url: impl Into<String>) -> Self {
+        RabbitMqOptions::default().with_url(url)
+    }
+
+    /// Sets the broker URL.
+    #[must_use]
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// Prepends `prefix` to the name of every queue and exchange this transport uses, the
+    /// delay infrastructure included. Default: none, so endpoint `orders` is queue `orders`.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Appended to an endpoint's queue name to name its dead-letter queue. Default
+    /// `.dead-letters`.
+    #[must_use]
+    pub fn with_dead_letter_suffix(mut self, suffix: impl Into<String>) -> Self {
+        self.dead_letter_suffix = suffix.into();
+        self
+    }
+
+    /// Declare the topology (default) or only check it.
+    #[must_use]
+    pub fn with_topology_mode(mut self, mode: TopologyMode) -> Self {
+        self.topology = mode;
+        self
+    }
+
+    /// Only check the topology, never create it; see [`TopologyMode::CheckOnly`].
+    #[must_use]
+    pub fn check_topology_only(self) -> Self {
+        self.with_topology_mode(TopologyMode::CheckOnly)
+    }
+
+    /// Uses the binary delay cascade with `levels` levels (longest delay 2^levels - 1 s).
+    /// Default [`MAX_DELAY_LEVELS`].
+    #[must_use]
+    pub fn with_delay_levels(mut self, levels: u8) -> Self {
+        self.delays = DelayMode::Cascade { levels };
+        self
+    }
+
+    /// Uses an existing fixed-TTL retry queue per queue instead of the cascade; see
+    /// [`DelayMode::FixedTtlRetryQueue`].
+    #[must_use]
+    pub fn with_fixed_ttl_retry_queue(mut self, suffix: impl Into<String>, ttl: Duration) -> Self {
+        self.delays = DelayMode::FixedTtlRetryQueue {
+            suffix: suffix.into(),
+            ttl,
+        };
+        self
+    }
+
+    /// The queue type of endpoint and dead-letter queues. Default [`QueueType::Quorum`].
+    #[must_use]
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// Sets the quorum-queue `x-delivery-limit` of endpoint queues: a message that came back
+    /// unsettled more than `limit` times (so was handed out `limit + 1` times) is dead-lettered
+    /// by the broker into the endpoint's dead-letter queue — a back-stop for a message that
+    /// crashes the process before it can be settled. Every unsettled return counts: a crash, a
+    /// lost connection, a delivery abandoned at shutdown. Retries do not count, since each is a
+    /// new message. Quorum queues only. Default: none.
+    #[must_use]
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// How often to try the first connection, and how long to wait between tries, before
+    /// [`connect`](crate::RabbitMqTransport::connect) fails. Default 5 tries, 2 s apart.
+    #[must_use]
+    pub fn with_connect_attempts(mut self, attempts: u32, delay: Duration) -> Self {
+        self.connect_attempts = attempts;
+        self.connect_retry_delay = delay;
+        self
+    }
+
+    /// The back-off between reconnection attempts after a lost connection: `initial`, doubling
+    /// up to `max`. Default 1 s to 30 s. Reconnection goes on until the transport is closed.
+    #[must_use]
+    pub fn with_reconnect_delay(mut self, initial: Duration, max: Duration) -> Self {
+        self.reconnect_delay = initial;
+        self.reconnect_max_delay = max;
+        self
+    }
+
+    /// How long a send, publish or settlement may take, waiting for a lost connection to come
+    /// back included, before it fails with [`Error::Timeout`]. It also bounds every other round
+    /// trip to the broker (declaring the topology, opening a consumer, acknowledging, giving back
+    /// a dropped delivery, and [closing](crate::RabbitMqTransport::close), which then gives up
+    /// on the connection), so that a connection that is gone but not yet noticed never blocks a
+    /// caller. Default 30 s.
+    #[must_use]
+    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// The largest prefetch (`basic.qos`) a consumer may ask for; the worker's concurrency above
+    /// it is capped. Default 1000, at most 65535.
+    #[must_use]
+    pub fn with_prefetch_limit(mut self, limit: u16) -> Self {
+        self.prefetch_limit = limit;
+        self
+    }
+
+    /// The connection name shown by the broker's management tools.
+    #[must_use]
+    pub fn with_connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// The prefix of every queue and exchange name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// How messages are held until their not-before.
+    pub fn delay_mode(&self) -> &DelayMode {
+        &self.delays
+    }
+
+    /// Whether the topology is declared or only checked.
+    pub fn topology_mode(&self) -> TopologyMode {
+        self.topology
+    }
+
+    /// The broker URL, with any password replaced by `***`, for messages and logs.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
+    /// The longest delay the configured [`DelayMode`] can hold a message for, if limited.
+    pub fn max_delay(&self) -> Option<Duration> {
+        match &self.delays {
+            DelayMode::Cascade { levels } => Some(Duration::from_secs((1u64 << levels) - 1)),
+            DelayMode::FixedTtlRetryQueue { .. } => None,
+        }
+    }
+
+    /// Checks every option, naming the first impossible one.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.parsed_url()?;
+        check_name_part("prefix", &self.prefix, true)?;
+        check_name_part("dead_letter_suffix", &self.dead_letter_suffix, false)?;
+        match &self.delays {
+            DelayMode::Cascade { levels } => {
+                if !(1..=MAX_DELAY_LEVELS).contains(levels) {
+                    return Err(Error::config(
+                        "delays.levels",
+                        format!("must be 1 to {MAX_DELAY_LEVELS}, got {levels}"),
+                    ));
+                }
+            }
+            DelayMode::FixedTtlRetryQueue { suffix, ttl } => {
+                check_name_part("delays.suffix", suffix, false)?;
+                if *ttl < Duration::from_millis(1) {
+                    return Err(Error::config(
+                        "delays.ttl",
+                        format!("must be at least 1 ms, got {ttl:?}"),
+                    ));
+                }
+            }
+        }
+        if let Some(limit) = self.delivery_limit {
+            if self.queue_type != QueueType::Quorum {
+                return Err(Error::config(
+                    "delivery_limit",
+                    "is supported by quorum queues only; set the queue type to quorum",
+                ));
+            }
+            if limit == 0 {
+                return Err(Error::config("delivery_limit", "must be at least 1, got 0"));
+            }
+        }
+        if self.connect_attempts == 0 {
+            return Err(Error::config(
+                "connect_attempts",
+                "must be at least 1 (the first try counts), got 0",
+            ));
+        }
+        if self.reconnect_delay.is_zero() {
+            return Err(Error::config("reconnect_delay", "must be more than zero"));
+        }
+        if self.reconnect_max_delay < self.reconnect_delay {
+            return Err(Error::config(
+                "reconnect_max_delay",
+                format!(
+                    "must be at least the initial reconnect delay of {:?}, got {:?}",
+                    self.reconnect_delay, self.reconnect_max_delay
+                ),
+            ));
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(Error::config("publish_timeout", "must be more than zero"));
+        }
+        if self.prefetch_limit == 0 {
+            return Err(Error::config("prefetch_limit", "must be at least 1, got 0"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn parsed_url(&self) -> Result<AMQPUri, Error> {
+        let uri: AMQPUri = self.url.parse().map_err(|e: String| {
+            Error::config(
+                "url",
+                format!("`{}` is not an AMQP URL: {e}", self.redacted_url()),
+            )
+        })?;
+        match uri.scheme {
+            AMQPScheme::AMQP | AMQPScheme::AMQPS => Ok(uri),
+        }
+    }
+}
+
+fn check_name_part(field: &str, value: &str, may_be_empty: bool) -> Result<(), Error> {
+    if value.is_empty() && !may_be_empty {
+        return Err(Error::config(field, "must not be empty"));
+    }
+    if value.contains(['*', '#']) {
+        return Err(Error::config(
+            field,
+            format!("`{value}` contains `*` or `#`, which are wildcards in RabbitMQ bindings"),
+        ));
+    }
+    if value.len() > 100 {
+        return Err(Error::config(
+            field,
+            format!("must be at most 100 bytes, got {}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// `amqp://user:secret@host` → `amqp://user:***@host`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(e: Error) -> String {
+        match e {
+            Error::Config { field, .. } => field,
+            other => panic!("not a configuration error: {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        RabbitMqOptions::default().validate().unwrap();
+        RabbitMqOptions::new("amqps://app:secret@mq.example:5671/prod")
+            .validate()
+            .unwrap();
+        assert_eq!(
+            RabbitMqOptions::default().max_delay(),
+            Some(Duration::from_secs((1 << 28) - 1))
+        );
+    }
+
+    #[test]
+    fn impossible_options_name_their_field() {
+        let bad = [
+            (RabbitMqOptions::new("http://localhost"), "url"),
+            (RabbitMqOptions::new("not a url"), "url"),
+            (
+                RabbitMqOptions::default().with_delay_levels(0),
+                "delays.levels",
+            ),
+            (
+                RabbitMqOptions::default().with_delay_levels(29),
+                "delays.levels",
+            ),
+            (
+                RabbitMqOptions::default().with_fixed_ttl_retry_queue("-retry", Duration::ZERO),
+                "delays.ttl",
+            ),
+            (
+                RabbitMqOptions::default().with_fixed_ttl_retry_queue("", Duration::from_secs(1)),
+                "delays.suffix",
+            ),
+            (RabbitMqOptions::default().with_prefix("a.*"), "prefix"),
+            (
+                RabbitMqOptions::default()
+                    .with_queue_type(QueueType::Classic)
+                    .with_delivery_limit(3),
+                "delivery_limit",
+            ),
+            (
+                RabbitMqOptions::default().with_delivery_limit(0),
+                "delivery_limit",
+            ),
+            (
+                RabbitMqOptions::default().with_connect_attempts(0, Duration::ZERO),
+                "connect_attempts",
+            ),
+            (
+                RabbitMqOptions::default()
+                    .with_reconnect_delay(Duration::from_secs(2), Duration::from_secs(1)),
+                "reconnect_max_delay",
+            ),
+            (
+                RabbitMqOptions::default().with_publish_timeout(Duration::ZERO),
+                "publish_timeout",
+            ),
+            (
+                RabbitMqOptions::default().with_dead_letter_suffix(""),
+                "dead_letter_suffix",
+            ),
+        ];
+        for (options, field) in bad {
+            assert_eq!(field_of(options.validate().unwrap_err()), field);
+        }
+    }
+
+    #[test]
+    fn passwords_never_appear_in_messages() {
+        assert_eq!(
+            redact("amqps://app:s3cret@mq.example:5671/prod"),
+            "amqps://app:***@mq.example:5671/prod"
+        );
+        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+        let e = RabbitMqOptions::new("amqp://u:pw@[bad")
+            .validate()
+            .unwrap_err();
+        assert!(!e.to_string().contains("pw@"), "{e}");
+    }
+}

@@ -1,0 +1,272 @@
+//! Declaring or checking queues, exchanges and bindings.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+use redeliver_core::{Error, Topology};
+
+use crate::connection::{Link, Shared};
+use crate::errors;
+use crate::naming::{Destination, check_destination, destination_pattern, level_pattern};
+use crate::options::{DelayMode, QueueType, TopologyMode};
+
+/// Declares (or checks) `topology` and the delay infrastructure on `link`.
+pub(crate) async fn apply(shared: &Shared, link: &Link, topology: &Topology) -> Result<(), Error> {
+    let channel = link
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| errors::map(e, "opening a channel to declare the topology"))?;
+    let mut declarer = Declarer {
+        channel,
+        link,
+        check_only: shared.options.topology == TopologyMode::CheckOnly,
+    };
+    let result = declarer.apply(shared, topology).await;
+    if declarer.channel.status().connected() {
+        let _ = declarer.channel.close(200, "declared".into()).await;
+    }
+    result
+}
+
+struct Declarer<'a> {
+    channel: Channel,
+    link: &'a Link,
+    check_only: bool,
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(value.into())
+}
+
+fn millis(duration: Duration) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Quorum-queue arguments for a queue that dead-letters: at-least-once dead-lettering (the
+/// message stays until the dead-letter target confirmed it), which requires reject-publish.
+fn at_least_once(args: &mut FieldTable) {
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+}
+
+impl Declarer<'_> {
+    async fn apply(&mut self, shared: &Shared, topology: &Topology) -> Result<(), Error> {
+        let options = &shared.options;
+        let names = &shared.names;
+        if let Some(levels) = names.levels()
+            && !self.link.infrastructure_ready.load(Ordering::Relaxed)
+        {
+            self.cascade(shared, levels).await?;
+            self.link
+                .infrastructure_ready
+                .store(true, Ordering::Relaxed);
+        }
+
+        for endpoint in topology.endpoints() {
+            let queue = names.endpoint_queue(endpoint);
+            let dead = names.dead_letter_queue(endpoint);
+            let mut args = self.queue_args(options.queue_type);
+            args.insert("x-dead-letter-exchange".into(), text(""));
+            args.insert("x-dead-letter-routing-key".into(), text(&dead));
+            if options.queue_type == QueueType::Quorum {
+                at_least_once(&mut args);
+            }
+            if let Some(limit) = options.delivery_limit {
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(limit.into()),
+                );
+            }
+            // The endpoint's queue first: check-only mode names the one users know.
+            self.queue(&queue, args).await?;
+            self.queue(&dead, self.queue_args(options.queue_type))
+                .await?;
+            for q in [&queue, &dead] {
+                match &options.delays {
+                    DelayMode::Cascade { levels } => {
+                        check_destination(*levels, Destination::Queue(q))?;
+                        self.bind_queue(
+                            q,
+                            &names.delivery_exchange(*levels),
+                            &destination_pattern(*levels, Destination::Queue(q)),
+                        )
+                        .await?;
+                    }
+                    DelayMode::FixedTtlRetryQueue { ttl, .. } => {
+                        let retry = names.retry_queue(q).expect("fixed-TTL mode");
+                        let mut args = self.queue_args(options.queue_type);
+                        args.insert("x-message-ttl".into(), millis(*ttl));
+                        args.insert("x-dead-letter-exchange".into(), text(""));
+                        args.insert("x-dead-letter-routing-key".into(), text(q));
+                        if options.queue_type == QueueType::Quorum {
+                            at_least_once(&mut args);
+                        }
+                        self.queue(&retry, args).await?;
+                    }
+                }
+            }
+        }
+
+        for (topic, endpoints) in topology.topics() {
+            let exchange = names.topic_exchange(topic);
+            self.exchange(&exchange, ExchangeKind::Fanout, FieldTable::default())
+                .await?;
+            for endpoint in endpoints {
+                self.bind_queue(&names.endpoint_queue(endpoint), &exchange, "")
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The levels, the delivery exchange and its alternate exchange for unroutable messages.
+    async fn cascade(&mut self, shared: &Shared, levels: u8) -> Result<(), Error> {
+        let names = &shared.names;
+        let unroutable = names.unroutable();
+        self.exchange(&unroutable, ExchangeKind::Fanout, FieldTable::default())
+            .await?;
+        self.queue(&unroutable, self.queue_args(QueueType::Quorum))
+            .await?;
+        self.bind_queue(&unroutable, &unroutable, "").await?;
+        let mut args = FieldTable::default();
+        args.insert("alternate-exchange".into(), text(&unroutable));
+        self.exchange(&names.delivery_exchange(levels), ExchangeKind::Topic, args)
+            .await?;
+        for level in 0..levels {
+            let name = names.level(levels, level);
+            let below = names.below(levels, level);
+            self.exchange(&name, ExchangeKind::Topic, FieldTable::default())
+                .await?;
+            let mut args = self.queue_args(QueueType::Quorum);
+            args.insert(
+                "x-message-ttl".into(),
+                millis(Duration::from_secs(1u64 << level)),
+            );
+            // No routing-key override: the key carries the remaining bits and the destination.
+            args.insert("x-dead-letter-exchange".into(), text(&below));
+            at_least_once(&mut args);
+            self.queue(&name, args).await?;
+            self.bind_queue(&name, &name, &level_pattern(levels, level, true))
+                .await?;
+            self.bind_exchange(&below, &name, &level_pattern(levels, level, false))
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn queue_args(&self, queue_type: QueueType) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text(queue_type.as_str()));
+        args
+    }
+
+    async fn queue(&mut self, name: &str, args: FieldTable) -> Result<(), Error> {
+        let options = QueueDeclareOptions {
+            passive: self.check_only,
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let args = if self.check_only {
+            FieldTable::default()
+        } else {
+            args
+        };
+        self.channel
+            .queue_declare(name.into(), options, args)
+            .await
+            .map(drop)
+            .map_err(|e| self.failed(e, "queue", name))
+    }
+
+    async fn exchange(
+        &mut self,
+        name: &str,
+        kind: ExchangeKind,
+        args: FieldTable,
+    ) -> Result<(), Error> {
+        let options = ExchangeDeclareOptions {
+            passive: self.check_only,
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let args = if self.check_only {
+            FieldTable::default()
+        } else {
+            args
+        };
+        self.channel
+            .exchange_declare(name.into(), kind, options, args)
+            .await
+            .map_err(|e| self.failed(e, "exchange", name))
+    }
+
+    async fn bind_queue(&mut self, queue: &str, exchange: &str, key: &str) -> Result<(), Error> {
+        if self.check_only {
+            return Ok(());
+        }
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                errors::map(
+                    e,
+                    format!("binding queue `{queue}` to exchange `{exchange}` with `{key}`"),
+                )
+            })
+    }
+
+    async fn bind_exchange(
+        &mut self,
+        destination: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<(), Error> {
+        if self.check_only {
+            return Ok(());
+        }
+        self.channel
+            .exchange_bind(
+                destination.into(),
+                source.into(),
+                key.into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                errors::map(
+                    e,
+                    format!("binding exchange `{destination}` to exchange `{source}` with `{key}`"),
+                )
+            })
+    }
+
+    fn failed(&self, error: lapin::Error, what: &'static str, name: &str) -> Error {
+        if errors::is_not_found(&error) {
+            return Error::NotFound {
+                what,
+                name: name.to_owned(),
+                hint: Some(if self.check_only {
+                    "the transport only checks the topology (TopologyMode::CheckOnly); create it \
+                     on the broker or switch to TopologyMode::Declare"
+                        .to_owned()
+                } else {
+                    "the broker reported it missing while declaring".to_owned()
+                }),
+            };
+        }
+        errors::map(error, format!("declaring {what} `{name}`"))
+    }
+}

@@ -1,0 +1,323 @@
+//! [`RabbitMqTransport`]: the [`Transport`] implementation.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use redeliver_core::clock::until;
+use redeliver_core::{
+    Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
+};
+
+use crate::connection::{Shared, Target};
+use crate::convert;
+use crate::naming::{Destination, cascade_route, check_destination, whole_seconds};
+use crate::options::{DelayMode, RabbitMqOptions};
+
+/// The RabbitMQ transport. Cheap to clone; clones share one connection.
+///
+/// Create it with [`connect`](RabbitMqTransport::connect), declare the topology with
+/// [`Transport::declare`], then hand it to a [`Worker`](redeliver_core::Worker) as an
+/// `Arc<dyn Transport>`. The connection closes when the last clone (and the last delivery
+/// stream) is dropped, or at [`close`](RabbitMqTransport::close).
+#[derive(Clone)]
+pub struct RabbitMqTransport {
+    pub(crate) shared: Arc<Shared>,
+    known_queues: Arc<Mutex<HashSet<String>>>,
+    _alive: Arc<CloseOnDrop>,
+}
+
+impl std::fmt::Debug for RabbitMqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitMqTransport")
+            .field("url", &self.shared.options.redacted_url())
+            .field("closed", &self.shared.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let shared = Arc::clone(&self.0);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { shared.close().await });
+        }
+    }
+}
+
+impl RabbitMqTransport {
+    /// Validates `options` and connects, trying the first connection
+    /// [`connect_attempts`](RabbitMqOptions::with_connect_attempts) times before failing with an
+    /// [`Error::Connection`] that names the (password-redacted) URL. Must be called inside a
+    /// tokio runtime.
+    pub async fn connect(options: RabbitMqOptions) -> Result<Self, Error> {
+        let shared = Shared::connect(options).await?;
+        Ok(RabbitMqTransport {
+            _alive: Arc::new(CloseOnDrop(Arc::clone(&shared))),
+            shared,
+            known_queues: Arc::default(),
+        })
+    }
+
+    /// Connects to `url` with default options.
+    pub async fn connect_url(url: impl Into<String>) -> Result<Self, Error> {
+        Self::connect(RabbitMqOptions::new(url)).await
+    }
+
+    /// The options this transport runs with.
+    pub fn options(&self) -> &RabbitMqOptions {
+        &self.shared.options
+    }
+
+    /// The queue of `endpoint`.
+    pub fn queue_name(&self, endpoint: &str) -> String {
+        self.shared.names.endpoint_queue(endpoint)
+    }
+
+    /// The dead-letter queue of `endpoint`.
+    pub fn dead_letter_queue_name(&self, endpoint: &str) -> String {
+        self.shared.names.dead_letter_queue(endpoint)
+    }
+
+    /// The exchange of `topic`.
+    pub fn topic_exchange_name(&self, topic: &str) -> String {
+        self.shared.names.topic_exchange(topic)
+    }
+
+    /// Every queue and exchange of the delay infrastructure this transport uses (in the order
+    /// they can be deleted), for operators and tests that clean up.
+    pub fn infrastructure_names(&self) -> (Vec<String>, Vec<String>) {
+        let names = &self.shared.names;
+        let mut queues = Vec::new();
+        let mut exchanges = Vec::new();
+        if let Some(levels) = names.levels() {
+            for level in 0..levels {
+                queues.push(names.level(levels, level));
+                exchanges.push(names.level(levels, level));
+            }
+            exchanges.push(names.delivery_exchange(levels));
+            queues.push(names.unroutable());
+            exchanges.push(names.unroutable());
+        }
+        (queues, exchanges)
+    }
+
+    /// Closes the connection. Deliveries not yet settled come back from the broker; sends and
+    /// settlements after this fail with [`Error::Closed`]. Waits for the broker to confirm at
+    /// most the [publish timeout](crate::RabbitMqOptions::with_publish_timeout), then gives up on the
+    /// connection.
+    pub async fn close(&self) {
+        self.shared.close().await;
+    }
+
+    /// Publishes `message` straight to `queue` (through the default exchange).
+    pub(crate) async fn send_now(&self, queue: &str, message: &Message) -> Result<(), Error> {
+        let properties = convert::properties(message)?;
+        self.shared
+            .publish(
+                Target {
+                    exchange: "",
+                    routing_key: queue,
+                    mandatory: true,
+                },
+                &properties,
+                message.body(),
+                &format!("publishing message `{}` to queue `{queue}`", message.id()),
+            )
+            .await
+    }
+
+    /// Publishes `message` to `queue`, to be delivered at its not-before. A delay longer than
+    /// the longest is refused, or, with `clamp` (parking and retries, whose worker re-parks
+    /// early arrivals), shortened to the longest.
+    pub(crate) async fn schedule(
+        &self,
+        queue: &str,
+        message: &Message,
+        clamp: bool,
+    ) -> Result<(), Error> {
+        let delay = message
+            .not_before()
+            .map(|at| until(Utc::now(), at))
+            .unwrap_or_default();
+        let seconds = whole_seconds(delay);
+        if seconds == 0 {
+            return self.send_now(queue, message).await;
+        }
+        let doing = format!(
+            "publishing message `{}` to queue `{queue}` with a delay of {seconds} s",
+            message.id()
+        );
+        match &self.shared.options.delays {
+            DelayMode::Cascade { levels } => {
+                let max = (1u64 << levels) - 1;
+                let seconds = if seconds > max {
+                    if !clamp {
+                        return Err(Error::invalid_message(format!(
+                            "{doing}: the longest delay with {levels} delay levels is {max} s \
+                             (2^{levels} - 1); raise RabbitMqOptions::with_delay_levels (at most \
+                             28) or send later"
+                        )));
+                    }
+                    max
+                } else {
+                    seconds
+                };
+                let destination = Destination::Queue(queue);
+                check_destination(*levels, destination)?;
+                let route = cascade_route(&self.shared.names, *levels, seconds, destination);
+                let properties = convert::properties(message)?;
+                self.shared
+                    .publish(
+                        Target {
+                            exchange: &route.exchange,
+                            routing_key: &route.routing_key,
+                            mandatory: true,
+                        },
+                        &properties,
+                        message.body(),
+                        &doing,
+                    )
+                    .await
+            }
+            DelayMode::FixedTtlRetryQueue { .. } => {
+                let retry = self
+                    .shared
+                    .names
+                    .retry_queue(queue)
+                    .expect("fixed-TTL mode");
+                self.send_now(&retry, message).await
+            }
+        }
+    }
+
+    /// Checks once per queue name that `queue` exists: a delayed message to a missing queue
+    /// would otherwise be accepted by the cascade and only found unroutable at the end.
+    async fn ensure_queue(&self, queue: &str) -> Result<(), Error> {
+        if self
+            .known_queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.options.publish_timeout;
+        let link = self
+            .shared
+            .link(deadline, None, &format!("checking queue `{queue}`"))
+            .await?;
+        let after = self.shared.options.publish_timeout;
+        crate::connection::bounded(
+            deadline,
+            after,
+            || format!("checking queue `{queue}`"),
+            self.check_queue(&link, queue),
+        )
+        .await
+    }
+
+    async fn check_queue(&self, link: &crate::connection::Link, queue: &str) -> Result<(), Error> {
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| crate::errors::map(e, "opening a channel to check a queue"))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let result = channel
+            .queue_declare(
+                convert::short("queue name", queue)?,
+                passive,
+                FieldTable::default(),
+            )
+            .await;
+        match result {
+            Ok(_) => {
+                let _ = channel.close(200, "checked".into()).await;
+                self.known_queues
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(queue.to_owned());
+                Ok(())
+            }
+            Err(e) if crate::errors::is_not_found(&e) => Err(Error::NotFound {
+                what: "queue",
+                name: queue.to_owned(),
+                hint: Some("declare the topology first (Transport::declare)".to_owned()),
+            }),
+            Err(e) => Err(crate::errors::map(e, format!("checking queue `{queue}`"))),
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitMqTransport {
+    fn capabilities(&self) -> Capabilities {
+        match &self.shared.options.delays {
+            DelayMode::Cascade { .. } => Capabilities::new(
+                Duration::from_secs(1),
+                self.shared.options.max_delay(),
+                false,
+            ),
+            // Early returns come back every `ttl`; the worker waits out the rest in process
+            // rather than parking once more for a whole `ttl`.
+            DelayMode::FixedTtlRetryQueue { ttl, .. } => Capabilities::new(*ttl, None, false),
+        }
+    }
+
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.shared.declare(topology).await
+    }
+
+    async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
+        let queue = self.shared.names.endpoint_queue(endpoint);
+        let delayed = message
+            .not_before()
+            .is_some_and(|at| whole_seconds(until(Utc::now(), at)) > 0);
+        if delayed {
+            self.ensure_queue(&queue).await?;
+        }
+        self.schedule(&queue, &message, false).await
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        let exchange = self.shared.names.topic_exchange(topic);
+        let properties = convert::properties(&message)?;
+        // Not mandatory: a topic nobody subscribes to drops the message, as the contract says.
+        // A message with a future not-before is delivered at once and parked by each
+        // subscriber's worker; see the crate documentation.
+        self.shared
+            .publish(
+                Target {
+                    exchange: &exchange,
+                    routing_key: message.subject().unwrap_or(""),
+                    mandatory: false,
+                },
+                &properties,
+                message.body(),
+                &format!("publishing message `{}` to topic `{topic}`", message.id()),
+            )
+            .await
+    }
+
+    async fn consume(
+        &self,
+        source: &Source,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream, Error> {
+        let limit = self.shared.options.prefetch_limit;
+        let prefetch = u16::try_from(options.prefetch)
+            .unwrap_or(u16::MAX)
+            .clamp(1, limit);
+        crate::consumer::consume(self.clone(), source.clone(), prefetch).await
+    }
+}

@@ -1,0 +1,1265 @@
+//! Acceptance tests against a real RabbitMQ (`AMQP_URL`, default the local broker).
+//!
+//! Every test uses its own name prefix (queues, exchanges and the delay cascade) and deletes what
+//! it made. Without a broker every test says so on stderr and skips, unless
+//! `REDELIVER_REQUIRE_BROKERS=1`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use redeliver_core::{
+    Backoff, BackoffPolicy, ConsumeOptions, Context, Error, Message, Outcome, RetryAfter, Source,
+    Topology, Transport, Worker, wire,
+};
+use serde::{Deserialize, Serialize};
+
+use common::{Fixture, Proxy, eventually, raw_connection, test_options};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Job {
+    n: u32,
+}
+
+fn policy(max_attempts: u32, delay: Duration) -> BackoffPolicy {
+    BackoffPolicy::builder()
+        .max_attempts(max_attempts)
+        .backoff(Backoff::fixed(delay))
+        .build()
+        .expect("a valid policy")
+}
+
+/// One handler call, as the handler saw it.
+#[derive(Clone, Debug)]
+struct Call {
+    n: u32,
+    id: String,
+    attempt: u32,
+    at: DateTime<Utc>,
+    not_before: Option<DateTime<Utc>>,
+    headers: Vec<(String, String)>,
+    last_failure: Option<String>,
+}
+
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<Vec<Call>>>);
+
+impl Calls {
+    fn record(&self, job: &Job, ctx: &Context) {
+        let call = Call {
+            n: job.n,
+            id: ctx.message_id().to_string(),
+            attempt: ctx.attempt(),
+            at: Utc::now(),
+            not_before: ctx.not_before(),
+            headers: ctx
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            last_failure: ctx.last_failure().map(str::to_owned),
+        };
+        // The promise checked on every call: never before the not-before.
+        if let Some(nb) = call.not_before {
+            assert!(call.at >= nb, "handler called early: {call:?}");
+        }
+        self.0.lock().unwrap().push(call);
+    }
+
+    fn of(&self, n: u32) -> Vec<Call> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.n == n)
+            .cloned()
+            .collect()
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// Takes `count` deliveries from `source`, completing each, within `within`.
+async fn take(
+    transport: &dyn Transport,
+    source: Source,
+    count: usize,
+    within: Duration,
+) -> Vec<(Message, DateTime<Utc>)> {
+    let mut stream = transport
+        .consume(&source, ConsumeOptions::default().with_prefetch(10))
+        .await
+        .expect("consume");
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < count {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {count} deliveries from {source} within {within:?}",
+                    got.len()
+                )
+            })
+            .expect("the stream goes on")
+            .expect("a delivery");
+        let arrived = Utc::now();
+        let message = next.message().clone();
+        next.complete().await.expect("complete");
+        got.push((message, arrived));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_completes_retries_and_dead_letters() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("jobs")).await;
+    let transport = fx.transport();
+    let calls = Calls::default();
+    let worker = Worker::builder(Arc::clone(&transport), "jobs")
+        .concurrency(2)
+        .retry_policy(policy(3, Duration::from_secs(1)))
+        .start({
+            let calls = calls.clone();
+            move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    match (job.n, ctx.attempt()) {
+                        (1, _) => Outcome::success(),
+                        (2, 1) => Outcome::retry("flaky"),
+                        (2, _) => Outcome::success(),
+                        _ => Outcome::retry("always down"),
+                    }
+                }
+            }
+        })
+        .await
+        .expect("start the worker");
+
+    let flaky = Message::json(&Job { n: 2 })
+        .unwrap()
+        .with_header("tenant", "acme");
+    let flaky_id = flaky.id().to_string();
+    transport
+        .send("jobs", Message::json(&Job { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    transport.send("jobs", flaky).await.unwrap();
+    let doomed = Message::json(&Job { n: 3 }).unwrap();
+    let doomed_id = doomed.id().clone();
+    transport.send("jobs", doomed).await.unwrap();
+    let invalid = Message::new("not json").with_content_type("application/json");
+    let invalid_id = invalid.id().clone();
+    transport.send("jobs", invalid).await.unwrap();
+
+    let dead = take(
+        transport.as_ref(),
+        Source::dead_letters("jobs"),
+        2,
+        Duration::from_secs(20),
+    )
+    .await;
+    let dead: BTreeMap<_, _> = dead.into_iter().map(|(m, _)| (m.id().clone(), m)).collect();
+    let doomed = &dead[&doomed_id];
+    let info = doomed.dead_letter().expect("a dead-letter reason");
+    assert_eq!(info.reason, "always down");
+    assert_eq!(doomed.attempt(), 3);
+    let invalid = &dead[&invalid_id];
+    assert_eq!(invalid.dead_letter().unwrap().reason, "invalid payload");
+    assert_eq!(invalid.attempt(), 1);
+
+    eventually(Duration::from_secs(10), "job 2's second attempt", || {
+        calls.of(2).len() == 2
+    })
+    .await;
+    let stats = worker.shutdown().await;
+
+    assert_eq!(calls.of(1).len(), 1, "success on the first call");
+    let flaky_calls = calls.of(2);
+    assert_eq!(
+        flaky_calls.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert!(
+        flaky_calls.iter().all(|c| c.id == flaky_id),
+        "same id on every attempt"
+    );
+    // The retry went through the broker's dead-lettering (x-death) but the handler sees only
+    // what the sender set.
+    assert_eq!(
+        flaky_calls[1].headers,
+        [("tenant".to_owned(), "acme".to_owned())]
+    );
+    assert_eq!(flaky_calls[1].last_failure.as_deref(), Some("flaky"));
+    let gap = flaky_calls[1].at - flaky_calls[0].at;
+    assert!(gap >= TimeDelta::seconds(1), "retried after {gap}");
+    let doomed_calls = calls.of(3);
+    assert_eq!(
+        doomed_calls.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "max attempts 3 means 3 handler calls"
+    );
+    for pair in doomed_calls.windows(2) {
+        // The policy's fixed 1 s delay, held by the broker.
+        assert!(pair[1].at - pair[0].at >= TimeDelta::seconds(1), "{pair:?}");
+        assert_eq!(pair[1].last_failure.as_deref(), Some("always down"));
+    }
+    assert_eq!(stats.settle_failures, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_are_never_early_and_at_most_one_and_a_half_seconds_late() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("delays")).await;
+    let transport = fx.transport();
+    let mut sent = BTreeMap::new();
+    for seconds in [0i64, 1, 2, 3, 10] {
+        let not_before = Utc::now() + TimeDelta::seconds(seconds);
+        let message = Message::new(seconds.to_string()).with_not_before(not_before);
+        sent.insert(message.id().clone(), (seconds, not_before));
+        transport.send("delays", message).await.unwrap();
+    }
+    let got = take(
+        transport.as_ref(),
+        Source::endpoint("delays"),
+        5,
+        Duration::from_secs(15),
+    )
+    .await;
+    for (message, arrived) in got {
+        let (seconds, not_before) = sent[message.id()];
+        let late = arrived - not_before;
+        eprintln!(
+            "delay {seconds:>2} s: arrived {} ms after its not-before",
+            late.num_milliseconds()
+        );
+        assert!(
+            late >= TimeDelta::zero(),
+            "a {seconds} s delay arrived {late} early"
+        );
+        assert!(
+            late <= TimeDelta::milliseconds(1500),
+            "a {seconds} s delay arrived {late} late"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_delay_does_not_hold_up_a_short_one() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("hol")).await;
+    let transport = fx.transport();
+    let long = Message::new("30").with_not_before(Utc::now() + TimeDelta::seconds(30));
+    transport.send("hol", long).await.unwrap();
+    let sent = Utc::now();
+    let short = Message::new("1").with_not_before(sent + TimeDelta::seconds(1));
+    let short_id = short.id().clone();
+    transport.send("hol", short).await.unwrap();
+    let got = take(
+        transport.as_ref(),
+        Source::endpoint("hol"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let (message, arrived) = &got[0];
+    assert_eq!(message.id(), &short_id, "the 1 s message comes first");
+    let after = *arrived - sent;
+    eprintln!(
+        "the 1 s message behind a 30 s one arrived after {} ms",
+        after.num_milliseconds()
+    );
+    assert!(after <= TimeDelta::milliseconds(2500), "took {after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declaring_twice_is_harmless_and_check_only_names_what_is_missing() {
+    // The full default cascade (28 levels), as production uses it.
+    let Some(fx) =
+        Fixture::new(|o| o.with_delay_levels(redeliver_rabbitmq::MAX_DELAY_LEVELS)).await
+    else {
+        return;
+    };
+    let topology = Topology::new()
+        .endpoint("orders")
+        .subscribe("events", "audit");
+    fx.declare(&topology).await;
+    fx.declare(&topology).await;
+    let transport = fx.transport();
+    transport
+        .send(
+            "orders",
+            Message::new("x").with_not_before(Utc::now() + TimeDelta::seconds(1)),
+        )
+        .await
+        .unwrap();
+    transport
+        .publish("events", Message::new("e"))
+        .await
+        .unwrap();
+    take(
+        transport.as_ref(),
+        Source::endpoint("orders"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    take(
+        transport.as_ref(),
+        Source::endpoint("audit"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    let checker = redeliver_rabbitmq::RabbitMqTransport::connect(
+        fx.transport.options().clone().check_topology_only(),
+    )
+    .await
+    .unwrap();
+    checker.declare(&topology).await.expect("everything exists");
+    let missing = Topology::new().endpoint("orders").endpoint("refunds");
+    match checker.declare(&missing).await {
+        Err(Error::NotFound { what, name, hint }) => {
+            assert_eq!(what, "queue");
+            assert_eq!(name, format!("{}refunds", fx.prefix));
+            assert!(hint.unwrap().contains("CheckOnly"));
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    // And nothing was created by checking.
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let refunds = format!("{}refunds", fx.prefix);
+    assert!(
+        channel
+            .queue_declare(refunds.as_str().into(), passive, FieldTable::default())
+            .await
+            .is_err()
+    );
+    checker.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_and_refused_publishes_are_errors() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("known")).await;
+    let transport = fx.transport();
+
+    // No such queue: the mandatory publish comes back.
+    let e = transport
+        .send("nowhere", Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Unroutable { .. }), "{e:?}");
+    assert!(e.to_string().contains("nowhere"), "{e}");
+
+    // Delayed to no such queue: refused before it enters the cascade.
+    let later = Message::new("x").with_not_before(Utc::now() + TimeDelta::seconds(5));
+    let e = transport.send("nowhere", later).await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { what: "queue", .. }), "{e:?}");
+
+    // No such topic exchange.
+    let e = transport
+        .publish("no-topic", Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::NotFound {
+                what: "exchange",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    // Longer than the cascade can hold (6 levels: 63 s).
+    let far = Message::new("x").with_not_before(Utc::now() + TimeDelta::seconds(64));
+    let e = transport.send("known", far).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidMessage { .. }), "{e:?}");
+    assert!(e.to_string().contains("longest delay"), "{e}");
+
+    // The broker refuses: a full queue with reject-publish answers with a negative confirm.
+    let full = format!("{}full", fx.prefix);
+    fx.track_queue(full.clone());
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            full.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    let e = transport.send("full", Message::new("x")).await.unwrap_err();
+    assert!(matches!(e, Error::Rejected { .. }), "{e:?}");
+
+    // After all that the transport still works.
+    transport.send("known", Message::new("ok")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_ttl_retry_queue_parks_early_returns_without_calling_the_handler() {
+    let Some(fx) =
+        Fixture::new(|o| o.with_fixed_ttl_retry_queue("-retry", Duration::from_secs(2))).await
+    else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("hooks")).await;
+    let transport = fx.transport();
+    let calls = Calls::default();
+    let worker = Worker::builder(Arc::clone(&transport), "hooks")
+        .retry_policy(policy(5, Duration::from_secs(1)))
+        .start({
+            let calls = calls.clone();
+            move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    if ctx.attempt() == 1 {
+                        Outcome::retry_after("HTTP 429", RetryAfter::Delay(Duration::from_secs(5)))
+                    } else {
+                        Outcome::success()
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("hooks", Message::json(&Job { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(15), "the retry", || calls.len() == 2).await;
+    let stats = worker.shutdown().await;
+    let calls = calls.of(1);
+    assert_eq!(calls.len(), 2, "called once for the retry: {calls:?}");
+    let gap = calls[1].at - calls[0].at;
+    eprintln!("fixed-TTL mode: retry after {} ms", gap.num_milliseconds());
+    assert!(gap >= TimeDelta::seconds(5), "retried after {gap}");
+    assert!(stats.parked >= 1, "the early return was parked: {stats:?}");
+    assert_eq!(stats.handled, 2, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_delivery_comes_back() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("drops")).await;
+    let transport = fx.transport();
+    let message = Message::new("x");
+    let id = message.id().clone();
+    transport.send("drops", message).await.unwrap();
+    let mut stream = transport
+        .consume(&Source::endpoint("drops"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.message().id(), &id);
+    drop(first);
+    let again = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the dropped delivery comes back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.message().id(), &id);
+    assert_eq!(again.message().attempt(), 1);
+    again.complete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_framework_headers_are_dead_lettered() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("strict")).await;
+    let transport = fx.transport();
+    let calls = Calls::default();
+    let worker = Worker::builder(Arc::clone(&transport), "strict")
+        .start({
+            let calls = calls.clone();
+            move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    Outcome::success()
+                }
+            }
+        })
+        .await
+        .unwrap();
+    // Another producer's message with an unreadable attempt header.
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(wire::ATTEMPT.into(), AMQPValue::LongString("zero".into()));
+    channel
+        .basic_publish(
+            "".into(),
+            fx.transport.queue_name("strict").as_str().into(),
+            BasicPublishOptions::default(),
+            br#"{"n":1}"#,
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+    let dead = take(
+        transport.as_ref(),
+        Source::dead_letters("strict"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let info = dead[0].0.dead_letter().expect("a reason");
+    assert_eq!(info.reason, "malformed headers");
+    assert!(info.description.as_deref().unwrap().contains(wire::ATTEMPT));
+    worker.shutdown().await;
+    assert_eq!(calls.len(), 0, "the handler never saw it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_subscribers_retry_independently() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(
+        &Topology::new()
+            .subscribe("orders", "billing")
+            .subscribe("orders", "shipping"),
+    )
+    .await;
+    let transport = fx.transport();
+    let billing = Calls::default();
+    let shipping = Calls::default();
+    let start = |endpoint: &'static str, calls: Calls, fail_first: bool| {
+        Worker::builder(Arc::clone(&transport), endpoint)
+            .retry_policy(policy(3, Duration::from_secs(1)))
+            .start(move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    if fail_first && ctx.attempt() == 1 {
+                        Outcome::retry("billing is down")
+                    } else {
+                        Outcome::success()
+                    }
+                }
+            })
+    };
+    let billing_worker = start("billing", billing.clone(), true).await.unwrap();
+    let shipping_worker = start("shipping", shipping.clone(), false).await.unwrap();
+    transport
+        .publish("orders", Message::json(&Job { n: 7 }).unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "billing's retry", || {
+        billing.len() == 2
+    })
+    .await;
+    billing_worker.shutdown().await;
+    shipping_worker.shutdown().await;
+    assert_eq!(shipping.len(), 1, "shipping never sees billing's retry");
+    assert_eq!(
+        billing.of(7).iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_loses_no_message() {
+    if !common::broker_available().await {
+        return;
+    }
+    let proxy = Proxy::start().await;
+    let fx = Fixture::with_options(test_options(proxy.url())).await;
+    fx.declare(&Topology::new().endpoint("cut")).await;
+    let transport = fx.transport();
+    let handled: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let started: Arc<Mutex<u32>> = Arc::default();
+    let worker = Worker::builder(Arc::clone(&transport), "cut")
+        .concurrency(4)
+        .retry_policy(policy(5, Duration::from_secs(1)))
+        .start({
+            let handled = Arc::clone(&handled);
+            let started = Arc::clone(&started);
+            move |job: Job, _ctx: Context| {
+                let handled = Arc::clone(&handled);
+                let started = Arc::clone(&started);
+                async move {
+                    *started.lock().unwrap() += 1;
+                    // Keep handlers in flight while the connection goes away.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    handled.lock().unwrap().insert(job.n);
+                    Outcome::success()
+                }
+            }
+        })
+        .await
+        .unwrap();
+    for n in 0..20 {
+        transport
+            .send("cut", Message::json(&Job { n }).unwrap())
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(10), "handlers in flight", || {
+        *started.lock().unwrap() >= 4
+    })
+    .await;
+    proxy.cut();
+    eventually(Duration::from_secs(30), "every message handled", || {
+        handled.lock().unwrap().len() == 20
+    })
+    .await;
+    // A message whose acknowledgement was lost with the connection is handled again (a
+    // duplicate), never lost: once the worker stops, the queue is empty.
+    let stats = worker.shutdown().await;
+    eprintln!("after the cut: {stats:?}");
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let queue = fx.transport.queue_name("cut");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut remaining = u32::MAX;
+    for _ in 0..50 {
+        remaining = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count();
+        if remaining == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(remaining, 0, "messages left behind in `{queue}`");
+}
+
+/// Closing waits for the broker's `close-ok` at most the publish timeout: a broker that stops
+/// answering (here a frozen proxy; in the wild a lost `close-ok`) must not hang the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_an_unresponsive_connection_is_bounded() {
+    if !common::broker_available().await {
+        return;
+    }
+    let proxy = Proxy::start().await;
+    let fx = Fixture::with_options(
+        test_options(proxy.url()).with_publish_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    fx.declare(&Topology::new().endpoint("frozen")).await;
+    proxy.freeze();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), fx.transport.close())
+        .await
+        .expect("close() returns within the publish timeout although the broker is silent");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "close() waited for the broker's answer before giving up ({:?})",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_while_disconnected_waits_within_the_bound_then_fails_clearly() {
+    if !common::broker_available().await {
+        return;
+    }
+    let proxy = Proxy::start().await;
+    let fx = Fixture::with_options(
+        test_options(proxy.url()).with_publish_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    fx.declare(&Topology::new().endpoint("offline")).await;
+    let transport = fx.transport();
+    proxy.set_accepting(false);
+    proxy.cut();
+    let e = transport
+        .send("offline", Message::new("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert!(e.to_string().contains("recover"), "{e}");
+    proxy.set_accepting(true);
+    // Once the broker is reachable again the transport reconnects by itself.
+    let mut sent = Err(e);
+    for _ in 0..20 {
+        sent = transport.send("offline", Message::new("y")).await;
+        if sent.is_ok() {
+            break;
+        }
+    }
+    sent.expect("sending works again after reconnection");
+    take(
+        transport.as_ref(),
+        Source::endpoint("offline"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn start_up_retries_then_fails_loudly() {
+    // Nothing listens on port 1: no broker needed.
+    let options = redeliver_rabbitmq::RabbitMqOptions::new("amqp://guest:secret@127.0.0.1:1/%2f")
+        .with_connect_attempts(3, Duration::from_millis(50));
+    let e = redeliver_rabbitmq::RabbitMqTransport::connect(options)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Connection { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("after 3 attempt(s)"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_dead_letters_at_the_delivery_limit_and_says_so() {
+    let Some(fx) = Fixture::new(|o| o.with_delivery_limit(1)).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("poison")).await;
+    let transport = fx.transport();
+    transport
+        .send("poison", Message::new("crash"))
+        .await
+        .unwrap();
+    let mut stream = transport
+        .consume(&Source::endpoint("poison"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    // As if the process crashed twice while handling it: handed out, never settled.
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("delivered again")
+            .unwrap()
+            .unwrap();
+        delivery.abandon().await.unwrap();
+    }
+    let dead = take(
+        transport.as_ref(),
+        Source::dead_letters("poison"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let info = dead[0].0.dead_letter().expect("a reason");
+    assert!(info.reason.contains("delivery_limit"), "{info:?}");
+    assert!(dead[0].0.headers().is_empty(), "no x-death for handlers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_the_worker_survives() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("panics")).await;
+    let transport = fx.transport();
+    let calls = Calls::default();
+    let worker = Worker::builder(Arc::clone(&transport), "panics")
+        .retry_policy(policy(3, Duration::from_secs(1)))
+        .start({
+            let calls = calls.clone();
+            move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    assert!(ctx.attempt() > 1, "boom on the first attempt");
+                    Outcome::success()
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("panics", Message::json(&Job { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the retry after the panic", || {
+        calls.len() == 2
+    })
+    .await;
+    let stats = worker.shutdown().await;
+    assert_eq!(stats.retried, 1, "{stats:?}");
+    assert_eq!(stats.completed, 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_back_handlers_in_flight_and_a_new_worker_handles_them() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("restart")).await;
+    let transport = fx.transport();
+    for n in 0..4 {
+        transport
+            .send("restart", Message::json(&Job { n }).unwrap())
+            .await
+            .unwrap();
+    }
+    let stuck = Calls::default();
+    let first = Worker::builder(Arc::clone(&transport), "restart")
+        .concurrency(2)
+        .shutdown_timeout(Duration::from_millis(200))
+        .start({
+            let stuck = stuck.clone();
+            move |job: Job, ctx: Context| {
+                let stuck = stuck.clone();
+                async move {
+                    stuck.record(&job, &ctx);
+                    std::future::pending::<Outcome>().await
+                }
+            }
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "two handlers in flight", || {
+        stuck.len() == 2
+    })
+    .await;
+    let stats = first.shutdown().await;
+    assert_eq!(stats.abandoned, 2, "{stats:?}");
+
+    let handled = Calls::default();
+    let second = Worker::builder(Arc::clone(&transport), "restart")
+        .concurrency(2)
+        .start({
+            let handled = handled.clone();
+            move |job: Job, ctx: Context| {
+                let handled = handled.clone();
+                async move {
+                    handled.record(&job, &ctx);
+                    Outcome::success()
+                }
+            }
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "all four handled", || {
+        handled.len() == 4
+    })
+    .await;
+    second.shutdown().await;
+    for call in stuck.0.lock().unwrap().iter() {
+        let again = handled.of(call.n);
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            again[0].attempt, 1,
+            "an abandoned delivery keeps its attempt"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_handler_retries_on_the_dead_letters() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("loop")).await;
+    let transport = fx.transport();
+    let seen = Calls::default();
+    // Seed system 2 "closes the loop": a handler on the dead letters, which must not lose any.
+    let worker = Worker::builder(Arc::clone(&transport), Source::dead_letters("loop"))
+        .retry_policy(policy(1, Duration::from_secs(1)))
+        .start({
+            let seen = seen.clone();
+            move |job: Job, ctx: Context| {
+                let seen = seen.clone();
+                async move {
+                    seen.record(&job, &ctx);
+                    if seen.len() == 1 {
+                        Outcome::retry("the entity store is down")
+                    } else {
+                        Outcome::success()
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap();
+    // Put a dead letter there the way a worker on the endpoint would.
+    let mut endpoint = transport
+        .consume(&Source::endpoint("loop"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    transport
+        .send("loop", Message::json(&Job { n: 9 }).unwrap())
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), endpoint.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("rejected", Some("test".to_owned()))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the dead letter handled twice",
+        || seen.len() == 2,
+    )
+    .await;
+    worker.shutdown().await;
+    let calls = seen.of(9);
+    assert!(calls[1].at - calls[0].at >= TimeDelta::seconds(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topology_is_declared_again_after_a_reconnection() {
+    if !common::broker_available().await {
+        return;
+    }
+    let proxy = Proxy::start().await;
+    let fx = Fixture::with_options(test_options(proxy.url())).await;
+    fx.declare(&Topology::new().endpoint("again")).await;
+    let transport = fx.transport();
+    // Someone deletes the queue; the connection then drops.
+    let queue = fx.transport.queue_name("again");
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    proxy.cut();
+    // Sends wait for the reconnection, which declared the queue again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match transport.send("again", Message::new("x")).await {
+            Ok(()) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the queue was not declared again after the reconnection: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Closes, from the broker's side, the connections whose name contains `name`, with
+/// `rabbitmqctl` (the broker's own tool). `false` when the tool is not available here, may not
+/// talk to the node, or manages another broker than `AMQP_URL`'s.
+fn close_from_broker(name: &str) -> bool {
+    let Ok(listed) = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties"])
+        .output()
+    else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(name))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    if !listed.status.success() || pids.is_empty() {
+        return false;
+    }
+    for pid in pids {
+        let closed = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by a redeliver test"])
+            .status()
+            .expect("run rabbitmqctl");
+        assert!(closed.success());
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_by_the_broker_is_recovered() {
+    let name = format!("redeliver-test-{:08x}", fastrand::u32(..));
+    let Some(fx) = Fixture::new(|o| o.with_connection_name(name.clone())).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("forced")).await;
+    let transport = fx.transport();
+    let handled: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let worker = Worker::builder(Arc::clone(&transport), "forced")
+        .start({
+            let handled = Arc::clone(&handled);
+            move |job: Job, _ctx: Context| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    handled.lock().unwrap().insert(job.n);
+                    Outcome::success()
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("forced", Message::json(&Job { n: 0 }).unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the first message", || {
+        handled.lock().unwrap().len() == 1
+    })
+    .await;
+    let closer = name.clone();
+    let available = tokio::task::spawn_blocking(move || close_from_broker(&closer))
+        .await
+        .unwrap();
+    if !available {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (part): rabbitmqctl cannot close this test's connection here; the TCP \
+             proxy tests cover recovery"
+        );
+        worker.shutdown().await;
+        return;
+    }
+    // Sends wait for the reconnection; the worker's consumer resumes on the new connection. A
+    // send that raced the close itself fails as a connection error and is sent again, as an
+    // application would (at-least-once: the first may have been stored too).
+    for n in 1..5 {
+        let message = Message::json(&Job { n }).unwrap();
+        if let Err(e) = transport.send("forced", message.clone()).await {
+            assert!(matches!(e, Error::Connection { .. }), "{e:?}");
+            transport.send("forced", message).await.unwrap();
+        }
+    }
+    eventually(
+        Duration::from_secs(15),
+        "every message after the reconnection",
+        || handled.lock().unwrap().len() == 5,
+    )
+    .await;
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_limits_the_deliveries_handed_out() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("prefetch")).await;
+    let transport = fx.transport();
+    for n in 0..3 {
+        transport
+            .send("prefetch", Message::json(&Job { n }).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut stream = transport
+        .consume(
+            &Source::endpoint("prefetch"),
+            ConsumeOptions::default().with_prefetch(2),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // With two deliveries unsettled the broker keeps the third in the queue.
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = fx.transport.queue_name("prefetch");
+    let ready = channel
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(ready, 1);
+    for delivery in held {
+        delivery.complete().await.unwrap();
+    }
+    let third = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the third once the others are settled")
+        .unwrap()
+        .unwrap();
+    third.complete().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_message_whose_queue_was_deleted_does_not_block_the_cascade() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("doomed").endpoint("alive"))
+        .await;
+    let transport = fx.transport();
+    let orphan = Message::new("orphan").with_not_before(Utc::now() + TimeDelta::seconds(1));
+    let orphan_id = orphan.id().clone();
+    transport.send("doomed", orphan).await.unwrap();
+    // The destination disappears while the message waits in level 0.
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let doomed = fx.transport.queue_name("doomed");
+    channel
+        .queue_delete(doomed.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let later = Message::new("alive").with_not_before(Utc::now() + TimeDelta::seconds(1));
+    transport.send("alive", later).await.unwrap();
+
+    // The level is not blocked: the next message through it arrives.
+    take(
+        transport.as_ref(),
+        Source::endpoint("alive"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // The orphan is kept for an operator in the unroutable queue, not lost.
+    let (queues, _) = fx.transport.infrastructure_names();
+    let unroutable = queues
+        .iter()
+        .find(|q| q.ends_with("unroutable"))
+        .expect("an unroutable queue")
+        .clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let parked = loop {
+        let got = channel
+            .basic_get(unroutable.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        if let Some(got) = got {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the orphan did not reach `{unroutable}`"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let id = parked.delivery.properties.message_id().clone().unwrap();
+    assert_eq!(id.as_str(), orphan_id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classic_endpoint_queues_work_the_same() {
+    let Some(fx) =
+        Fixture::new(|o| o.with_queue_type(redeliver_rabbitmq::QueueType::Classic)).await
+    else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("classic")).await;
+    let transport = fx.transport();
+    let calls = Calls::default();
+    let worker = Worker::builder(Arc::clone(&transport), "classic")
+        .retry_policy(policy(2, Duration::from_secs(1)))
+        .start({
+            let calls = calls.clone();
+            move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    Outcome::retry("still failing")
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("classic", Message::json(&Job { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    let dead = take(
+        transport.as_ref(),
+        Source::dead_letters("classic"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    worker.shutdown().await;
+    assert_eq!(dead[0].0.attempt(), 2);
+    assert_eq!(calls.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_is_a_floor_under_the_policy_delay() {
+    // The core scenario (Retry-After 90 s over an exponential 2 s) scaled down: 3 s over 1 s.
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("throttled")).await;
+    let transport = fx.transport();
+    let calls = Calls::default();
+    let worker = Worker::builder(Arc::clone(&transport), "throttled")
+        .retry_policy(
+            BackoffPolicy::builder()
+                .max_attempts(3)
+                .backoff(Backoff::exponential(
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                ))
+                .build()
+                .unwrap(),
+        )
+        .start({
+            let calls = calls.clone();
+            move |job: Job, ctx: Context| {
+                let calls = calls.clone();
+                async move {
+                    calls.record(&job, &ctx);
+                    if ctx.attempt() == 1 {
+                        Outcome::retry_after("HTTP 429", RetryAfter::parse("3").unwrap())
+                    } else {
+                        Outcome::success()
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("throttled", Message::json(&Job { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the retry", || calls.len() == 2).await;
+    worker.shutdown().await;
+    let calls = calls.of(1);
+    let gap = calls[1].at - calls[0].at;
+    assert!(gap >= TimeDelta::seconds(3), "retried after {gap}");
+}

@@ -1,0 +1,646 @@
+//! Consuming a queue or its dead letters in peek-lock mode.
+//!
+//! Every `azservicebus` receiver call takes `&mut self` (receive, settle, renew), so one task —
+//! the consumer — owns the receiver and does all of it: it receives while fewer than
+//! `prefetch` deliveries are out, carries out the settlements that deliveries send it, renews
+//! the lock of every delivery it holds halfway to its expiry, and abandons deliveries that were
+//! dropped unsettled. It outlives the delivery stream until every delivery handed out is
+//! settled, then closes the receiver and its client with `dispose()`.
+//!
+//! One message is asked for at a time (credit 1). A receive call is abandoned whenever a
+//! settlement or a renewal is due, or when it has waited [`receive_wait`] (before the client's own
+//! wait ends and it drains the credit, see the crate docs); that is safe because `fe2o3-amqp`'s
+//! receive is cancel-safe and a single-message receive keeps nothing in between. Because the
+//! credit is consumed by the message it asked for, no message waits unseen in the client while
+//! every slot is busy.
+//!
+//! [`receive_wait`]: crate::ServiceBusOptions::receive_wait
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage;
+use azservicebus::receiver::DeadLetterOptions;
+use azservicebus::{ServiceBusReceiver, ServiceBusReceiverOptions, SubQueue};
+use chrono::Utc;
+use fe2o3_amqp_types::primitives::OrderedMap;
+use redeliver_core::clock::until;
+use redeliver_core::{
+    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source,
+};
+use serde_amqp::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::convert::{self, framework_properties};
+use crate::{Client, Inner};
+
+/// How long closing waits for a drained credit to be answered.
+const DRAIN_WAIT: Duration = Duration::from_millis(50);
+/// How much shorter than the try time-out the client's own receive wait is, so that its
+/// try time-out never ends a receive first.
+const CLIENT_WAIT_MARGIN: Duration = Duration::from_millis(500);
+
+/// Opens a receiver on `source` with its own client and starts the consumer task.
+pub(crate) async fn consume(
+    inner: &Arc<Inner>,
+    source: &Source,
+    options: ConsumeOptions,
+) -> Result<DeliveryStream, Error> {
+    let queue = source.endpoint_name().to_owned();
+    let mut client = inner.new_client().await?;
+    let receiver_options = ServiceBusReceiverOptions {
+        // Credit is granted per receive call, so that only what is asked for is locked.
+        prefetch_count: 0,
+        sub_queue: if source.is_dead_letters() {
+            SubQueue::DeadLetter
+        } else {
+            SubQueue::None
+        },
+        ..ServiceBusReceiverOptions::default()
+    };
+    let operation = format!("attaching a receiver to `{source}`");
+    let attach = inner.bounded(
+        &operation,
+        client.create_receiver_for_queue(queue.clone(), receiver_options),
+    );
+    let receiver = match attach.await {
+        Ok(Ok(receiver)) => receiver,
+        Ok(Err(e)) => {
+            let error = inner.convert(e, &operation, Some(("queue", &queue)));
+            inner.dispose_client(client).await;
+            return Err(error);
+        }
+        Err(timeout) => {
+            inner.dispose_client(client).await;
+            return Err(timeout);
+        }
+    };
+    let prefetch = options.prefetch.max(1);
+    let (deliveries_tx, mut deliveries_rx) = mpsc::channel(prefetch);
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let consumer = Consumer {
+        inner: Arc::clone(inner),
+        client: Some(client),
+        receiver: Some(receiver),
+        source: source.clone(),
+        prefetch,
+        commands_tx,
+        commands,
+        deliveries: Some(deliveries_tx),
+        locked: HashMap::new(),
+        next_id: 0,
+        credit_outstanding: false,
+    };
+    tokio::spawn(consumer.run());
+    let stream = futures::stream::poll_fn(move |cx| deliveries_rx.poll_recv(cx));
+    Ok(Box::pin(stream))
+}
+
+/// A delivery this consumer holds the lock of.
+struct Locked {
+    message: ServiceBusReceivedMessage,
+    /// When the lock runs out, on the local clock.
+    expires: Instant,
+    /// When to renew next; `None` once renewing failed (the broker will deliver it again).
+    renew_at: Option<Instant>,
+    /// A dead letter kept locked until its retry is due, then abandoned with these
+    /// properties; it no longer counts as handed out.
+    abandon_at: Option<(Instant, OrderedMap<String, Value>)>,
+}
+
+impl Locked {
+    fn new(message: ServiceBusReceivedMessage) -> Option<Self> {
+        let remaining = message
+            .locked_until()
+            .map(|at| until(Utc::now(), convert::to_utc(at)))
+            .unwrap_or_default();
+        if remaining.is_zero() {
+            return None;
+        }
+        let now = Instant::now();
+        Some(Locked {
+            message,
+            expires: now + remaining,
+            renew_at: Some(now + remaining / 2),
+            abandon_at: None,
+        })
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        let abandon = self.abandon_at.as_ref().map(|(at, _)| *at);
+        match (self.renew_at, abandon) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn lock_lost(&self) -> bool {
+        Instant::now() >= self.expires
+    }
+}
+
+/// What a delivery asks the consumer to do.
+enum Action {
+    /// Settle now.
+    Now(Final),
+    /// Keep the lock until `at`, then abandon with these properties.
+    AbandonAt(Instant, OrderedMap<String, Value>),
+}
+
+/// A settlement carried out on the receiver.
+enum Final {
+    Complete,
+    Abandon,
+    DeadLetter(DeadLetterOptions),
+}
+
+enum Command {
+    Settle {
+        id: u64,
+        action: Action,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// The delivery was dropped (or its settlement abandoned) without settling: give it back.
+    Dropped { id: u64 },
+}
+
+enum Event {
+    Command(Command),
+    StreamClosed,
+    Timer,
+    Received(Result<Option<Box<ServiceBusReceivedMessage>>, azure_core::Error>),
+    /// Nothing came within the receive wait.
+    Idle,
+}
+
+struct Consumer {
+    inner: Arc<Inner>,
+    client: Option<Client>,
+    receiver: Option<ServiceBusReceiver>,
+    source: Source,
+    prefetch: usize,
+    commands_tx: mpsc::UnboundedSender<Command>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    deliveries: Option<mpsc::Sender<Result<Delivery, Error>>>,
+    locked: HashMap<u64, Locked>,
+    next_id: u64,
+    /// A receive call was given up while its credit may still be open.
+    credit_outstanding: bool,
+}
+
+async fn stream_closed(deliveries: &Option<mpsc::Sender<Result<Delivery, Error>>>) {
+    match deliveries {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Consumer {
+    fn handed_out(&self) -> usize {
+        self.locked
+            .values()
+            .filter(|l| l.abandon_at.is_none())
+            .count()
+    }
+
+    async fn run(mut self) {
+        debug!(source = %self.source, "consumer started");
+        loop {
+            if self.deliveries.is_none() && self.handed_out() == 0 {
+                break;
+            }
+            let can_receive = self.deliveries.is_some() && self.handed_out() < self.prefetch;
+            let next_timer = self.locked.values().filter_map(Locked::next_timer).min();
+            let wait = self.inner.options.receive_wait;
+            let client_wait = self
+                .inner
+                .options
+                .try_timeout
+                .saturating_sub(CLIENT_WAIT_MARGIN);
+            let Some(receiver) = self.receiver.as_mut() else {
+                break;
+            };
+            let asked = AtomicBool::new(false);
+            let receive = async {
+                asked.store(true, Ordering::Relaxed);
+                // Given up by us before the client's own wait ends: when that ends, the client
+                // drains the link's credit, and a link drained this way was seen to deliver
+                // nothing more (against the test broker). The credit stays open instead.
+                tokio::time::timeout(
+                    wait,
+                    receiver.receive_message_with_max_wait_time(Some(client_wait)),
+                )
+                .await
+            };
+            let event = tokio::select! {
+                biased;
+                Some(command) = self.commands.recv() => Event::Command(command),
+                () = stream_closed(&self.deliveries) => Event::StreamClosed,
+                () = sleep_until(next_timer) => Event::Timer,
+                received = receive, if can_receive => match received {
+                    Ok(received) => Event::Received(received.map(|m| m.map(Box::new))),
+                    Err(_) => Event::Idle,
+                }
+            };
+            // A receive that was started but did not finish may have left its credit open; a
+            // finished one used its credit up (or drained it when nothing came).
+            if matches!(event, Event::Received(_)) {
+                self.credit_outstanding = false;
+            } else if asked.load(Ordering::Relaxed) {
+                self.credit_outstanding = true;
+            }
+            match event {
+                Event::Command(command) => self.on_command(command).await,
+                Event::StreamClosed => {
+                    debug!(source = %self.source, "delivery stream closed");
+                    self.deliveries = None;
+                }
+                Event::Timer => self.on_timer().await,
+                Event::Received(Ok(Some(message))) => self.on_message(*message),
+                Event::Received(Ok(None)) | Event::Idle => {}
+                Event::Received(Err(e)) => {
+                    let error = self.inner.convert(
+                        e,
+                        &format!("receiving from `{}`", self.source),
+                        Some(("queue", self.source.endpoint_name())),
+                    );
+                    warn!(source = %self.source, error = %error, "receiving failed; closing this consumer");
+                    if let Some(tx) = self.deliveries.take() {
+                        // The worker sees the error, then the end of the stream, and consumes
+                        // again; this task stays until the deliveries out are settled.
+                        let _ = tx.try_send(Err(error));
+                    }
+                }
+            }
+        }
+        self.close().await;
+    }
+
+    fn on_message(&mut self, message: ServiceBusReceivedMessage) {
+        let Some(locked) = Locked::new(message) else {
+            // Held in the client past its lock: the broker has made it available again.
+            debug!(source = %self.source, "skipped a message whose lock had already run out");
+            return;
+        };
+        let received = convert::from_service_bus(&locked.message, self.source.is_dead_letters());
+        let id = self.next_id;
+        self.next_id += 1;
+        self.locked.insert(id, locked);
+        let settler = Settler {
+            id,
+            commands: Some(self.commands_tx.clone()),
+            inner: Arc::clone(&self.inner),
+            source: self.source.clone(),
+        };
+        let delivery = Delivery::new(received.message, self.source.clone(), settler)
+            .with_problem(received.problem);
+        let sent = match &self.deliveries {
+            Some(tx) => tx.try_send(Ok(delivery)).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d) => d,
+            }),
+            None => Err(Ok(delivery)),
+        };
+        // Never full (at most `prefetch` are out); closed means nobody will take it. Dropping
+        // it gives it back through its settler.
+        drop(sent);
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Settle { id, action, reply } => {
+                let result = self.settle(id, action).await;
+                let _ = reply.send(result);
+            }
+            Command::Dropped { id } => {
+                if self.locked.contains_key(&id) {
+                    debug!(source = %self.source, "a delivery was dropped unsettled; abandoning it");
+                    if let Err(e) = self.settle_now(id, Final::Abandon).await {
+                        warn!(source = %self.source, error = %e, "could not abandon a dropped delivery; its lock will run out");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(&mut self, id: u64, action: Action) -> Result<(), Error> {
+        match action {
+            Action::Now(settlement) => self.settle_now(id, settlement).await,
+            Action::AbandonAt(at, properties) => {
+                let Some(locked) = self.locked.get_mut(&id) else {
+                    return Err(unknown_delivery());
+                };
+                if locked.lock_lost() {
+                    self.locked.remove(&id);
+                    return Err(lock_lost(&self.source));
+                }
+                locked.abandon_at = Some((at, properties));
+                Ok(())
+            }
+        }
+    }
+
+    async fn settle_now(&mut self, id: u64, settlement: Final) -> Result<(), Error> {
+        let Some(locked) = self.locked.remove(&id) else {
+            return Err(unknown_delivery());
+        };
+        let Some(receiver) = self.receiver.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let lost = locked.lock_lost();
+        let message = &locked.message;
+        let (what, result) = match settlement {
+            Final::Complete => (
+                "completing",
+                self.inner
+                    .bounded("completing a delivery", receiver.complete_message(message))
+                    .await,
+            ),
+            Final::Abandon => (
+                "abandoning",
+                self.inner
+                    .bounded(
+                        "abandoning a delivery",
+                        receiver.abandon_message(message, None),
+                    )
+                    .await,
+            ),
+            Final::DeadLetter(options) => (
+                "dead-lettering",
+                self.inner
+                    .bounded(
+                        "dead-lettering a delivery",
+                        receiver.dead_letter_message(message, options),
+                    )
+                    .await,
+            ),
+        };
+        match result {
+            Ok(Ok(())) if lost => Err(lock_lost(&self.source)),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.inner.convert(
+                e,
+                &format!("{what} a delivery from `{}`", self.source),
+                None,
+            )),
+            Err(timeout) => Err(timeout),
+        }
+    }
+
+    async fn on_timer(&mut self) {
+        let now = Instant::now();
+        let due_abandons: Vec<u64> = self
+            .locked
+            .iter()
+            .filter(|(_, l)| l.abandon_at.as_ref().is_some_and(|(at, _)| *at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due_abandons {
+            self.abandon_held(id).await;
+        }
+        let due_renewals: Vec<u64> = self
+            .locked
+            .iter()
+            .filter(|(_, l)| l.renew_at.is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due_renewals {
+            self.renew(id).await;
+        }
+    }
+
+    async fn renew(&mut self, id: u64) {
+        let (Some(locked), Some(receiver)) = (self.locked.get_mut(&id), self.receiver.as_mut())
+        else {
+            return;
+        };
+        let renewed = self
+            .inner
+            .bounded(
+                "renewing a lock",
+                receiver.renew_message_lock(&mut locked.message),
+            )
+            .await;
+        let remaining = locked
+            .message
+            .locked_until()
+            .map(|at| until(Utc::now(), convert::to_utc(at)))
+            .unwrap_or_default();
+        match renewed {
+            Ok(Ok(())) if !remaining.is_zero() => {
+                let now = Instant::now();
+                locked.expires = now + remaining;
+                locked.renew_at = Some(now + remaining / 2);
+                debug!(source = %self.source, ?remaining, "lock renewed");
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(Ok(())) => "the renewed lock had already run out".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                warn!(
+                    source = %self.source,
+                    message_id = ?locked.message.message_id(),
+                    error,
+                    "could not renew a lock; the broker will deliver the message again when it runs out"
+                );
+                locked.renew_at = None;
+            }
+        }
+    }
+
+    /// Abandons a dead letter whose retry is due, with its new framework state.
+    async fn abandon_held(&mut self, id: u64) {
+        let (Some(locked), Some(receiver)) = (self.locked.remove(&id), self.receiver.as_mut())
+        else {
+            return;
+        };
+        let properties = locked.abandon_at.map(|(_, p)| p);
+        let result = self
+            .inner
+            .bounded(
+                "abandoning a dead letter",
+                receiver.abandon_message(&locked.message, properties),
+            )
+            .await;
+        if !matches!(result, Ok(Ok(()))) {
+            warn!(source = %self.source, "could not abandon a dead letter whose retry is due; its lock will run out");
+        }
+    }
+
+    async fn close(mut self) {
+        // Dead letters waiting for their retry are given back now, with their new state; a
+        // consumer started later finds them early and parks them again.
+        let held: Vec<u64> = self.locked.keys().copied().collect();
+        for id in held {
+            self.abandon_held(id).await;
+        }
+        let Some(mut receiver) = self.receiver.take() else {
+            return;
+        };
+        if self.credit_outstanding {
+            // A message sent on the open credit would stay locked in a receiver that is going
+            // away until its lock runs out: take it (one receive, which ends by draining the
+            // credit when nothing comes) and give it back. Only once: each receive grants credit
+            // again, and the message just given back would be sent straight back.
+            if let Ok(Ok(Some(message))) = self
+                .inner
+                .bounded(
+                    "draining a receiver",
+                    receiver.receive_message_with_max_wait_time(Some(DRAIN_WAIT)),
+                )
+                .await
+            {
+                let _ = self
+                    .inner
+                    .bounded("abandoning", receiver.abandon_message(&message, None))
+                    .await;
+            }
+        }
+        if let Err(e) = self
+            .inner
+            .bounded("closing a receiver", receiver.dispose())
+            .await
+            .and_then(|r| r.map_err(|e| self.inner.convert(e, "closing a receiver", None)))
+        {
+            info!(source = %self.source, error = %e, "could not close the receiver cleanly");
+        }
+        if let Some(client) = self.client.take() {
+            self.inner.dispose_client(client).await;
+        }
+        debug!(source = %self.source, "consumer closed");
+    }
+}
+
+fn unknown_delivery() -> Error {
+    Error::Other {
+        message: "the delivery is no longer held by its consumer (its lock ran out, or it was \
+                  settled)"
+            .to_owned(),
+        source: None,
+    }
+}
+
+fn lock_lost(source: &Source) -> Error {
+    Error::Other {
+        message: format!(
+            "the lock of a delivery from `{source}` ran out before it was settled; the broker \
+             delivers the message again"
+        ),
+        source: None,
+    }
+}
+
+/// Settles one delivery through its consumer. Dropped unsettled (or with its settlement
+/// abandoned half-way), it asks the consumer to abandon the delivery.
+struct Settler {
+    id: u64,
+    commands: Option<mpsc::UnboundedSender<Command>>,
+    inner: Arc<Inner>,
+    source: Source,
+}
+
+impl Drop for Settler {
+    fn drop(&mut self) {
+        if let Some(commands) = self.commands.take() {
+            let _ = commands.send(Command::Dropped { id: self.id });
+        }
+    }
+}
+
+impl Settler {
+    async fn command(mut self: Box<Self>, action: Action) -> Result<(), Error> {
+        let commands = self.commands.take().ok_or(Error::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command::Settle {
+                id: self.id,
+                action,
+                reply,
+            })
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+}
+
+#[async_trait]
+impl Settle for Settler {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
+        match settlement {
+            Settlement::Complete => self.command(Action::Now(Final::Complete)).await,
+            Settlement::Abandon => self.command(Action::Now(Final::Abandon)).await,
+            Settlement::DeadLetter(message) if self.source.is_dead_letters() => {
+                let source = self.source.clone();
+                self.command(Action::Now(Final::Abandon)).await?;
+                Err(Error::invalid_message(format!(
+                    "message {} is already a dead letter and cannot be dead-lettered again; it \
+                     was given back to `{source}`",
+                    message.id(),
+                )))
+            }
+            Settlement::DeadLetter(message) => {
+                let info = message.dead_letter();
+                let options = DeadLetterOptions {
+                    dead_letter_reason: info.map(|i| i.reason.clone()),
+                    dead_letter_error_description: info.and_then(|i| i.description.clone()),
+                    properties_to_modify: Some(framework_properties(&message)),
+                };
+                self.command(Action::Now(Final::DeadLetter(options))).await
+            }
+            Settlement::Reschedule(message) if self.source.is_dead_letters() => {
+                // A dead-letter sub-queue cannot be sent to: keep this dead letter locked until
+                // its not-before, then abandon it with its new state.
+                let at = due_instant(&message);
+                self.command(Action::AbandonAt(at, framework_properties(&message)))
+                    .await
+            }
+            Settlement::Reschedule(message) => {
+                let queue = self.source.endpoint_name().to_owned();
+                let inner = Arc::clone(&self.inner);
+                // The copy first: if it cannot be stored, the original is given back and
+                // nothing is lost.
+                match inner.send_entity(&queue, "queue", &message).await {
+                    Ok(()) => self.command(Action::Now(Final::Complete)).await,
+                    Err(e) => {
+                        if let Err(abandon) = self.command(Action::Now(Final::Abandon)).await {
+                            warn!(error = %abandon, "could not give back a delivery whose retry could not be sent");
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            other => {
+                // `Settlement` is non-exhaustive: give the message back rather than guess.
+                self.command(Action::Now(Final::Abandon)).await?;
+                Err(Error::Other {
+                    message: format!(
+                        "this transport does not know the settlement {other:?}; the message was \
+                         given back"
+                    ),
+                    source: None,
+                })
+            }
+        }
+    }
+}
+
+/// The local instant of `message`'s not-before (now if it has none).
+fn due_instant(message: &Message) -> Instant {
+    let wait = message
+        .not_before()
+        .map(|at| until(Utc::now(), at))
+        .unwrap_or_default();
+    Instant::now() + wait
+}

@@ -1,0 +1,142 @@
+//! Client errors as redeliver [`Error`]s.
+//!
+//! `azservicebus` 0.25.1 wraps its AMQP errors in crate-private types whose `source` chains
+//! skip the AMQP error itself (`#[error(transparent)]`), so the error condition can only be read
+//! from the rendered text. The classification below looks for the AMQP condition names and the
+//! client's own outcome names in it; anything it does not recognise is treated as transient, so
+//! that an unknown failure is retried (bounded) rather than mistaken for a permanent refusal.
+
+use redeliver_core::Error;
+
+/// What kind of failure a client error is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `amqp:not-found`: the entity does not exist.
+    NotFound,
+    /// The broker refused the message (rejected outcome, size limit, not allowed).
+    Rejected,
+    /// Unauthorized or forbidden: retrying will not help.
+    Unauthorized,
+    /// An operation timed out.
+    Timeout,
+    /// Anything else: connection and link failures, released/modified outcomes.
+    Transient,
+}
+
+/// The error's display text and that of every source, for classification.
+fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = format!("{error} | {error:?}");
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(" | ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+pub(crate) fn classify(error: &azure_core::Error) -> Kind {
+    let text = chain_text(error);
+    let has = |needle: &str| text.contains(needle);
+    // Condition names as the AMQP symbol or as `fe2o3-amqp`'s debug form; not a bare
+    // `NotFound`, which an I/O error (a failed name lookup) could contain too.
+    if has("amqp:not-found") || has("AmqpError(NotFound)") || has("could not be found") {
+        Kind::NotFound
+    } else if has("AmqpError(UnauthorizedAccess)") || has("amqp:unauthorized-access") {
+        Kind::Unauthorized
+    } else if has("Rejceted") // sic: the client's spelling of its `Rejected` outcome error
+        || has("Rejected(")
+        || has("MessageSizeExceeded")
+        || has("message-size-exceeded")
+        || has("AmqpError(NotAllowed)")
+        || has("amqp:not-allowed")
+    {
+        Kind::Rejected
+    } else if has("Elapsed") || has("deadline has elapsed") || has("timed out") {
+        Kind::Timeout
+    } else {
+        Kind::Transient
+    }
+}
+
+/// Converts a client error from `operation` (a phrase such as "sending to queue `orders`"),
+/// keeping the client's error as the source.
+pub(crate) fn convert(
+    error: azure_core::Error,
+    operation: &str,
+    entity: Option<(&'static str, &str)>,
+    timeout: std::time::Duration,
+) -> Error {
+    match classify(&error) {
+        Kind::NotFound => match entity {
+            Some((what, name)) => Error::NotFound {
+                what,
+                name: name.to_owned(),
+                hint: Some(format!(
+                    "the broker answered amqp:not-found while {operation}; provision it \
+                     (see the redeliver-servicebus docs)"
+                )),
+            },
+            None => Error::Other {
+                message: format!("{operation}: not found"),
+                source: Some(Box::new(error)),
+            },
+        },
+        Kind::Rejected => Error::Rejected {
+            message: format!("{operation}: {error}"),
+            source: Some(Box::new(error)),
+        },
+        Kind::Unauthorized => Error::Config {
+            field: "connection_string".to_owned(),
+            reason: format!("the broker refused access while {operation}: {error}"),
+        },
+        Kind::Timeout => Error::Timeout {
+            operation: operation.to_owned(),
+            after: timeout,
+        },
+        Kind::Transient => Error::Connection {
+            message: format!("{operation}: {error}"),
+            source: Some(Box::new(error)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Text(&'static str);
+    impl std::fmt::Display for Text {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Text {}
+
+    fn kind_of(text: &'static str) -> Kind {
+        let e = azure_core::Error::new(azure_core::error::ErrorKind::Other, Text(text));
+        classify(&e)
+    }
+
+    #[test]
+    fn conditions_are_recognised() {
+        assert_eq!(
+            kind_of("Remote peer closed the link with an error: amqp:not-found"),
+            Kind::NotFound
+        );
+        assert_eq!(
+            kind_of(
+                "Rejceted: Rejected { error: Some(Error { condition: AmqpError(NotAllowed) }) }"
+            ),
+            Kind::Rejected
+        );
+        assert_eq!(kind_of("deadline has elapsed"), Kind::Timeout);
+        assert_eq!(kind_of("Session has dropped"), Kind::Transient);
+        assert_eq!(
+            kind_of("Io(Custom { kind: NotFound, error: \"no such host\" })"),
+            Kind::Transient,
+            "an I/O NotFound is not a missing entity"
+        );
+    }
+}

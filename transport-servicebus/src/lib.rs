@@ -1,0 +1,584 @@
+//! The Azure Service Bus transport of [redeliver](https://docs.rs/redeliver): the same handlers
+//! as on RabbitMQ or in memory, on Service Bus queues and topics, through the `azservicebus`
+//! 0.25.1 AMQP client.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), redeliver_core::Error> {
+//! use std::sync::Arc;
+//! use redeliver_core::{Message, Topology, Transport};
+//! use redeliver_servicebus::{ServiceBusOptions, ServiceBusTransport};
+//!
+//! let transport = ServiceBusTransport::connect(
+//!     "Endpoint=sb://my-namespace.servicebus.windows.net/;SharedAccessKeyName=...;SharedAccessKey=...",
+//!     ServiceBusOptions::default(),
+//! )
+//! .await?;
+//! // Checks that the queues, topics and subscriptions exist (they are provisioned outside AMQP).
+//! transport
+//!     .declare(&Topology::new().endpoint("webhook").subscribe("events", "webhook"))
+//!     .await?;
+//! transport.send("webhook", Message::json(&"hello")?).await?;
+//! # let _: Arc<dyn Transport> = Arc::new(transport);
+//! # Ok(()) }
+//! ```
+//!
+//! # Entities, and how to provision them
+//! Service Bus entities cannot be created over AMQP, so [`Transport::declare`] only **checks**
+//! that they exist and fails with [`Error::NotFound`] naming the first one missing. Provision,
+//! with the Azure portal, CLI, Bicep or Terraform:
+//! - one **queue per endpoint**, named like the endpoint; its dead-letter sub-queue
+//!   (`<queue>/$DeadLetterQueue`) holds the endpoint's dead letters;
+//! - for each topic, a **topic** of that name and, for every endpoint subscribed to it, a
+//!   **subscription named like the endpoint** with **`ForwardTo` = the endpoint's queue**.
+//!
+//! A message published to a topic reaches every subscribed endpoint's queue. A retry is sent
+//! straight to the queue of the endpoint that failed, so the other endpoints never see it.
+//! Queue settings that matter: the lock duration (locks are renewed, see below), the maximum
+//! delivery count (deliveries that end without a settlement — a crash, a lost lock — count
+//! towards it; the framework's own retries do not, since each retry is a new message), and
+//! **duplicate detection, which must be off** on endpoint queues: a retry or a park is a copy
+//! with the same message id, and Service Bus accepts a duplicate and drops it, so the copy would
+//! be lost while the original is completed.
+//!
+//! # What goes where
+//! - Message id, content type, correlation id, reply-to and subject are the native properties
+//!   (`MessageId`, `ContentType`, `CorrelationId`, `ReplyTo`, `Subject`).
+//! - Application headers and the framework's state (attempt, not-before, last failure, dead-letter
+//!   reason; names in [`redeliver_core::wire`]) are application properties. A message whose
+//!   framework properties cannot be read is handed over with a problem (see
+//!   [`Delivery::with_problem`](redeliver_core::Delivery::with_problem)) and dead-lettered by the
+//!   worker.
+//! - A not-before in the future is the scheduled enqueue time (`ScheduledEnqueueTime`): the
+//!   broker holds the message. It is rounded up to the millisecond, so never early; the
+//!   declared [`scheduling_precision`](Capabilities::scheduling_precision) is 1 s to absorb
+//!   clock differences between this machine and the broker. There is no longest delay.
+//!
+//! # Consuming and settling
+//! Consumers receive in peek-lock mode, asking for one message at a time and holding at most
+//! [`ConsumeOptions::prefetch`] deliveries unsettled (the worker's concurrency). Each consumer
+//! has its own connection.
+//! - **Complete** completes the message.
+//! - **Retry / park** ([`Settlement::Reschedule`](redeliver_core::Settlement::Reschedule)) sends a copy to the same queue, scheduled at
+//!   its not-before, with the same message id and the attempt the framework gave it, **then**
+//!   completes the original. If the process stops in between, the original comes back too:
+//!   **duplicates are possible, loss is not**. If the copy cannot be sent, the original is
+//!   abandoned (delivered again at once) and the settlement reports the error.
+//! - **Dead-letter** uses Service Bus dead-lettering with `DeadLetterReason` and
+//!   `DeadLetterErrorDescription` from the message's dead-letter info, and passes the
+//!   framework's state as properties to modify. The message keeps its application properties,
+//!   so attempt and last failure are readable from the dead letter; its reason and description
+//!   are read back from the native properties when the framework's are absent (for example,
+//!   when the broker itself dead-lettered it with `MaxDeliveryCountExceeded`).
+//! - **Abandon** abandons: the message is available again at once and its delivery count grows.
+//! - **Dead letters** are consumed from `<queue>/$DeadLetterQueue`. A dead letter cannot be sent
+//!   back to a dead-letter sub-queue, so a dead-letter handler's retry keeps the dead letter
+//!   **locked until its not-before** (renewing the lock), then abandons it with the new framework
+//!   state, so it is delivered again no earlier than asked. If the consumer closes first, such
+//!   dead letters are abandoned at once and parked again by the next worker. Dead-lettering a
+//!   dead letter is refused with an error (the worker never asks for it) and gives it back.
+//! - **Lock renewal.** A delivery's lock is renewed halfway to `locked_until` for as long as it
+//!   is held, and no longer once settled. If a renewal fails it is logged and not retried: the
+//!   lock runs out and the broker delivers the message again. Settling after the lock ran out
+//!   reports an error (the client does not wait for the broker's answer, so the transport
+//!   checks the lock's end itself).
+//! - **A delivery dropped unsettled** is abandoned by its consumer at once (the drop sends the
+//!   consumer a message; no task is spawned). If the whole process dies, the lock runs out and
+//!   the broker delivers the message again.
+//!
+//! # Sending, and the lost-send hazard
+//! `azservicebus` 0.25.1 was seen to report a send the broker *rejected* as a success when its
+//! own retries are on. This transport sets the client's `max_retries` to 0 and retries itself:
+//! [`ServiceBusOptions::send_attempts`] tries in all, with doubling pauses, only for transient
+//! errors (connection, time-out). A rejected send (`amqp:not-allowed`, size limits) is
+//! [`Error::Rejected`] at once; a missing entity is [`Error::NotFound`]. A send retried after a
+//! time-out may have reached the broker the first time: again, duplicates, never loss.
+//!
+//! # Closing
+//! Call [`ServiceBusTransport::close`] to close the senders and the connection with
+//! `dispose()`; consumers close themselves once their stream is dropped and every delivery is
+//! settled. (Dropping `azservicebus` links without `dispose()` can end the client's whole AMQP
+//! session.) Dropping the transport closes the sending connection in the background.
+//!
+//! # Known limits of the client stack (`azservicebus` 0.25.1, `fe2o3-amqp` 0.14.1)
+//! - `fe2o3-amqp` files a sent transfer (and a management or CBS request) as unsettled only
+//!   *after* writing it. On a multi-threaded runtime, a peer that answers within microseconds
+//!   (a broker on loopback) can have its outcome processed first, and the outcome is lost: the
+//!   call fails after [`ServiceBusOptions::try_timeout`]. For a send this means a retry and a
+//!   possible duplicate, never a loss. Over a real network the window is far shorter than a
+//!   round trip; the tests of this crate, which use a broker on loopback, run on current-thread
+//!   runtimes.
+//! - When a receive call's own wait ends, the client drains the link's credit; against the test
+//!   broker a link drained that way delivered nothing more. The consumer therefore gives up
+//!   idle receives itself (after [`ServiceBusOptions::receive_wait`]) before the client's wait
+//!   ends, and leaves its credit of one message open.
+//! - The management client takes the next reply on its link as the answer, without matching
+//!   it to the request; a renewal whose reply is lost or late is reported as failed (the lock
+//!   then runs out and the message is delivered again).
+//! - Subscriptions are checked by attaching a receiver that never asks for a message. On a
+//!   namespace that forbids receiving from a forwarding subscription, check with the Azure
+//!   tooling instead and skip [`Transport::declare`].
+
+mod consumer;
+mod convert;
+mod errors;
+mod options;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azservicebus::core::BasicRetryPolicy;
+use azservicebus::{
+    ServiceBusClient, ServiceBusClientOptions, ServiceBusReceiverOptions, ServiceBusRetryOptions,
+    ServiceBusSender, ServiceBusSenderOptions,
+};
+use chrono::Utc;
+use redeliver_core::{
+    Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
+};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+pub use crate::options::ServiceBusOptions;
+
+type Client = ServiceBusClient<BasicRetryPolicy>;
+
+/// Extra time given to a client call beyond its own try time-out before it is given up.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Redeliver's transport on Azure Service Bus. See the [crate docs](crate) for the entities it
+/// expects and how each settlement is carried out.
+///
+/// Cheap to clone: clones share the sending connection.
+#[derive(Clone)]
+pub struct ServiceBusTransport {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for ServiceBusTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the connection string: it holds the key.
+        f.debug_struct("ServiceBusTransport")
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    connection_string: String,
+    options: ServiceBusOptions,
+    /// The connection senders are made on; `None` until needed or after it failed.
+    client: Mutex<Option<Client>>,
+    /// One sender per queue or topic, made on first use.
+    senders: StdMutex<HashMap<String, Arc<Mutex<Option<ServiceBusSender>>>>>,
+}
+
+impl ServiceBusTransport {
+    /// Connects to the namespace of `connection_string`
+    /// (`Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=...`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the field if `options` are invalid or the connection string is
+    /// refused; [`Error::Connection`] if the namespace cannot be reached.
+    pub async fn connect(
+        connection_string: impl Into<String>,
+        options: ServiceBusOptions,
+    ) -> Result<Self, Error> {
+        options.validate()?;
+        let inner = Arc::new(Inner {
+            connection_string: connection_string.into(),
+            options,
+            client: Mutex::new(None),
+            senders: StdMutex::new(HashMap::new()),
+        });
+        let client = inner.new_client().await?;
+        *inner.client.lock().await = Some(client);
+        Ok(ServiceBusTransport { inner })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &ServiceBusOptions {
+        &self.inner.options
+    }
+
+    /// Closes every sender and the sending connection with `dispose()`. Sending afterwards
+    /// connects again. Consumers are not affected: they close when their stream is dropped.
+    pub async fn close(&self) {
+        let senders: Vec<_> = self
+            .inner
+            .senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (entity, slot) in senders {
+            if let Some(sender) = slot.lock().await.take() {
+                self.inner.dispose_sender(&entity, sender).await;
+            }
+        }
+        if let Some(client) = self.inner.client.lock().await.take() {
+            self.inner.dispose_client(client).await;
+        }
+    }
+}
+
+impl Inner {
+    /// A new connection with the client's own retries off (see "the lost-send hazard").
+    async fn new_client(&self) -> Result<Client, Error> {
+        let retry_options = ServiceBusRetryOptions {
+            max_retries: 0,
+            try_timeout: self.options.try_timeout,
+            ..ServiceBusRetryOptions::default()
+        };
+        let client_options = ServiceBusClientOptions {
+            retry_options,
+            ..ServiceBusClientOptions::default()
+        };
+        let connection_string = self.connection_string.as_str();
+        let connecting = async {
+            if self.options.unsecured {
+                Client::unsecured()
+                    .new_from_connection_string(connection_string, client_options)
+                    .await
+            } else {
+                Client::new_from_connection_string(connection_string, client_options).await
+            }
+        };
+        match self
+            .bounded("connecting to Service Bus", connecting)
+            .await?
+        {
+            Ok(client) => Ok(client),
+            Err(e) => {
+                let kind = e.kind().clone();
+                match kind {
+                    azure_core::error::ErrorKind::Credential
+                    | azure_core::error::ErrorKind::DataConversion => Err(Error::config(
+                        "connection_string",
+                        format!("Service Bus refused it: {e}"),
+                    )),
+                    _ if e.to_string().to_lowercase().contains("connection string") => Err(
+                        Error::config("connection_string", format!("cannot be used: {e}")),
+                    ),
+                    _ => Err(Error::connection("connecting to Service Bus failed", e)),
+                }
+            }
+        }
+    }
+
+    /// Runs a client call, giving up a little after the client's own try time-out.
+    async fn bounded<F: Future>(&self, operation: &str, future: F) -> Result<F::Output, Error> {
+        let after = self.options.try_timeout + GRACE;
+        tokio::time::timeout(after, future)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: operation.to_owned(),
+                after,
+            })
+    }
+
+    fn convert(
+        &self,
+        error: azure_core::Error,
+        operation: &str,
+        entity: Option<(&'static str, &str)>,
+    ) -> Error {
+        errors::convert(error, operation, entity, self.options.try_timeout)
+    }
+
+    async fn dispose_client(&self, client: Client) {
+        match self.bounded("closing a connection", client.dispose()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "closing a connection failed"),
+            Err(e) => debug!(error = %e, "closing a connection failed"),
+        }
+    }
+
+    async fn dispose_sender(&self, entity: &str, sender: ServiceBusSender) {
+        match self.bounded("closing a sender", sender.dispose()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(entity, error = %e, "closing a sender failed"),
+            Err(e) => debug!(entity, error = %e, "closing a sender failed"),
+        }
+    }
+
+    /// Sends `message` to queue or topic `entity`, retrying transient failures.
+    async fn send_entity(
+        &self,
+        entity: &str,
+        what: &'static str,
+        message: &Message,
+    ) -> Result<(), Error> {
+        let mut pause = self.options.send_backoff;
+        let mut attempt = 1;
+        loop {
+            // Rebuilt per attempt: whether to schedule depends on the time of sending.
+            let outgoing = convert::to_service_bus(message, Utc::now())?;
+            match self.try_send(entity, what, outgoing).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && attempt < self.options.send_attempts => {
+                    warn!(entity, attempt, error = %e, "sending failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = pause.saturating_mul(2);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn try_send(
+        &self,
+        entity: &str,
+        what: &'static str,
+        outgoing: azservicebus::ServiceBusMessage,
+    ) -> Result<(), Error> {
+        let slot = Arc::clone(
+            self.senders
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(entity.to_owned())
+                .or_default(),
+        );
+        let mut sender = slot.lock().await;
+        if sender.is_none() {
+            *sender = Some(self.create_sender(entity, what).await?);
+        }
+        let operation = format!("sending to {what} `{entity}`");
+        let result = match sender.as_mut() {
+            Some(s) => self.bounded(&operation, s.send_message(outgoing)).await,
+            None => return Err(Error::Closed),
+        };
+        let error = match result {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => self.convert(e, &operation, Some((what, entity))),
+            Err(timeout) => timeout,
+        };
+        if error.is_transient() {
+            // The link may be broken: make a new one next time.
+            if let Some(old) = sender.take() {
+                self.dispose_sender(entity, old).await;
+            }
+            if let Error::Connection { .. } = error {
+                // So may the connection: every link of a client shares its one session, and a
+                // new link on a dead session would fail too.
+                if let Some(old) = self.client.lock().await.take() {
+                    info!(error = %error, "reconnecting to Service Bus");
+                    self.dispose_client(old).await;
+                }
+            }
+        }
+        Err(error)
+    }
+
+    async fn create_sender(
+        &self,
+        entity: &str,
+        what: &'static str,
+    ) -> Result<ServiceBusSender, Error> {
+        let mut client = self.client.lock().await;
+        if client.is_none() {
+            *client = Some(self.new_client().await?);
+        }
+        let operation = format!("attaching a sender to {what} `{entity}`");
+        let result = match client.as_mut() {
+            Some(c) => {
+                self.bounded(
+                    &operation,
+                    c.create_sender(entity, ServiceBusSenderOptions::default()),
+                )
+                .await
+            }
+            None => return Err(Error::Closed),
+        };
+        let error = match result {
+            Ok(Ok(sender)) => return Ok(sender),
+            Ok(Err(e)) => self.convert(e, &operation, Some((what, entity))),
+            Err(timeout) => timeout,
+        };
+        if error.is_transient() {
+            // The connection may be gone: connect again next time.
+            if let Some(old) = client.take() {
+                info!(error = %error, "reconnecting to Service Bus");
+                self.dispose_client(old).await;
+            }
+        }
+        Err(error)
+    }
+
+    /// Checks that every entity of `topology` exists, on a connection of its own (an attach
+    /// refused with `amqp:not-found` is not left behind on the sending connection).
+    async fn check(&self, topology: &Topology) -> Result<(), Error> {
+        let mut client = self.new_client().await?;
+        let result = self.check_with(&mut client, topology).await;
+        self.dispose_client(client).await;
+        result
+    }
+
+    async fn check_with(&self, client: &mut Client, topology: &Topology) -> Result<(), Error> {
+        let queues = topology.endpoints().map(|q| (q.to_owned(), "queue"));
+        let topics = topology.topics().map(|(t, _)| (t.to_owned(), "topic"));
+        let entities: Vec<(String, &'static str)> = queues.chain(topics).collect();
+        for (entity, what) in entities {
+            let operation = format!("checking {what} `{entity}`");
+            let attached = self
+                .bounded(
+                    &operation,
+                    client.create_sender(entity.clone(), ServiceBusSenderOptions::default()),
+                )
+                .await?;
+            match attached {
+                Ok(sender) => self.dispose_sender(&entity, sender).await,
+                Err(e) => return Err(self.convert(e, &operation, Some((what, &entity)))),
+            }
+        }
+        let subscriptions: Vec<(String, String)> = topology
+            .topics()
+            .flat_map(|(topic, endpoints)| {
+                endpoints
+                    .map(|endpoint| (topic.to_owned(), endpoint.to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (topic, endpoint) in subscriptions {
+            let path = format!("{topic}/Subscriptions/{endpoint}");
+            let operation = format!("checking subscription `{path}`");
+            // A receiver that is never asked for a message takes none.
+            let attached = self
+                .bounded(
+                    &operation,
+                    client.create_receiver_for_subscription(
+                        &topic,
+                        &endpoint,
+                        ServiceBusReceiverOptions::default(),
+                    ),
+                )
+                .await?;
+            match attached {
+                Ok(receiver) => {
+                    if let Err(e) = self.bounded(&operation, receiver.dispose()).await {
+                        debug!(error = %e, "closing a checking receiver failed");
+                    }
+                }
+                Err(e) => {
+                    return Err(
+                        match self.convert(e, &operation, Some(("subscription", &path))) {
+                            Error::NotFound { what, name, .. } => Error::NotFound {
+                                what,
+                                name,
+                                hint: Some(format!(
+                                    "create subscription `{endpoint}` on topic `{topic}` with \
+                                 ForwardTo = queue `{endpoint}`"
+                                )),
+                            },
+                            other => other,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Links and the connection must be closed with `dispose()`, which is async: do it in the
+        // background if a runtime is still there.
+        let senders: Vec<_> = self
+            .senders
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .filter_map(|(_, slot)| Arc::into_inner(slot).and_then(Mutex::into_inner))
+            .collect();
+        let client = self.client.get_mut().take();
+        if senders.is_empty() && client.is_none() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let wait = self.options.try_timeout + GRACE;
+            runtime.spawn(async move {
+                for sender in senders {
+                    let _ = tokio::time::timeout(wait, sender.dispose()).await;
+                }
+                if let Some(client) = client {
+                    let _ = tokio::time::timeout(wait, client.dispose()).await;
+                }
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for ServiceBusTransport {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(Duration::from_secs(1), None, true)
+    }
+
+    async fn declare(&self, topology: &Topology) -> Result<(), Error> {
+        self.inner.check(topology).await
+    }
+
+    async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
+        self.inner.send_entity(endpoint, "queue", &message).await
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        self.inner.send_entity(topic, "topic", &message).await
+    }
+
+    async fn consume(
+        &self,
+        source: &Source,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream, Error> {
+        consumer::consume(&self.inner, source, options).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn invalid_options_are_refused_before_connecting() {
+        let options = ServiceBusOptions::default().with_send_attempts(0);
+        let e = ServiceBusTransport::connect("Endpoint=sb://127.0.0.1/", options)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { field, .. } if field == "send_attempts"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_string_that_cannot_be_parsed_names_the_field() {
+        let e =
+            ServiceBusTransport::connect("not a connection string", ServiceBusOptions::default())
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(&e, Error::Config { field, .. } if field == "connection_string"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_the_connection_string() {
+        let inner = Inner {
+            connection_string: "Endpoint=sb://x/;SharedAccessKey=secret".into(),
+            options: ServiceBusOptions::default(),
+            client: Mutex::new(None),
+            senders: StdMutex::new(HashMap::new()),
+        };
+        let transport = ServiceBusTransport {
+            inner: Arc::new(inner),
+        };
+        assert!(!format!("{transport:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,150 @@
+//! Options of the Service Bus transport.
+
+use std::time::Duration;
+
+use redeliver_core::Error;
+
+/// How the transport connects and how hard it tries, with defaults that suit a production
+/// namespace. Build one with [`ServiceBusOptions::default`] and the `with_*` methods; the
+/// values are checked by [`ServiceBusTransport::connect`](crate::ServiceBusTransport::connect),
+/// which names the offending field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServiceBusOptions {
+    /// Connect over plain AMQP (no TLS), for emulators and test brokers only. Default `false`.
+    pub unsecured: bool,
+    /// How long one operation on the wire (attach, send, settle, renew) may take before it
+    /// counts as failed. Default 30 s. At least 1 s: the client rejects shorter values.
+    pub try_timeout: Duration,
+    /// How many times a send (or the copy of a retry) is tried in all, when it fails with a
+    /// transient error (a lost connection, a time-out). Default 3; 1 means no retry. A send the
+    /// broker *rejects* is never retried.
+    pub send_attempts: u32,
+    /// The pause before the second send attempt; it doubles for each further one. Default
+    /// 200 ms.
+    pub send_backoff: Duration,
+    /// How long a consumer waits for a message in one receive call before it asks again.
+    /// Default 10 s; must be at least 1 s shorter than [`try_timeout`](Self::try_timeout).
+    pub receive_wait: Duration,
+}
+
+impl Default for ServiceBusOptions {
+    fn default() -> Self {
+        ServiceBusOptions {
+            unsecured: false,
+            try_timeout: Duration::from_secs(30),
+            send_attempts: 3,
+            send_backoff: Duration::from_millis(200),
+            receive_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServiceBusOptions {
+    /// Connects over plain AMQP, without TLS: for the Service Bus emulator and test brokers,
+    /// never for a real namespace.
+    #[must_use]
+    pub fn with_unsecured(mut self, unsecured: bool) -> Self {
+        self.unsecured = unsecured;
+        self
+    }
+
+    /// Sets [`try_timeout`](Self::try_timeout).
+    #[must_use]
+    pub fn with_try_timeout(mut self, timeout: Duration) -> Self {
+        self.try_timeout = timeout;
+        self
+    }
+
+    /// Sets [`send_attempts`](Self::send_attempts).
+    #[must_use]
+    pub fn with_send_attempts(mut self, attempts: u32) -> Self {
+        self.send_attempts = attempts;
+        self
+    }
+
+    /// Sets [`send_backoff`](Self::send_backoff).
+    #[must_use]
+    pub fn with_send_backoff(mut self, backoff: Duration) -> Self {
+        self.send_backoff = backoff;
+        self
+    }
+
+    /// Sets [`receive_wait`](Self::receive_wait).
+    #[must_use]
+    pub fn with_receive_wait(mut self, wait: Duration) -> Self {
+        self.receive_wait = wait;
+        self
+    }
+
+    /// Checks the options, naming the first field that is out of range.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.try_timeout < Duration::from_secs(1) {
+            return Err(Error::config(
+                "try_timeout",
+                format!("must be at least 1 s, got {:?}", self.try_timeout),
+            ));
+        }
+        if self.send_attempts == 0 {
+            return Err(Error::config(
+                "send_attempts",
+                "must be at least 1 (it counts the first attempt), got 0",
+            ));
+        }
+        if self.send_backoff > Duration::from_secs(60) {
+            return Err(Error::config(
+                "send_backoff",
+                format!("must be at most 60 s, got {:?}", self.send_backoff),
+            ));
+        }
+        if self.receive_wait.is_zero()
+            || self.receive_wait + Duration::from_secs(1) > self.try_timeout
+        {
+            return Err(Error::config(
+                "receive_wait",
+                format!(
+                    "must be more than zero and at least 1 s shorter than try_timeout ({:?}), \
+                     got {:?}",
+                    self.try_timeout, self.receive_wait
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ServiceBusOptions::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let field = |options: ServiceBusOptions| match options.validate() {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a configuration error, got {other:?}"),
+        };
+        let base = ServiceBusOptions::default();
+        assert_eq!(
+            field(base.clone().with_try_timeout(Duration::from_millis(10))),
+            "try_timeout"
+        );
+        assert_eq!(field(base.clone().with_send_attempts(0)), "send_attempts");
+        assert_eq!(
+            field(base.clone().with_send_backoff(Duration::from_secs(61))),
+            "send_backoff"
+        );
+        assert_eq!(
+            field(base.clone().with_receive_wait(Duration::from_secs(30))),
+            "receive_wait"
+        );
+        assert_eq!(
+            field(base.with_receive_wait(Duration::ZERO)),
+            "receive_wait"
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! An Azure Service Bus-compatible AMQP 1.0 broker for tests, in process and in pure Rust.
+//!
+//! It speaks enough of the Service Bus AMQP dialect for the `azservicebus` client to send,
+//! receive and settle messages over the wire, without Azure and without Docker:
+//!
+//! - SASL ANONYMOUS and PLAIN (any credentials), CBS `put-token` on `$cbs` (every token is
+//!   accepted with status 202);
+//! - queues, topics and subscriptions (with a subject filter and forwarding into a queue),
+//!   provisioned through [`BrokerHandle`], never over AMQP; attaching to an unknown entity fails
+//!   with `amqp:not-found`;
+//! - peek-lock with lock tokens (`x-opt-lock-token`), lock duration and expiry,
+//!   `x-opt-locked-until`, `x-opt-sequence-number`, `x-opt-enqueued-time`, and delivery counts
+//!   kept by the broker (a delivery is counted when it is transferred);
+//! - complete (`accepted`), abandon (`modified`), defer (`modified` with
+//!   `undeliverable-here`), dead-letter (`rejected` with `com.microsoft:dead-letter`) and
+//!   receive-and-delete (pre-settled transfers);
+//! - dead-letter sub-queues `<entity>/$DeadLetterQueue` whose messages carry the application
+//!   properties `DeadLetterReason` and `DeadLetterErrorDescription`; a message whose delivery
+//!   count reached the entity's maximum is dead-lettered with reason `MaxDeliveryCountExceeded`
+//!   when it is abandoned or its lock expires;
+//! - scheduled messages (`x-opt-scheduled-enqueue-time` on a send, and the management
+//!   operations `com.microsoft:schedule-message` / `cancel-scheduled-message`);
+//! - the management operations `com.microsoft:renew-lock`, `update-disposition`,
+//!   `receive-by-sequence-number` (deferred messages) and `peek-message`, answered exactly
+//!   once per request, in order, on the link whose target is the request's `reply-to`; other
+//!   operations are answered with status 501;
+//! - "properties to modify" on abandon and defer, applied to the application properties;
+//! - batched sends (message format `0x80013700`);
+//! - duplicate detection (opt-in per entity): a repeated `message-id` inside the window is
+//!   accepted and dropped;
+//! - message time to live (the `ttl` header and an entity default): expired messages are
+//!   dropped, or dead-lettered with reason `TTLExpiredException` when the entity says so;
+//! - refused sends, for testing error paths: a message larger than the entity's
+//!   `max_message_size` is rejected with `amqp:link:message-size-exceeded`, and
+//!   [`BrokerHandle::set_reject_sends`] makes every send to an entity fail with
+//!   `amqp:not-allowed`.
+//!
+//! A client must negotiate SASL (as with Service Bus); plain AMQP without a SASL layer is
+//! refused. Lock expiry and scheduling run on the tokio clock, timestamps on the wire use the
+//! wall clock, so do not pause tokio's clock in tests that talk to the broker. Each broker is
+//! independent: tests isolate themselves by starting their own broker (or
+//! by using unique entity names). The broker stops when its handle is dropped or
+//! [`BrokerHandle::shutdown`] is called.
+//!
+//! # The port 5672 problem
+//!
+//! `azservicebus` takes only the host from the connection string's `Endpoint` and always dials
+//! port **5672**. Where another AMQP broker (RabbitMQ) already listens on `127.0.0.1:5672`,
+//! [`start`] binds the first free address among `127.0.0.2:5672`, `127.0.0.3:5672`, ... : on
+//! Linux the whole `127.0.0.0/8` range reaches the loopback interface, so these work without
+//! any setup and each broker of a test run gets its own address. If RabbitMQ listens on
+//! `0.0.0.0:5672` (typical on a laptop), every loopback address is taken; [`start`] then fails
+//! with [`Error::NoFreeAddress`], whose message says what to do: stop that listener, or run the
+//! tests in a private network namespace, for example
+//! `unshare -rn sh -c 'ip link set lo up && cargo test'` (the whole suite of this crate passes
+//! that way too). macOS only routes `127.0.0.1` by default; add aliases with
+//! `ifconfig lo0 alias 127.0.0.2`.
+//!
+//! # What `azservicebus` 0.25.1 clients must know (observed against this broker)
+//!
+//! - Close senders and receivers with `dispose().await`. Dropping one sends a detach without
+//!   waiting for the answer; the broker's answering detach (AMQP requires one) then reaches a
+//!   link the client's `fe2o3-amqp` session no longer reads from, the session ends with
+//!   `unattached-handle`, and later calls on that client hang (every link of a client shares
+//!   its one session).
+//! - Use `max_retries = 0` (and retry in the application): with the client's retries enabled,
+//!   a send the broker *rejects* returns `Ok(())`.
+//! - An unknown queue, topic or subscription fails `create_sender` / `create_receiver_*` with
+//!   `amqp:not-found`.
+//! - Settling does not wait for the broker: completing after the lock expired returns `Ok`
+//!   and the message is delivered again; watch `locked_until` instead. Use
+//!   [`BrokerHandle::wait_until`] in tests to observe settlements.
+//! - After the broker stops, client operations fail only when their try timeout runs out.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), redeliver_servicebus_testbroker::Error> {
+//! use std::time::Duration;
+//! use redeliver_servicebus_testbroker::{start, BrokerOptions, QueueOptions};
+//!
+//! let broker = start(BrokerOptions::default()).await?;
+//! broker.create_queue(
+//!     "orders",
+//!     QueueOptions::default()
+//!         .with_lock_duration(Duration::from_secs(2))
+//!         .with_max_delivery_count(3),
+//! )?;
+//! // Give this to `ServiceBusClient::<BasicRetryPolicy>::unsecured().new_from_connection_string`.
+//! let connection_string = broker.connection_string();
+//! # let _ = connection_string;
+//! assert_eq!(broker.active_message_count("orders")?, 0);
+//! # Ok(()) }
+//! ```
+
+mod address;
+mod error;
+mod management;
+mod options;
+mod server;
+mod state;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use crate::error::Error;
+pub use crate::options::{
+    BrokerOptions, DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, QueueOptions,
+    SubscriptionOptions, TopicOptions,
+};
+use crate::server::Shared;
+
+/// The port `azservicebus` always dials.
+pub const AMQP_PORT: u16 = 5672;
+
+/// The key name in [`BrokerHandle::connection_string`] (the broker accepts any).
+pub const SHARED_ACCESS_KEY_NAME: &str = "RootManageSharedAccessKey";
+/// The key in [`BrokerHandle::connection_string`] (the broker accepts any).
+pub const SHARED_ACCESS_KEY: &str = "SAS_KEY_VALUE";
+
+/// A message in a dead-letter sub-queue, as seen by [`BrokerHandle::dead_letters`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The message's sequence number.
+    pub sequence_number: i64,
+    /// The `message-id` property, if any (non-string ids in debug form).
+    pub message_id: Option<String>,
+    /// The `subject` property, if any.
+    pub subject: Option<String>,
+    /// The concatenated data sections of the body (empty for other body kinds).
+    pub body: Vec<u8>,
+    /// The `DeadLetterReason` application property.
+    pub reason: Option<String>,
+    /// The `DeadLetterErrorDescription` application property.
+    pub description: Option<String>,
+    /// How many times the message had been delivered when it was dead-lettered.
+    pub delivery_count: u32,
+}
+
+/// Starts a broker on the tokio runtime of the caller.
+///
+/// Without [`BrokerOptions::address`], it listens on the first of `127.0.0.2:5672`,
+/// `127.0.0.3:5672`, ... `127.0.0.254:5672` that can be bound (see the crate docs on why port
+/// 5672 is required).
+///
+/// # Errors
+///
+/// [`Error::NoFreeAddress`] if no loopback address has port 5672 free, [`Error::Bind`] if the
+/// explicit address cannot be bound.
+pub async fn start(options: BrokerOptions) -> Result<BrokerHandle, Error> {
+    let listener = match options.address {
+        Some(address) => TcpListener::bind(address)
+            .await
+            .map_err(|source| Error::Bind { address, source })?,
+        None => bind_free_loopback().await?,
+    };
+    let address = listener.local_addr().map_err(|source| Error::Bind {
+        address: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), AMQP_PORT),
+        source,
+    })?;
+    let shared = Arc::new(Shared::default());
+    let listener_task = tokio::spawn(server::run_listener(listener, shared.clone()));
+    let timer_task = tokio::spawn(server::run_timers(shared.clone()));
+    tracing::info!(%address, "Service Bus test broker listening");
+    Ok(BrokerHandle {
+        address,
+        shared,
+        tasks: vec![listener_task, timer_task],
+    })
+}
+
+async fn bind_free_loopback() -> Result<TcpListener, Error> {
+    let candidates = (2..=254u8).map(|last_octet| {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet)), AMQP_PORT)
+    });
+    bind_first_free(candidates, "127.0.0.2:5672 to 127.0.0.254:5672").await
+}
+
+/// Binds the first candidate that is not in use; `tried` describes the candidates for the
+/// error message.
+async fn bind_first_free(
+    candidates: impl Iterator<Item = SocketAddr>,
+    tried: &str,
+) -> Result<TcpListener, Error> {
+    let mut last_error = io::Error::new(io::ErrorKind::AddrInUse, "no address tried");
+    for address in candidates {
+        match TcpListener::bind(address).await {
+            Ok(listener) => return Ok(listener),
+            Err(error) => {
+                let retry = matches!(
+                    error.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                );
+                last_error = error;
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    Err(Error::NoFreeAddress {
+        tried: tried.to_owned(),
+        source: last_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn taken_addresses_are_skipped_and_none_free_is_a_clear_error() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let taken_address = taken.local_addr().unwrap();
+
+        let error = bind_first_free([taken_address].into_iter(), "the taken one")
+            .await
+            .unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, Error::NoFreeAddress { .. }));
+        assert!(
+            message.contains("5672") && message.contains("unshare"),
+            "{message}"
+        );
+
+        let free = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let listener = bind_first_free([taken_address, free].into_iter(), "two")
+            .await
+            .expect("the second candidate is free");
+        assert_ne!(listener.local_addr().unwrap(), taken_address);
+    }
+}
+
+/// A running broker. Dropping it (or calling [`BrokerHandle::shutdown`]) stops the broker:
+/// the listener closes and every connection is closed.
+///
+/// Entity names are case-insensitive; a subscription is addressed as
+/// `<topic>/Subscriptions/<name>` and a dead-letter sub-queue as `<path>/$DeadLetterQueue`.
+#[derive(Debug)]
+pub struct BrokerHandle {
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl BrokerHandle {
+    /// The address the broker listens on.
+    #[must_use]
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// A Service Bus connection string for this broker:
+    /// `Endpoint=sb://<ip>/;SharedAccessKeyName=...;SharedAccessKey=...;UseDevelopmentEmulator=true`.
+    ///
+    /// Use it with `azservicebus`'s unsecured (plain AMQP) client. The port is not part of it
+    /// because `azservicebus` ignores ports and dials 5672.
+    #[must_use]
+    pub fn connection_string(&self) -> String {
+        format!(
+            "Endpoint=sb://{}/;SharedAccessKeyName={SHARED_ACCESS_KEY_NAME};SharedAccessKey={SHARED_ACCESS_KEY};UseDevelopmentEmulator=true",
+            self.address.ip()
+        )
+    }
+
+    /// Creates a queue (and its dead-letter sub-queue).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityExists`] if a queue or topic has that name, [`Error::InvalidConfiguration`]
+    /// for an invalid name, a zero lock duration or a zero maximum delivery count.
+    pub fn create_queue(&self, name: &str, options: QueueOptions) -> Result<(), Error> {
+        self.shared
+            .update(|state| state.create_queue(name, &options))
+    }
+
+    /// Creates a topic. Messages sent to it reach its subscriptions; a topic without
+    /// subscriptions drops them (as Service Bus does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityExists`] if a queue or topic has that name, [`Error::InvalidConfiguration`]
+    /// for an invalid name.
+    pub fn create_topic(&self, name: &str, options: TopicOptions) -> Result<(), Error> {
+        self.shared
+            .update(|state| state.create_topic(name, &options))
+    }
+
+    /// Creates subscription `name` of `topic` (and its dead-letter sub-queue). Only messages sent
+    /// after this call reach it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if the topic does not exist, [`Error::EntityExists`] if the
+    /// subscription does, [`Error::InvalidConfiguration`] for an invalid name or option,
+    /// including a `forward_to` queue that does not exist.
+    pub fn create_subscription(
+        &self,
+        topic: &str,
+        name: &str,
+        options: SubscriptionOptions,
+    ) -> Result<(), Error> {
+        self.shared
+            .update(|state| state.create_subscription(topic, name, &options))
+    }
+
+    /// While `reason` is `Some`, every send to queue or topic `entity` is rejected with
+    /// `amqp:not-allowed` and that description; `None` accepts sends again.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if no queue or topic has that name.
+    pub fn set_reject_sends(&self, entity: &str, reason: Option<&str>) -> Result<(), Error> {
+        self.shared
+            .update(|state| state.set_reject_sends(entity, reason.map(str::to_owned)))
+    }
+
+    /// Messages in a queue, subscription or dead-letter sub-queue that are available or
+    /// locked (deferred and scheduled messages are not counted).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if there is no such path.
+    pub fn active_message_count(&self, path: &str) -> Result<usize, Error> {
+        self.shared.state().active_count(path)
+    }
+
+    /// Deferred messages of a queue or subscription.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if there is no such path.
+    pub fn deferred_message_count(&self, path: &str) -> Result<usize, Error> {
+        self.shared.state().deferred_count(path)
+    }
+
+    /// Messages sent to a queue or topic that wait for their scheduled enqueue time.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if no queue or topic has that name.
+    pub fn scheduled_message_count(&self, entity: &str) -> Result<usize, Error> {
+        self.shared.state().scheduled_count(entity)
+    }
+
+    /// Messages in the dead-letter sub-queue of a queue or subscription.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if there is no such queue or subscription.
+    pub fn dead_letter_message_count(&self, path: &str) -> Result<usize, Error> {
+        Ok(self.dead_letters(path)?.len())
+    }
+
+    /// The messages in the dead-letter sub-queue of a queue or subscription, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EntityNotFound`] if there is no such queue or subscription.
+    pub fn dead_letters(&self, path: &str) -> Result<Vec<DeadLetter>, Error> {
+        self.shared.state().dead_letters(path)
+    }
+
+    /// Waits until `condition` holds, re-checking it after every change of the broker's state
+    /// (a send, a transfer, a settlement, a lock expiry, a scheduled message coming due).
+    /// Returns whether it held before `timeout` ran out.
+    ///
+    /// Settlements travel asynchronously (clients do not wait for the broker), so this is how
+    /// a test observes their effect without sleeping.
+    pub async fn wait_until(
+        &self,
+        timeout: std::time::Duration,
+        mut condition: impl FnMut(&Self) -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if condition(self) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return condition(self);
+            }
+        }
+    }
+
+    /// Stops the broker and returns once its listener is closed and every connection task has
+    /// ended, so the address can be bound again. Dropping the handle stops the broker too, but
+    /// without waiting.
+    pub async fn shutdown(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            // The only error is the cancellation just requested.
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for BrokerHandle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

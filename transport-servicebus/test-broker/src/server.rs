@@ -1,0 +1,645 @@
+//! AMQP plumbing: connections, sessions and links on top of `fe2o3-amqp`'s acceptor API.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SaslAcceptor,
+    SessionAcceptor, sasl_acceptor::SaslServerFrame,
+};
+use fe2o3_amqp::link::delivery::DeliveryFut;
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp::link::{Receiver, SendError, Sender};
+use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorFrame, LinkError, Role};
+use fe2o3_amqp::types::messaging::message::__private::Deserializable;
+use fe2o3_amqp::types::messaging::{Body, Data, Outcome, Source, Target, TargetArchetype};
+use fe2o3_amqp::types::performatives::Attach;
+use fe2o3_amqp::types::primitives::{Array, SimpleValue, Symbol};
+use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
+use serde_amqp::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::address::{Node, node};
+use crate::management::{handle_cbs, handle_management};
+use crate::state::{Msg, ReceiveMode, Refusal, Settlement, State, now_ms};
+
+/// Message format of a Service Bus batch: each data section is one whole message.
+const BATCH_FORMAT: u32 = 0x8001_3700;
+/// How long a delivery link holds a picked message while it waits for link credit.
+const CREDIT_WAIT: Duration = Duration::from_millis(200);
+/// How long a request waits for its reply link to be attached.
+const REPLY_LINK_WAIT: Duration = Duration::from_secs(10);
+/// How long the broker waits for the peer's detach when it refuses a link.
+const DETACH_WAIT: Duration = Duration::from_secs(5);
+
+/// State shared by every task of one broker.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Notified (all waiters) whenever messages become available or deadlines change.
+    pub(crate) changed: Notify,
+}
+
+impl Shared {
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state usable for a test broker.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the state and wakes every waiter afterwards.
+    pub(crate) fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let result = f(&mut self.state());
+        self.changed.notify_waiters();
+        result
+    }
+}
+
+/// Accepts SASL ANONYMOUS and PLAIN with any credentials: the broker is for tests.
+#[derive(Debug, Clone, Default)]
+struct AnyCredentials;
+
+impl SaslAcceptor for AnyCredentials {
+    fn mechanisms(&self) -> Array<Symbol> {
+        Array::from(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")])
+    }
+
+    fn on_init(&mut self, _init: SaslInit) -> SaslServerFrame {
+        SaslServerFrame::Outcome(SaslOutcome {
+            code: SaslCode::Ok,
+            additional_data: None,
+        })
+    }
+
+    fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
+        SaslServerFrame::Outcome(SaslOutcome {
+            code: SaslCode::Ok,
+            additional_data: None,
+        })
+    }
+}
+
+/// Expires locks and releases scheduled messages on time.
+pub(crate) async fn run_timers(shared: Arc<Shared>) {
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let next = {
+            let mut state = shared.state();
+            let changed = state.process_due(Instant::now(), now_ms());
+            let next = state.next_deadline();
+            drop(state);
+            if changed {
+                shared.changed.notify_waiters();
+            }
+            next
+        };
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = &mut notified => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+/// Accepts connections until the task is aborted; dropping it ends every connection task.
+pub(crate) async fn run_listener(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    connections.spawn(handle_connection(stream, shared.clone()));
+                }
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Reply links of one connection, by their target address (the requests' `reply-to`).
+#[derive(Debug, Default)]
+struct ReplyLinks {
+    links: Mutex<HashMap<String, mpsc::UnboundedSender<Msg>>>,
+    attached: Notify,
+}
+
+impl ReplyLinks {
+    fn register(&self, address: String, tx: mpsc::UnboundedSender<Msg>) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(address, tx);
+        self.attached.notify_waiters();
+    }
+
+    /// Forgets the link of `address` if it is still the one behind `tx`.
+    fn remove(&self, address: &str, tx: &mpsc::UnboundedSender<Msg>) {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        if links
+            .get(address)
+            .is_some_and(|current| current.same_channel(tx))
+        {
+            links.remove(address);
+        }
+    }
+
+    /// Sends `reply` on the link whose target is `address`, waiting a while for it to attach.
+    async fn send(&self, address: &str, reply: Msg) {
+        let deadline = Instant::now() + REPLY_LINK_WAIT;
+        loop {
+            let notified = self.attached.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let link = self
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(address)
+                .cloned();
+            if let Some(link) = link {
+                let _ = link.send(reply);
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(address, "no reply link attached; dropping management reply");
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
+    let acceptor = ConnectionAcceptor::builder()
+        .container_id("servicebus-test-broker")
+        .sasl_acceptor(AnyCredentials)
+        .build();
+    let mut connection = match acceptor.accept(stream).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::debug!(%error, "connection not opened");
+            return;
+        }
+    };
+    let replies = Arc::new(ReplyLinks::default());
+    let mut sessions = JoinSet::new();
+    let session_acceptor = SessionAcceptor::new();
+    while let Some(incoming) = connection.next_incoming_session().await {
+        while sessions.try_join_next().is_some() {}
+        match session_acceptor
+            .accept_incoming_session(incoming, &mut connection)
+            .await
+        {
+            Ok(session) => {
+                sessions.spawn(handle_session(session, shared.clone(), replies.clone()));
+            }
+            Err(error) => {
+                tracing::debug!(%error, "session not begun");
+                break;
+            }
+        }
+    }
+    let _ = connection.close().await;
+}
+
+/// What an attach asks for, once checked against the broker's entities.
+enum Route {
+    Cbs,
+    Management(String),
+    Ingress(String),
+    Egress(String, ReceiveMode),
+    ReplyLink(String),
+    Refuse(String),
+}
+
+fn route(attach: &Attach, shared: &Shared) -> Route {
+    let state = shared.state();
+    match attach.role {
+        // The peer sends: we receive on the target address.
+        Role::Sender => {
+            let address = match attach.target.as_deref() {
+                Some(TargetArchetype::Target(target)) => target.address.clone(),
+                _ => None,
+            };
+            let Some(address) = address else {
+                return Route::Refuse("a sending link needs a target address".to_owned());
+            };
+            match node(&address) {
+                Node::Cbs => Route::Cbs,
+                Node::Management(entity)
+                    if state.is_sendable(&entity) || state.is_receivable(&entity) =>
+                {
+                    Route::Management(entity)
+                }
+                Node::Entity(entity) if state.is_sendable(&entity) => Route::Ingress(entity),
+                _ => Route::Refuse(format!(
+                    "The messaging entity '{address}' could not be found."
+                )),
+            }
+        }
+        // The peer receives: we send from the source address.
+        Role::Receiver => {
+            let address = attach.source.as_ref().and_then(|s| s.address.clone());
+            let Some(address) = address else {
+                return Route::Refuse("a receiving link needs a source address".to_owned());
+            };
+            let reply_to = match attach.target.as_deref() {
+                Some(TargetArchetype::Target(target)) => target.address.clone(),
+                _ => None,
+            };
+            match node(&address) {
+                Node::Cbs => match reply_to {
+                    Some(reply_to) => Route::ReplyLink(reply_to),
+                    None => Route::Refuse("a reply link needs a target address".to_owned()),
+                },
+                Node::Management(entity)
+                    if state.is_sendable(&entity) || state.is_receivable(&entity) =>
+                {
+                    match reply_to {
+                        Some(reply_to) => Route::ReplyLink(reply_to),
+                        None => Route::Refuse("a reply link needs a target address".to_owned()),
+                    }
+                }
+                Node::Entity(entity) if state.is_receivable(&entity) => {
+                    let mode = if attach.snd_settle_mode
+                        == fe2o3_amqp::types::definitions::SenderSettleMode::Settled
+                    {
+                        ReceiveMode::ReceiveAndDelete
+                    } else {
+                        ReceiveMode::PeekLock
+                    };
+                    Route::Egress(entity, mode)
+                }
+                _ => Route::Refuse(format!(
+                    "The messaging entity '{address}' could not be found."
+                )),
+            }
+        }
+    }
+}
+
+async fn handle_session(
+    mut session: ListenerSessionHandle,
+    shared: Arc<Shared>,
+    replies: Arc<ReplyLinks>,
+) {
+    let acceptor = LinkAcceptor::builder()
+        .verify_incoming_source(false)
+        .verify_incoming_target(false)
+        .build();
+    let mut links = JoinSet::new();
+    while let Some(mut attach) = session.next_incoming_attach().await {
+        while links.try_join_next().is_some() {}
+        let route = route(&attach, &shared);
+        if let Route::Refuse(_) = route {
+            // Answer with a null terminus (the acceptor's dynamic-node hook yields none), then
+            // detach with `amqp:not-found`: the peer's attach fails with that error.
+            match attach.role {
+                Role::Sender => {
+                    attach.target = Some(Box::new(TargetArchetype::Target(Target {
+                        dynamic: true,
+                        ..Target::default()
+                    })));
+                }
+                Role::Receiver => {
+                    attach.source = Some(Box::new(Source {
+                        dynamic: true,
+                        ..Source::default()
+                    }));
+                }
+            }
+        }
+        let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+            Ok(link) => link,
+            Err(error) => {
+                tracing::debug!(%error, "link not attached");
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let replies = replies.clone();
+        match (route, link) {
+            (Route::Refuse(description), link) => {
+                let error = AmqpErrorFrame::new(AmqpError::NotFound, description, None);
+                links.spawn(async move {
+                    // Bounded: a peer that never answers the detach must not keep the task.
+                    let _ = match link {
+                        LinkEndpoint::Sender(sender) => {
+                            tokio::time::timeout(DETACH_WAIT, sender.close_with_error(error))
+                                .await
+                                .map(drop)
+                        }
+                        LinkEndpoint::Receiver(receiver) => {
+                            tokio::time::timeout(DETACH_WAIT, receiver.close_with_error(error))
+                                .await
+                                .map(drop)
+                        }
+                    };
+                });
+            }
+            (Route::Cbs, LinkEndpoint::Receiver(receiver)) => {
+                links.spawn(request_link(receiver, shared, replies, None));
+            }
+            (Route::Management(entity), LinkEndpoint::Receiver(receiver)) => {
+                links.spawn(request_link(receiver, shared, replies, Some(entity)));
+            }
+            (Route::Ingress(entity), LinkEndpoint::Receiver(receiver)) => {
+                links.spawn(ingress_link(receiver, shared, entity));
+            }
+            (Route::Egress(store, mode), LinkEndpoint::Sender(sender)) => {
+                links.spawn(egress_link(sender, shared, store, mode));
+            }
+            (Route::ReplyLink(address), LinkEndpoint::Sender(sender)) => {
+                links.spawn(reply_link(sender, replies, address));
+            }
+            (_, _) => tracing::warn!("link role does not match its route"),
+        }
+    }
+    let _ = session.end().await;
+}
+
+/// Receives management or `$cbs` requests and queues one reply per request, in order.
+async fn request_link(
+    mut receiver: Receiver,
+    shared: Arc<Shared>,
+    replies: Arc<ReplyLinks>,
+    entity: Option<String>,
+) {
+    loop {
+        let delivery = match receiver.recv::<Body<Value>>().await {
+            Ok(delivery) => delivery,
+            Err(_) => return,
+        };
+        if receiver.accept(&delivery).await.is_err() {
+            return;
+        }
+        let request = delivery.into_message();
+        let reply = match &entity {
+            None => handle_cbs(&request),
+            Some(entity) => shared.update(|state| handle_management(state, entity, &request)),
+        };
+        let reply_to = request.properties.as_ref().and_then(|p| p.reply_to.clone());
+        match reply_to {
+            Some(reply_to) => replies.send(&reply_to, reply.into_message(&request)).await,
+            None => tracing::warn!("management request without reply-to; no reply sent"),
+        }
+    }
+}
+
+/// Sends queued replies on the link whose target is `address`.
+async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, address: String) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    replies.register(address.clone(), tx.clone());
+    loop {
+        let next = tokio::select! {
+            reply = rx.recv() => reply,
+            _ = sender.on_detach() => None,
+        };
+        let Some(reply) = next else { break };
+        if sender.send_batchable(reply).await.is_err() {
+            break;
+        }
+    }
+    replies.remove(&address, &tx);
+}
+
+/// Accepts messages sent to a queue or topic; a refused send is rejected with an AMQP error.
+async fn ingress_link(mut receiver: Receiver, shared: Arc<Shared>, entity: String) {
+    loop {
+        let delivery = match receiver.recv::<Body<Value>>().await {
+            Ok(delivery) => delivery,
+            Err(_) => return,
+        };
+        let messages = if *delivery.message_format() == Some(BATCH_FORMAT) {
+            split_batch(delivery.message())
+        } else {
+            Some(vec![delivery.message().clone()])
+        };
+        let result = match messages {
+            Some(messages) => {
+                shared.update(|state| state.send(&entity, messages, Instant::now(), now_ms()))
+            }
+            None => Err(Refusal::Rejected("batch could not be decoded".to_owned())),
+        };
+        let disposition = match result {
+            Ok(_) => receiver.accept(&delivery).await,
+            Err(refusal) => {
+                let error = match refusal {
+                    Refusal::NotFound(entity) => AmqpErrorFrame::new(
+                        AmqpError::NotFound,
+                        format!("The messaging entity '{entity}' could not be found."),
+                        None,
+                    ),
+                    Refusal::TooLarge { size, max } => AmqpErrorFrame::new(
+                        LinkError::MessageSizeExceeded,
+                        format!("The message of {size} bytes exceeds the limit of {max} bytes."),
+                        None,
+                    ),
+                    Refusal::Rejected(reason) => {
+                        AmqpErrorFrame::new(AmqpError::NotAllowed, reason, None)
+                    }
+                };
+                receiver.reject(&delivery, error).await
+            }
+        };
+        if disposition.is_err() {
+            return;
+        }
+    }
+}
+
+fn split_batch(envelope: &Msg) -> Option<Vec<Msg>> {
+    let Body::Data(sections) = &envelope.body else {
+        return None;
+    };
+    sections
+        .iter()
+        .map(|Data(bytes)| {
+            serde_amqp::from_slice::<Deserializable<Msg>>(bytes.as_ref())
+                .ok()
+                .map(|d| d.0)
+        })
+        .collect()
+}
+
+enum EgressEvent {
+    Changed,
+    Detached,
+}
+
+/// Delivers messages of a store to a client receiver.
+///
+/// The acceptor's sender does not expose link credit, so a picked message is held for at
+/// most [`CREDIT_WAIT`] while the transfer waits for credit; then it is put back unchanged
+/// (no delivery counted) and the link waits for a change or the same time before trying again,
+/// which gives other receivers of the store their turn.
+async fn egress_link(mut sender: Sender, shared: Arc<Shared>, store: String, mode: ReceiveMode) {
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let picked = shared.state().pick(&store, mode, now_ms());
+        let Some(picked) = picked else {
+            let event = tokio::select! {
+                () = &mut notified => EgressEvent::Changed,
+                _ = sender.on_detach() => EgressEvent::Detached,
+            };
+            match event {
+                EgressEvent::Changed => continue,
+                EgressEvent::Detached => return,
+            }
+        };
+        let sequence_number = picked.sequence_number;
+        let token = picked.lock_token;
+        // Puts the message back if this task ends (or is aborted) before the transfer.
+        let mut in_flight = InFlight {
+            shared: &shared,
+            store: &store,
+            sequence_number,
+            armed: true,
+        };
+        let sendable = Sendable::builder().message(picked.message).build();
+        match tokio::time::timeout(CREDIT_WAIT, sender.send_batchable(sendable)).await {
+            Ok(Ok(outcome)) => {
+                in_flight.armed = false;
+                shared.update(|state| {
+                    state.transferred(
+                        &store,
+                        sequence_number,
+                        token,
+                        mode,
+                        Instant::now(),
+                        now_ms(),
+                    );
+                });
+                if mode == ReceiveMode::PeekLock {
+                    tokio::spawn(settle_on_outcome(shared.clone(), token, outcome));
+                }
+            }
+            Ok(Err(_)) => return,
+            Err(_) => {
+                drop(in_flight);
+                let notified = shared.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let event = tokio::select! {
+                    () = &mut notified => EgressEvent::Changed,
+                    () = tokio::time::sleep(CREDIT_WAIT) => EgressEvent::Changed,
+                    _ = sender.on_detach() => EgressEvent::Detached,
+                };
+                if let EgressEvent::Detached = event {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A picked message that has not been transferred yet.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    store: &'a str,
+    sequence_number: i64,
+    armed: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared
+                .update(|state| state.not_transferred(self.store, self.sequence_number));
+        }
+    }
+}
+
+/// Applies the client's disposition of a peek-lock delivery.
+async fn settle_on_outcome(
+    shared: Arc<Shared>,
+    token: [u8; 16],
+    outcome: DeliveryFut<Result<Outcome, SendError>>,
+) {
+    let settlement = match outcome.await {
+        Ok(Outcome::Accepted(_)) => Settlement::Complete,
+        Ok(Outcome::Released(_)) => Settlement::Release,
+        Ok(Outcome::Modified(modified)) => {
+            let properties = modified
+                .message_annotations
+                .map(|fields| properties_to_modify(fields, &[]))
+                .unwrap_or_default();
+            if modified.undeliverable_here == Some(true) {
+                Settlement::Defer(properties)
+            } else {
+                Settlement::Abandon(properties)
+            }
+        }
+        Ok(Outcome::Rejected(rejected)) => {
+            let error = rejected.error;
+            let info = |key: &str| -> Option<String> {
+                let info = error.as_ref()?.info.as_ref()?;
+                match info.get(&Symbol::from(key))? {
+                    Value::String(s) => Some(s.clone()),
+                    _ => None,
+                }
+            };
+            let (reason, description) = (
+                info(crate::state::DEAD_LETTER_REASON),
+                info(crate::state::DEAD_LETTER_DESCRIPTION),
+            );
+            let is_dead_letter = error.as_ref().is_some_and(|e| {
+                matches!(&e.condition, fe2o3_amqp::types::definitions::ErrorCondition::Custom(c)
+                    if c.as_str() == "com.microsoft:dead-letter")
+            });
+            if is_dead_letter {
+                // Every other entry of the error's info is a property to modify.
+                let skip = [
+                    crate::state::DEAD_LETTER_REASON,
+                    crate::state::DEAD_LETTER_DESCRIPTION,
+                ];
+                let properties = error
+                    .and_then(|e| e.info)
+                    .map(|info| properties_to_modify(*info, &skip))
+                    .unwrap_or_default();
+                Settlement::DeadLetter {
+                    reason,
+                    description,
+                    properties,
+                }
+            } else {
+                Settlement::DeadLetter {
+                    reason: error.as_ref().map(|e| format!("{:?}", e.condition)),
+                    description: error.as_ref().and_then(|e| e.description.clone()),
+                    properties: Vec::new(),
+                }
+            }
+        }
+        // The link or session ended before a disposition: the lock runs out by itself.
+        Err(_) => return,
+    };
+    let _ = shared.update(|state| state.settle(token, settlement, Instant::now()));
+}
+
+/// The application properties a client asked to modify while settling (message annotations of
+/// `modified`, info entries of a dead-letter `rejected`), leaving out `skip` and values that are
+/// not simple.
+fn properties_to_modify(
+    fields: impl IntoIterator<Item = (Symbol, Value)>,
+    skip: &[&str],
+) -> Vec<(String, SimpleValue)> {
+    fields
+        .into_iter()
+        .filter(|(key, _)| !skip.contains(&key.as_str()))
+        .filter_map(|(key, value)| {
+            SimpleValue::try_from(value)
+                .ok()
+                .map(|value| (key.0, value))
+        })
+        .collect()
+}
