@@ -68,7 +68,7 @@ impl<R> Clone for Report<R> {
     }
 }
 
-impl<R: Clone + Default> Report<R> {
+impl<R: Clone + Default + std::fmt::Debug> Report<R> {
     pub(crate) fn new() -> Self {
         Report {
             sender: Arc::new(watch::Sender::new(R::default())),
@@ -79,12 +79,16 @@ impl<R: Clone + Default> Report<R> {
         self.sender.send_modify(change);
     }
 
-    /// Waits until `done` holds, at most `patience`, and returns the report.
+    /// Waits until `done` holds, at most `patience`, and returns the report. Panics with what
+    /// was reported so far if it does not.
     pub(crate) async fn wait_until(&self, patience: Duration, done: impl FnMut(&R) -> bool) -> R {
         let mut changes = self.sender.subscribe();
         match tokio::time::timeout(patience, changes.wait_for(done)).await {
             Ok(Ok(report)) => report.clone(),
-            _ => panic!("the example did not finish within {patience:?}"),
+            _ => panic!(
+                "the example did not finish within {patience:?}; reported so far: {:#?}",
+                *self.sender.borrow()
+            ),
         }
     }
 }

@@ -43,7 +43,7 @@ const ENDPOINT: &str = "webhooks";
 const MAX_ATTEMPTS: u32 = 4;
 
 /// What `main` waits for: every message completed or dead-lettered.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 struct Done {
     completed: usize,
     dead_letters: Vec<String>,
