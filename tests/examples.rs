@@ -105,6 +105,7 @@ async fn request_reply_answers_retries_after_a_time_out_and_rejects_stray_replie
         .await
         .unwrap();
 
+    assert_eq!(outcomes.failures, []);
     outcomes.answers.sort();
     assert_eq!(
         outcomes.answers,

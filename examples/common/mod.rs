@@ -80,7 +80,8 @@ impl<R: Clone + Default + std::fmt::Debug> Report<R> {
     }
 
     /// Waits until `done` holds, at most `patience`, and returns the report. Panics with what
-    /// was reported so far if it does not.
+    /// was reported so far if it does not. Delivery is at-least-once, so a handler can report
+    /// the same message twice: `done` counts with "at least", never "exactly".
     pub(crate) async fn wait_until(&self, patience: Duration, done: impl FnMut(&R) -> bool) -> R {
         let mut changes = self.sender.subscribe();
         match tokio::time::timeout(patience, changes.wait_for(done)).await {

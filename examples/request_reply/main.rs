@@ -17,6 +17,10 @@ async fn main() -> Result<(), redeliver::Error> {
     let transport = common::transport_from_args().await?;
     let timeline = common::Timeline::new(transport.clock());
     println!("a web shop asks the tax service for VAT; time-out 2 s, 3 tries\n");
-    scenario::run(transport, timeline, Duration::from_millis(500)).await?;
+    let outcomes = scenario::run(transport, timeline, Duration::from_millis(500)).await?;
+    if !outcomes.failures.is_empty() {
+        eprintln!("\nrequests without an answer: {:?}", outcomes.failures);
+        std::process::exit(1);
+    }
     Ok(())
 }

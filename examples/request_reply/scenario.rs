@@ -35,8 +35,10 @@ pub(crate) struct Tax {
 
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Outcomes {
-    /// (country, status code) of each answer the client got.
+    /// (country, status code, VAT) of each answer the client got.
     pub(crate) answers: Vec<(String, u16, u64)>,
+    /// (country, error) of each request that got no answer.
+    pub(crate) failures: Vec<(String, String)>,
     /// Whether the slow request timed out once before its answer.
     pub(crate) retried_after_time_out: bool,
     /// Reasons of the replies dead-lettered on the client's reply endpoint.
@@ -170,7 +172,10 @@ pub(crate) async fn run(
                         r.retried_after_time_out |= slow;
                     });
                 }
-                Err(e) => log.log(format!("client: {country} failed: {e}")),
+                Err(e) => {
+                    log.log(format!("client: {country} failed: {e}"));
+                    seen.update(|r| r.failures.push((country.to_owned(), e.to_string())));
+                }
             }
         }));
     }
@@ -180,7 +185,8 @@ pub(crate) async fn run(
 
     let outcomes = report
         .wait_until(delay * 60, |r| {
-            r.answers.len() == 3 && r.dead_replies.len() == 2
+            // Every request ended, and both stray replies were dead-lettered.
+            r.answers.len() + r.failures.len() == 3 && r.dead_replies.len() >= 2
         })
         .await;
     dead_replies.shutdown().await;

@@ -140,7 +140,7 @@ pub(crate) async fn run(
 
     let outcomes = report
         .wait_until(delay * 60, |r| {
-            r.processed.len() == 2 && r.invalid.len() == 1 && r.dead_letters.len() == 1
+            r.processed.len() >= 2 && !r.invalid.is_empty() && !r.dead_letters.is_empty()
         })
         .await;
     for worker in [processor, invalid, dead_letters] {
