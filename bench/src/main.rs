@@ -11,6 +11,8 @@
 
 mod memory;
 mod report;
+#[cfg(feature = "servicebus")]
+mod servicebus;
 
 use std::time::Duration;
 
@@ -86,6 +88,9 @@ fn main() {
         .expect("a tokio runtime");
     let mut report = Report::new(&scale);
     runtime.block_on(memory::run(&scale, &mut report));
+    // On runtimes of its own (see the module).
+    #[cfg(feature = "servicebus")]
+    servicebus::run(&scale, &mut report);
     report.print();
     if let Some(path) = json {
         report.write_json(&path);

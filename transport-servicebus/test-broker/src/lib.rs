@@ -98,6 +98,7 @@ mod error;
 mod management;
 mod options;
 mod server;
+mod socket;
 mod state;
 
 use std::io;

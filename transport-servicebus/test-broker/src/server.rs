@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::address::{Node, node};
 use crate::management::{handle_cbs, handle_management};
+use crate::socket::PromptStream;
 use crate::state::{Msg, ReceiveMode, Refusal, Settlement, State, now_ms};
 
 /// Message format of a Service Bus batch: each data section is one whole message.
@@ -182,7 +183,7 @@ async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
         .container_id("servicebus-test-broker")
         .sasl_acceptor(AnyCredentials)
         .build();
-    let mut connection = match acceptor.accept(stream).await {
+    let mut connection = match acceptor.accept(PromptStream::new(stream)).await {
         Ok(connection) => connection,
         Err(error) => {
             tracing::debug!(%error, "connection not opened");
