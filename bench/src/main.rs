@@ -4,12 +4,14 @@
 //! cargo run --release -p redeliver-bench                    # full run (minutes), prints a table
 //! cargo run --release -p redeliver-bench -- --json out.json # also writes the figures as JSON
 //! cargo run -p redeliver-bench -- --smoke                   # seconds: checks that it works (CI)
+//! cargo run --release -p redeliver-bench -- --only rabbitmq # only the groups named
 //! ```
 //!
 //! Every figure is the median of several runs; a comparison is a ratio of two figures measured
 //! in this run, on this machine.
 
 mod memory;
+mod rabbitmq;
 mod report;
 
 use std::time::Duration;
@@ -64,6 +66,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut scale = Scale::full();
     let mut json = None;
+    let mut only: Option<Vec<String>> = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => scale = Scale::smoke(),
@@ -75,6 +78,12 @@ fn main() {
                     .filter(|n| *n > 0)
                     .unwrap_or_else(|| usage("--runs needs a whole number above 0"))
             }
+            "--only" => {
+                let groups = args
+                    .next()
+                    .unwrap_or_else(|| usage("--only needs groups, such as memory,rabbitmq"));
+                only = Some(groups.split(',').map(str::to_owned).collect());
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument `{other}`")),
         }
@@ -85,7 +94,13 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let mut report = Report::new(&scale);
-    runtime.block_on(memory::run(&scale, &mut report));
+    let wanted = |group: &str| only.as_ref().is_none_or(|o| o.iter().any(|g| g == group));
+    if wanted("memory") {
+        runtime.block_on(memory::run(&scale, &mut report));
+    }
+    if wanted("rabbitmq") {
+        runtime.block_on(rabbitmq::run(&scale, &mut report));
+    }
     report.print();
     if let Some(path) = json {
         report.write_json(&path);
@@ -97,7 +112,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("redeliver-bench: {problem}");
     }
-    eprintln!("usage: redeliver-bench [--smoke] [--runs N] [--json PATH]");
+    eprintln!("usage: redeliver-bench [--smoke] [--runs N] [--only GROUP,...] [--json PATH]");
     std::process::exit(2);
 }
 
