@@ -4,14 +4,15 @@
 //! cargo run --release -p redeliver-bench                    # full run (minutes), prints a table
 //! cargo run --release -p redeliver-bench -- --json out.json # also writes the figures as JSON
 //! cargo run -p redeliver-bench -- --smoke                   # seconds: checks that it works (CI)
+//! cargo run --release -p redeliver-bench -- --only rabbitmq # only the groups named
 //! ```
 //!
 //! Every figure is the median of several runs; a comparison is a ratio of two figures measured
 //! in this run, on this machine.
 
 mod memory;
+mod rabbitmq;
 mod report;
-#[cfg(feature = "servicebus")]
 mod servicebus;
 
 use std::time::Duration;
@@ -22,6 +23,9 @@ use crate::report::Report;
 
 #[global_allocator]
 static ALLOCATOR: PeakAlloc = PeakAlloc;
+
+/// The groups of figures, in the order they run.
+const GROUPS: [&str; 3] = ["memory", "rabbitmq", "servicebus"];
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +70,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut scale = Scale::full();
     let mut json = None;
+    let mut only: Option<Vec<String>> = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--smoke" => scale = Scale::smoke(),
@@ -77,6 +82,19 @@ fn main() {
                     .filter(|n| *n > 0)
                     .unwrap_or_else(|| usage("--runs needs a whole number above 0"))
             }
+            "--only" => {
+                let groups = args
+                    .next()
+                    .unwrap_or_else(|| usage("--only needs groups, such as memory,rabbitmq"));
+                let groups: Vec<String> = groups.split(',').map(str::to_owned).collect();
+                if let Some(unknown) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+                    usage(&format!(
+                        "unknown group `{unknown}`; the groups are {}",
+                        GROUPS.join(", ")
+                    ));
+                }
+                only = Some(groups);
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument `{other}`")),
         }
@@ -87,10 +105,17 @@ fn main() {
         .build()
         .expect("a tokio runtime");
     let mut report = Report::new(&scale);
-    runtime.block_on(memory::run(&scale, &mut report));
-    // On runtimes of its own (see the module).
-    #[cfg(feature = "servicebus")]
-    servicebus::run(&scale, &mut report);
+    let wanted = |group: &str| only.as_ref().is_none_or(|o| o.iter().any(|g| g == group));
+    if wanted("memory") {
+        runtime.block_on(memory::run(&scale, &mut report));
+    }
+    if wanted("rabbitmq") {
+        runtime.block_on(rabbitmq::run(&scale, &mut report));
+    }
+    if wanted("servicebus") {
+        // On runtimes of its own (see the module).
+        servicebus::run(&scale, &mut report);
+    }
     report.print();
     if let Some(path) = json {
         report.write_json(&path);
@@ -102,7 +127,7 @@ fn usage(problem: &str) -> ! {
     if !problem.is_empty() {
         eprintln!("redeliver-bench: {problem}");
     }
-    eprintln!("usage: redeliver-bench [--smoke] [--runs N] [--json PATH]");
+    eprintln!("usage: redeliver-bench [--smoke] [--runs N] [--only GROUP,...] [--json PATH]");
     std::process::exit(2);
 }
 

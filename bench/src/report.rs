@@ -75,14 +75,14 @@ impl Report {
             self.runs_per_figure, self.machine
         );
         println!(
-            "{:<8} {:<66} {:>12} {:<6} {:>12} {:>6}",
+            "{:<10} {:<66} {:>12} {:<6} {:>12} {:>6}",
             "group", "figure", "redeliver", "unit", "raw client", "ratio"
         );
         for f in &self.figures {
             let raw = f.raw.map_or(String::new(), |r| format!("{r:.1}"));
             let ratio = f.ratio.map_or(String::new(), |r| format!("{r:.2}"));
             println!(
-                "{:<8} {:<66} {:>12.1} {:<6} {:>12} {:>6}",
+                "{:<10} {:<66} {:>12.1} {:<6} {:>12} {:>6}",
                 f.group, f.name, f.value, f.unit, raw, ratio
             );
         }

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::report::Report;
 use crate::{Scale, median};
 
-const GROUP: &str = "sbus";
+const GROUP: &str = "servicebus";
 /// Sends kept in flight through the transport.
 const IN_FLIGHT: usize = 64;
 /// Messages per batch of the raw sender.

@@ -5,13 +5,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Acker, Channel, Consumer};
+use lapin::{Acker, Consumer};
 use redeliver_core::{Delivery, DeliveryStream, Error, Settle, Settlement, Source};
 use tracing::{debug, info, warn};
 
 use crate::RabbitMqTransport;
+use crate::acks::Acks;
 use crate::connection::{Link, bounded};
 use crate::convert;
 use crate::errors;
@@ -19,8 +20,9 @@ use crate::errors;
 /// A consumer on one connection.
 struct Open {
     link: Arc<Link>,
-    channel: Channel,
     consumer: Consumer,
+    /// Sends the acks and nacks of the channel, which it keeps open until all are settled.
+    acks: Acks,
 }
 
 struct State {
@@ -109,8 +111,8 @@ async fn open_unbounded(link: Arc<Link>, queue: &str, prefetch: u16) -> Result<O
         })?;
     Ok(Open {
         link,
-        channel,
         consumer,
+        acks: Acks::start(channel),
     })
 }
 
@@ -156,9 +158,11 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
         let open = state.current.as_mut().expect("opened above");
         match open.consumer.next().await {
             Some(Ok(delivery)) => {
+                open.acks.delivered(delivery.delivery_tag);
                 let settler = RabbitSettler {
                     transport: state.transport.clone(),
-                    channel: open.channel.clone(),
+                    acks: open.acks.clone(),
+                    tag: delivery.delivery_tag,
                     acker: delivery.acker.clone(),
                     source: state.source.clone(),
                     queue: state.queue.clone(),
@@ -197,11 +201,12 @@ fn next_pause(previous: Option<Duration>, options: &crate::RabbitMqOptions) -> D
     })
 }
 
-/// Settles one delivery. Holds its channel open until then: closing the channel would hand the
-/// message to another consumer while the handler still runs.
+/// Settles one delivery through its channel's [`Acks`], which hold the channel open until then:
+/// closing the channel would hand the message to another consumer while the handler still runs.
 struct RabbitSettler {
     transport: RabbitMqTransport,
-    channel: Channel,
+    acks: Acks,
+    tag: u64,
     acker: Acker,
     source: Source,
     queue: String,
@@ -211,7 +216,7 @@ struct RabbitSettler {
 impl RabbitSettler {
     async fn ack(&self) -> Result<(), Error> {
         let after = self.transport.shared.options.publish_timeout;
-        let acked = tokio::time::timeout(after, self.acker.ack(BasicAckOptions::default()))
+        let acked = tokio::time::timeout(after, self.acks.ack(self.tag, self.acker.clone()))
             .await
             .map_err(|_| Error::Timeout {
                 operation: format!("acknowledging a delivery from `{}`", self.queue),
@@ -232,23 +237,22 @@ impl RabbitSettler {
 
     async fn requeue(&self) -> Result<(), Error> {
         let after = self.transport.shared.options.publish_timeout;
-        tokio::time::timeout(after, requeue(&self.acker, &self.queue))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::Timeout {
-                    operation: format!("giving back a delivery to `{}`", self.queue),
-                    after,
-                })
+        tokio::time::timeout(
+            after,
+            requeue(&self.acks, self.tag, &self.acker, &self.queue),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                operation: format!("giving back a delivery to `{}`", self.queue),
+                after,
             })
+        })
     }
 }
 
-async fn requeue(acker: &Acker, queue: &str) -> Result<(), Error> {
-    let options = BasicNackOptions {
-        multiple: false,
-        requeue: true,
-    };
-    match acker.nack(options).await {
+async fn requeue(acks: &Acks, tag: u64, acker: &Acker, queue: &str) -> Result<(), Error> {
+    match acks.requeue(tag, acker.clone()).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(lost_channel(queue)),
         Err(e) => Err(errors::map(
@@ -320,32 +324,13 @@ impl Settle for RabbitSettler {
 
 impl Drop for RabbitSettler {
     /// A delivery dropped without being settled is given back at once (`basic.nack` with
-    /// requeue) from a task on the current tokio runtime. Without a runtime, the message comes
-    /// back when its channel closes, which happens once every delivery of that consumer is
-    /// settled or dropped and the consumer is gone.
+    /// requeue), by its channel's [`Acks`] task; if that is gone, the message comes back when
+    /// the channel closes.
     fn drop(&mut self) {
         if self.settled || !self.acker.usable() {
             return;
         }
-        let acker = self.acker.clone();
-        let queue = self.queue.clone();
-        let channel = self.channel.clone();
-        let after = self.transport.shared.options.publish_timeout;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    // Bounded like every settlement: the channel is held until this ends.
-                    match tokio::time::timeout(after, requeue(&acker, &queue)).await {
-                        Ok(Ok(())) => debug!(%queue, "an unsettled delivery was given back"),
-                        Ok(Err(e)) => {
-                            debug!(%queue, error = %e, "could not give back a delivery");
-                        }
-                        Err(_) => debug!(%queue, ?after, "giving back a delivery timed out"),
-                    }
-                    drop(channel);
-                });
-            }
-            Err(_) => debug!(%queue, "no runtime to give back an unsettled delivery"),
-        }
+        debug!(queue = %self.queue, "giving back a delivery dropped unsettled");
+        self.acks.requeue_later(self.tag, self.acker.clone());
     }
 }

@@ -100,6 +100,10 @@
 //!   missing exchange [`Error::NotFound`](redeliver_core::Error::NotFound).
 //! - Deliveries use manual acknowledgements. A retry, park or dead letter is a new copy that is
 //!   confirmed **before** the original is acknowledged.
+//! - Acknowledgements are coalesced per consumer channel: settlements that arrive together
+//!   become one `basic.ack` with `multiple` for the deliveries with no unsettled one before
+//!   them; an ack behind a delivery still being handled waits for it at most 10 ms, then goes
+//!   alone. A settlement resolves once the ack covering it is sent.
 //! - Duplicates arise (1) when a copy was confirmed but the acknowledgement of the original was
 //!   lost (connection cut in between): both come back; (2) when a handler finished but its
 //!   acknowledgement was lost with the connection: the broker delivers the message again and
@@ -107,8 +111,8 @@
 //!   confirm (connection lost while waiting) and the caller sends again: the first may have
 //!   been stored. Handlers must be idempotent; use the message id.
 //! - A [`Delivery`](redeliver_core::Delivery) dropped without settling is given back at once
-//!   with `basic.nack` (requeue), from a task on the current tokio runtime; without a runtime it
-//!   comes back when its channel closes. A consumer's channel stays open until every delivery
+//!   with `basic.nack` (requeue), by the task that settles its channel's deliveries; if that
+//!   task is gone, it comes back when its channel closes. A consumer's channel stays open until every delivery
 //!   taken from it is settled or dropped, so stopping to consume never hands a message that is
 //!   still being handled to someone else.
 //!
@@ -141,6 +145,7 @@
 //! ([`ConsumeOptions::prefetch`](redeliver_core::ConsumeOptions)), capped at
 //! [`with_prefetch_limit`](RabbitMqOptions::with_prefetch_limit).
 
+mod acks;
 mod connection;
 mod consumer;
 mod convert;

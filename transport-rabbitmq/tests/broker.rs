@@ -1263,3 +1263,103 @@ async fn a_retry_after_is_a_floor_under_the_policy_delay() {
     let gap = calls[1].at - calls[0].at;
     assert!(gap >= TimeDelta::seconds(3), "retried after {gap}");
 }
+
+/// Acks are coalesced into `multiple` acks: settling out of order, with requeues and a dropped
+/// delivery in between, must neither ack a delivery that was given back (nor close the channel
+/// over a delivery tag acked twice) nor hold acks behind one still being handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_out_of_order_with_requeues_settle_exactly_what_they_name() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("coalesced")).await;
+    let transport = fx.transport();
+    let mut stream = transport
+        .consume(
+            &Source::endpoint("coalesced"),
+            ConsumeOptions::default().with_prefetch(20),
+        )
+        .await
+        .unwrap();
+    let n_of = |d: &redeliver_core::Delivery| d.message().decode::<Job>().unwrap().n;
+    // First round: everything settles at once, latest first. Second round: the first delivery
+    // is still "being handled" while the later ones settle; their acks must not wait for it.
+    for hold_first in [false, true] {
+        for n in 0..20 {
+            transport
+                .send("coalesced", Message::json(&Job { n }).unwrap())
+                .await
+                .unwrap();
+        }
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("all 20 within the prefetch")
+                .unwrap()
+                .unwrap();
+            held.push(delivery);
+        }
+        let first = if hold_first {
+            Some(held.remove(0))
+        } else {
+            None
+        };
+        let mut given_back = BTreeSet::new();
+        let mut settling = Vec::new();
+        for delivery in held.into_iter().rev() {
+            let n = n_of(&delivery);
+            match n % 5 {
+                2 => {
+                    given_back.insert(n);
+                    settling.push(tokio::spawn(async move { delivery.abandon().await }));
+                }
+                4 => {
+                    given_back.insert(n);
+                    drop(delivery);
+                }
+                _ => settling.push(tokio::spawn(async move { delivery.complete().await })),
+            }
+        }
+        let settled =
+            tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(settling))
+                .await
+                .expect("acks behind an unsettled delivery are not held back");
+        for result in settled {
+            result.unwrap().expect("settled");
+        }
+        // The given-back ones come again, and only they.
+        let mut again = BTreeSet::new();
+        for _ in 0..given_back.len() {
+            let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("a given-back delivery comes again")
+                .unwrap()
+                .unwrap();
+            again.insert(n_of(&delivery));
+            delivery.complete().await.unwrap();
+        }
+        assert_eq!(again, given_back);
+        if let Some(first) = first {
+            first.complete().await.unwrap();
+        }
+        let more = tokio::time::timeout(Duration::from_millis(1000), stream.next()).await;
+        assert!(more.is_err(), "nothing else is delivered: {more:?}");
+    }
+    drop(stream);
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = fx.transport.queue_name("coalesced");
+    // The consumer's channel closes once everything is settled: a delivery left unacked would
+    // be ready again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = channel
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(ready, 0, "every delivery was acknowledged");
+}
