@@ -33,13 +33,13 @@ use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -306,9 +306,54 @@ impl Disposition {
     }
 }
 
+/// A one-way flag that tasks can check cheaply (an atomic load, no lock) and wait for.
+#[derive(Default)]
+struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    fn fire(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Register before checking, so that a `fire` in between is not missed.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// Where the lanes take deliveries from, one lane at a time.
+struct Intake {
+    /// `None` once the worker stops taking.
+    stream: Option<DeliveryStream>,
+    options: ConsumeOptions,
+    backoff: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs `concurrency` lanes, each taking one delivery at a time and handling it, until `cancel`;
+/// then stops taking, lets handlers in flight finish until the deadline, and abandons the rest.
+///
+/// A lane per handler slot, rather than a task per delivery: a lane takes only when its
+/// handler is done, so nothing waits unhandled in the worker, and the hot path spawns nothing.
 async fn run<T, H>(
     shared: Arc<Shared<T, H>>,
-    mut stream: DeliveryStream,
+    stream: DeliveryStream,
     options: ConsumeOptions,
     concurrency: usize,
     shutdown_timeout: Duration,
@@ -317,103 +362,86 @@ async fn run<T, H>(
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+    let stop_taking = Arc::new(Signal::default());
+    let hard_stop = Arc::new(Signal::default());
+    let intake = Arc::new(AsyncMutex::new(Intake {
+        stream: Some(stream),
+        options,
+        backoff: FIRST_BACKOFF,
+    }));
+    let mut lanes = JoinSet::new();
+    for _ in 0..concurrency {
+        lanes.spawn(lane(
+            Arc::clone(&shared),
+            Arc::clone(&intake),
+            Arc::clone(&stop_taking),
+            Arc::clone(&hard_stop),
+        ));
+    }
 
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let hard_stop = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    let mut backoff = FIRST_BACKOFF;
-
-    'taking: loop {
-        // Take a delivery only when a handler slot is free, so nothing waits unhandled here.
-        let permit = tokio::select! {
-            biased;
+    loop {
+        tokio::select! {
             _ = cancel.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            next = stream.next() => next,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                backoff = FIRST_BACKOFF;
-                let shared = Arc::clone(&shared);
-                let stop = hard_stop.clone();
-                tasks.spawn(async move {
-                    shared.process(delivery, &stop).await;
-                    drop(permit);
-                });
-            }
-            Some(Err(e)) => {
-                warn!(source = %shared.source, error = %e, "the transport reported a consumer error");
-                if !pause(&cancel, &mut backoff, MAX_BACKOFF).await {
-                    break;
-                }
-            }
-            None => {
-                // The transport closed the consumer (for example after losing its connection):
-                // open a new one, backing off, until it works or the worker is shut down.
-                warn!(source = %shared.source, "the consumer was closed by the transport; consuming again");
-                loop {
-                    if !pause(&cancel, &mut backoff, MAX_BACKOFF).await {
-                        break 'taking;
-                    }
-                    match shared
-                        .transport
-                        .consume(&shared.source, options.clone())
-                        .await
-                    {
-                        Ok(s) => {
-                            stream = s;
-                            break;
-                        }
-                        Err(e) => {
-                            error!(source = %shared.source, error = %e, "could not consume again")
-                        }
-                    }
-                }
-            }
-        }
-        while let Some(done) = tasks.try_join_next() {
-            report_task_failure(done);
+            // Lanes end only once taking stops: this would be a bug in the worker.
+            Some(done) = lanes.join_next() => report_lane_end(done),
         }
     }
 
     // Stop taking deliveries, then let handlers in flight finish until the deadline.
-    drop(stream);
+    stop_taking.fire();
+    intake.lock().await.stream = None;
     let deadline = tokio::time::sleep(shutdown_timeout);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            done = tasks.join_next() => match done {
-                Some(done) => report_task_failure(done),
+            done = lanes.join_next() => match done {
+                Some(done) => report_lane_end(done),
                 None => break,
             },
-            _ = &mut deadline, if !hard_stop.is_cancelled() => {
-                warn!(source = %shared.source, in_flight = tasks.len(), "shutdown timeout reached; abandoning handlers in flight");
-                hard_stop.cancel();
+            _ = &mut deadline, if !hard_stop.is_set() => {
+                warn!(source = %shared.source, "shutdown timeout reached; abandoning handlers in flight");
+                hard_stop.fire();
             }
         }
     }
 }
 
-/// Sleeps for `backoff` (doubling it up to `max`), returning `false` if cancelled meanwhile.
-async fn pause(cancel: &CancellationToken, backoff: &mut Duration, max: Duration) -> bool {
+/// One handler slot: takes a delivery, handles and settles it, and again, until taking stops.
+async fn lane<T, H>(
+    shared: Arc<Shared<T, H>>,
+    intake: Arc<AsyncMutex<Intake>>,
+    stop_taking: Arc<Signal>,
+    hard_stop: Arc<Signal>,
+) where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    while let Some(delivery) = shared.take(&intake, &stop_taking).await {
+        // Handler panics are caught around the handler; a panic here is a bug in the worker or
+        // the transport. The delivery was dropped, so the transport delivers it again; keep the
+        // lane, so the worker keeps its concurrency.
+        let handled = AssertUnwindSafe(shared.process(delivery, &hard_stop))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = handled {
+            error!(panic = %panic_text(&*panic), "handling a delivery panicked outside the handler");
+        }
+    }
+}
+
+/// Sleeps for `backoff` (doubling it up to `max`), returning `false` if stopped meanwhile.
+async fn pause(stop: &Signal, backoff: &mut Duration, max: Duration) -> bool {
     let wait = *backoff;
     *backoff = (*backoff * 2).min(max);
     tokio::select! {
-        _ = cancel.cancelled() => false,
+        _ = stop.wait() => false,
         _ = tokio::time::sleep(wait) => true,
     }
 }
 
-fn report_task_failure(done: Result<(), tokio::task::JoinError>) {
+fn report_lane_end(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
-        // Handler panics are caught inside the task; this is a bug in the worker itself.
-        error!(error = %e, "a delivery task failed");
+        error!(error = %e, "a worker lane failed");
     }
 }
 
@@ -422,7 +450,63 @@ where
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    async fn process(&self, delivery: Delivery, hard_stop: &CancellationToken) {
+    /// The next delivery, or `None` once taking stops. Re-opens the consumer if the transport
+    /// closed it, backing off after errors.
+    async fn take(&self, intake: &AsyncMutex<Intake>, stop: &Signal) -> Option<Delivery> {
+        let mut intake = match intake.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => tokio::select! {
+                biased;
+                guard = intake.lock() => guard,
+                _ = stop.wait() => return None,
+            },
+        };
+        loop {
+            if stop.is_set() {
+                return None;
+            }
+            let stream = intake.stream.as_mut()?;
+            // Polled first, so that a ready delivery costs no registration with `stop`.
+            let next = tokio::select! {
+                biased;
+                next = stream.next() => next,
+                _ = stop.wait() => return None,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    intake.backoff = FIRST_BACKOFF;
+                    return Some(delivery);
+                }
+                Some(Err(e)) => {
+                    warn!(source = %self.source, error = %e, "the transport reported a consumer error");
+                    if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
+                        return None;
+                    }
+                }
+                None => {
+                    // The transport closed the consumer (for example after losing its
+                    // connection): open a new one, backing off, until it works or the worker is
+                    // shut down.
+                    warn!(source = %self.source, "the consumer was closed by the transport; consuming again");
+                    intake.stream = None;
+                    while intake.stream.is_none() {
+                        if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
+                            return None;
+                        }
+                        let options = intake.options.clone();
+                        match self.transport.consume(&self.source, options).await {
+                            Ok(s) => intake.stream = Some(s),
+                            Err(e) => {
+                                error!(source = %self.source, error = %e, "could not consume again")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&self, delivery: Delivery, hard_stop: &Signal) {
         let message = delivery.message();
         let span = info_span!(
             "delivery",
@@ -441,11 +525,7 @@ where
         .await
     }
 
-    async fn decide(
-        &self,
-        delivery: Delivery,
-        hard_stop: &CancellationToken,
-    ) -> (Delivery, Disposition) {
+    async fn decide(&self, delivery: Delivery, hard_stop: &Signal) -> (Delivery, Disposition) {
         if let Some(problem) = delivery.problem() {
             let disposition = Disposition::DeadLetter {
                 reason: MALFORMED_HEADERS.to_owned(),
@@ -463,7 +543,7 @@ where
                 // Early by less than the transport can schedule: wait here instead.
                 tokio::select! {
                     _ = self.clock.sleep_until(not_before) => {}
-                    _ = hard_stop.cancelled() => return (delivery, Disposition::Abandon),
+                    _ = hard_stop.wait() => return (delivery, Disposition::Abandon),
                 }
             }
         }
@@ -493,7 +573,7 @@ where
         let outcome = tokio::select! {
             biased;
             outcome = call(&self.handler, payload, context) => outcome,
-            _ = hard_stop.cancelled() => return (delivery, Disposition::Abandon),
+            _ = hard_stop.wait() => return (delivery, Disposition::Abandon),
         };
         let disposition = self.disposition(delivery.message(), outcome);
         (delivery, disposition)
@@ -631,11 +711,15 @@ async fn call<T, H: Handler<T>>(handler: &H, payload: T, context: Context) -> Ou
 }
 
 fn panicked(panic: Box<dyn Any + Send>) -> Outcome {
-    let text = panic
+    let text = panic_text(&*panic);
+    error!(panic = %text, "the handler panicked; the message will be retried");
+    Outcome::retry(format!("handler panicked: {text}"))
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-text panic payload".to_owned());
-    error!(panic = %text, "the handler panicked; the message will be retried");
-    Outcome::retry(format!("handler panicked: {text}"))
+        .unwrap_or_else(|| "a non-text panic payload".to_owned())
 }
