@@ -127,7 +127,7 @@ impl WorkerBuilder {
         let shared = Arc::new(Shared {
             clock: self.transport.clock(),
             transport: self.transport,
-            source: self.source,
+            source: Arc::new(self.source),
             policy: self.policy,
             handler,
             invalid_payload: self.invalid_payload,
@@ -247,7 +247,8 @@ trait StatsSource: Send + Sync {
 
 struct Shared<T, H> {
     transport: Arc<dyn Transport>,
-    source: Source,
+    /// Shared with every handler's [`Context`], so a delivery copies no name.
+    source: Arc<Source>,
     policy: Arc<dyn RetryPolicy>,
     handler: H,
     invalid_payload: InvalidPayload,
@@ -453,14 +454,9 @@ where
     /// The next delivery, or `None` once taking stops. Re-opens the consumer if the transport
     /// closed it, backing off after errors.
     async fn take(&self, intake: &AsyncMutex<Intake>, stop: &Signal) -> Option<Delivery> {
-        let mut intake = match intake.try_lock() {
-            Ok(guard) => guard,
-            Err(_) => tokio::select! {
-                biased;
-                guard = intake.lock() => guard,
-                _ = stop.wait() => return None,
-            },
-        };
+        // No need to watch `stop` while queueing for the intake: whoever holds it watches
+        // `stop` and lets go promptly.
+        let mut intake = intake.lock().await;
         loop {
             if stop.is_set() {
                 return None;
@@ -566,7 +562,7 @@ where
 
         let context = Context::new(
             Arc::clone(delivery.shared_message()),
-            self.source.clone(),
+            Arc::clone(&self.source),
             self.clock.now(),
         );
         bump(&self.stats.handled);

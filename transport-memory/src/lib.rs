@@ -35,6 +35,7 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -63,7 +64,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
-    endpoints: HashMap<String, Endpoint>,
+    endpoints: HashMap<String, Endpoint, BuildHasherDefault<FastHasher>>,
     topics: HashMap<String, BTreeSet<String>>,
     next_sequence: u64,
     next_delivery: u64,
@@ -81,7 +82,7 @@ struct Queue {
     /// Ordered by not-before, then by arrival.
     scheduled: BTreeMap<(DateTime<Utc>, u64), Message>,
     /// Shared with the delivery: handing a message out copies nothing.
-    in_flight: HashMap<u64, Arc<Message>>,
+    in_flight: HashMap<u64, Arc<Message>, BuildHasherDefault<FastHasher>>,
     arrived: Arc<Notify>,
 }
 
@@ -91,13 +92,52 @@ impl Queue {
     }
 
     /// Moves every scheduled message whose not-before has come into the ready queue.
-    fn promote_due(&mut self, now: DateTime<Utc>) {
+    fn promote_due(&mut self, now: &mut Now<'_>) {
+        if self.scheduled.is_empty() {
+            return;
+        }
+        let now = now.get();
         while let Some(entry) = self.scheduled.first_entry() {
             if entry.key().0 > now {
                 break;
             }
             self.ready.push_back(entry.remove());
         }
+    }
+}
+
+/// A hasher for the keys of this transport's maps: delivery ids (numbers we pick) and endpoint
+/// names (chosen by the application), looked up on every take and settle. SipHash's protection
+/// against keys chosen by an attacker is not needed for either; a multiply-rotate is enough.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The transport's clock, read at most once per change and only if the change needs it (taking
+/// or completing an unscheduled message does not).
+struct Now<'a> {
+    clock: &'a Clock,
+    read: Option<DateTime<Utc>>,
+}
+
+impl Now<'_> {
+    fn get(&mut self) -> DateTime<Utc> {
+        *self.read.get_or_insert_with(|| self.clock.now())
     }
 }
 
@@ -118,12 +158,12 @@ impl State {
         }
     }
 
-    fn enqueue(&mut self, source: &Source, message: Message, now: DateTime<Utc>) {
+    fn enqueue(&mut self, source: &Source, message: Message, now: &mut Now<'_>) {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let queue = self.queue(source);
         match message.not_before() {
-            Some(at) if at > now => {
+            Some(at) if at > now.get() => {
                 queue.scheduled.insert((at, sequence), message);
             }
             _ => queue.ready.push_back(message),
@@ -227,7 +267,7 @@ impl MemoryTransport {
     }
 
     /// Runs `change` on the state and tells waiters.
-    fn change<R>(&self, change: impl FnOnce(&mut State, DateTime<Utc>) -> R) -> R {
+    fn change<R>(&self, change: impl FnOnce(&mut State, &mut Now<'_>) -> R) -> R {
         self.inner.change(change)
     }
 }
@@ -241,9 +281,12 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn change<R>(&self, change: impl FnOnce(&mut State, DateTime<Utc>) -> R) -> R {
-        let now = self.clock.now();
-        let result = change(&mut self.lock(), now);
+    fn change<R>(&self, change: impl FnOnce(&mut State, &mut Now<'_>) -> R) -> R {
+        let mut now = Now {
+            clock: &self.clock,
+            read: None,
+        };
+        let result = change(&mut self.lock(), &mut now);
         // Only tests wait for changes; without a waiter, skip the notification on this hot path.
         if self.version.receiver_count() > 0 {
             self.version.send_modify(|v| *v = v.wrapping_add(1));
@@ -288,7 +331,7 @@ impl Transport for MemoryTransport {
                 .map(|s| s.iter().cloned().collect())
                 .unwrap_or_default();
             for endpoint in subscribers {
-                state.enqueue(&Source::Endpoint(endpoint), message.clone(), now);
+                state.enqueue(&Source::Endpoint(endpoint), message.clone(), &mut *now);
             }
         });
         Ok(())
@@ -301,7 +344,7 @@ impl Transport for MemoryTransport {
     ) -> Result<DeliveryStream, Error> {
         let consumer = Consumer {
             inner: Arc::clone(&self.inner),
-            source: source.clone(),
+            source: Arc::new(source.clone()),
             prefetch: Arc::new(Semaphore::new(options.prefetch.max(1))),
         };
         self.change(|state, _| {
@@ -317,7 +360,8 @@ impl Transport for MemoryTransport {
 
 struct Consumer {
     inner: Arc<Inner>,
-    source: Source,
+    /// Shared with every delivery and settler, so a delivery copies no name.
+    source: Arc<Source>,
     prefetch: Arc<Semaphore>,
 }
 
@@ -379,18 +423,18 @@ impl Consumer {
     ) -> Delivery {
         let settler = MemorySettler {
             inner: Arc::clone(&self.inner),
-            source: self.source.clone(),
+            source: Arc::clone(&self.source),
             delivery: id,
             settled: false,
             _prefetch: permit,
         };
-        Delivery::new(message, self.source.clone(), settler)
+        Delivery::new(message, Arc::clone(&self.source), settler)
     }
 }
 
 struct MemorySettler {
     inner: Arc<Inner>,
-    source: Source,
+    source: Arc<Source>,
     delivery: u64,
     settled: bool,
     _prefetch: OwnedSemaphorePermit,
@@ -399,11 +443,11 @@ struct MemorySettler {
 #[async_trait]
 impl Settle for MemorySettler {
     async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
-        let source = self.source.clone();
+        let source = &*self.source;
         let delivery = self.delivery;
         self.settled = true;
         self.inner.change(|state, now| {
-            let original = state.queue(&source).in_flight.remove(&delivery);
+            let original = state.queue(source).in_flight.remove(&delivery);
             let Some(original) = original else {
                 return Err(Error::Other {
                     message: format!("delivery {delivery} of {source} is no longer in flight"),
@@ -412,19 +456,19 @@ impl Settle for MemorySettler {
             };
             match settlement {
                 Settlement::Complete => {}
-                Settlement::Reschedule(next) => state.enqueue(&source, next, now),
+                Settlement::Reschedule(next) => state.enqueue(source, next, now),
                 Settlement::DeadLetter(dead) => {
                     let dead_letters = Source::dead_letters(source.endpoint_name());
                     state.enqueue(&dead_letters, dead, now);
                 }
                 Settlement::Abandon => {
-                    let queue = state.queue(&source);
+                    let queue = state.queue(source);
                     queue.ready.push_front(unshare(original));
                     queue.arrived.notify_waiters();
                 }
                 // A settlement this transport does not know yet: keep the message.
                 _ => {
-                    let queue = state.queue(&source);
+                    let queue = state.queue(source);
                     queue.ready.push_front(unshare(original));
                     queue.arrived.notify_waiters();
                     return Err(Error::Other {
