@@ -36,6 +36,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,7 +47,7 @@ use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle,
     Settlement, Source, Topology, Transport,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 /// The in-memory transport. Cheap to clone: clones share the same queues.
 #[derive(Clone, Debug)]
@@ -345,7 +346,11 @@ impl Transport for MemoryTransport {
         let consumer = Consumer {
             inner: Arc::clone(&self.inner),
             source: Arc::new(source.clone()),
-            prefetch: Arc::new(Semaphore::new(options.prefetch.max(1))),
+            prefetch: Arc::new(Prefetch {
+                limit: options.prefetch.max(1),
+                out: AtomicUsize::new(0),
+                settled: Notify::new(),
+            }),
         };
         self.change(|state, _| {
             state.queue(source);
@@ -362,15 +367,61 @@ struct Consumer {
     inner: Arc<Inner>,
     /// Shared with every delivery and settler, so a delivery copies no name.
     source: Arc<Source>,
-    prefetch: Arc<Semaphore>,
+    prefetch: Arc<Prefetch>,
+}
+
+/// Bounds a consumer's unsettled deliveries: a count, and a notification when one is settled.
+/// Cheaper than a semaphore on the path of every delivery: taking and giving back a slot are
+/// single atomic operations, and only a consumer at its limit waits.
+struct Prefetch {
+    limit: usize,
+    out: AtomicUsize,
+    settled: Notify,
+}
+
+impl Prefetch {
+    fn try_take(self: &Arc<Self>) -> Option<PrefetchSlot> {
+        self.out
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
+                (out < self.limit).then_some(out + 1)
+            })
+            .ok()
+            .map(|_| PrefetchSlot(Arc::clone(self)))
+    }
+
+    async fn take(self: &Arc<Self>) -> PrefetchSlot {
+        if let Some(slot) = self.try_take() {
+            return slot;
+        }
+        loop {
+            // Register before looking again, so that a slot given back in between is not missed.
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if let Some(slot) = self.try_take() {
+                return slot;
+            }
+            settled.await;
+        }
+    }
+}
+
+/// One unsettled delivery's place within the prefetch; given back when dropped.
+struct PrefetchSlot(Arc<Prefetch>);
+
+impl Drop for PrefetchSlot {
+    fn drop(&mut self) {
+        let gate = &self.0;
+        if gate.out.fetch_sub(1, Ordering::AcqRel) == gate.limit {
+            // The consumer may be waiting for this slot (one consumer per gate).
+            gate.settled.notify_one();
+        }
+    }
 }
 
 impl Consumer {
     async fn next(&self) -> Delivery {
-        let permit = Arc::clone(&self.prefetch)
-            .acquire_owned()
-            .await
-            .expect("the prefetch semaphore is never closed");
+        let permit = self.prefetch.take().await;
         loop {
             if let Ok(taken) = self.take() {
                 return self.delivery(taken, permit);
@@ -416,11 +467,7 @@ impl Consumer {
         })
     }
 
-    fn delivery(
-        &self,
-        (id, message): (u64, Arc<Message>),
-        permit: OwnedSemaphorePermit,
-    ) -> Delivery {
+    fn delivery(&self, (id, message): (u64, Arc<Message>), permit: PrefetchSlot) -> Delivery {
         let settler = MemorySettler {
             inner: Arc::clone(&self.inner),
             source: Arc::clone(&self.source),
@@ -437,7 +484,7 @@ struct MemorySettler {
     source: Arc<Source>,
     delivery: u64,
     settled: bool,
-    _prefetch: OwnedSemaphorePermit,
+    _prefetch: PrefetchSlot,
 }
 
 #[async_trait]
