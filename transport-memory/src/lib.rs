@@ -344,9 +344,9 @@ impl Transport for MemoryTransport {
         options: ConsumeOptions,
     ) -> Result<DeliveryStream, Error> {
         let consumer = Consumer {
-            inner: Arc::clone(&self.inner),
-            source: Arc::new(source.clone()),
-            prefetch: Arc::new(Prefetch {
+            shared: Arc::new(ConsumerShared {
+                inner: Arc::clone(&self.inner),
+                source: Arc::new(source.clone()),
                 limit: options.prefetch.max(1),
                 out: AtomicUsize::new(0),
                 settled: Notify::new(),
@@ -364,83 +364,88 @@ impl Transport for MemoryTransport {
 }
 
 struct Consumer {
-    inner: Arc<Inner>,
-    /// Shared with every delivery and settler, so a delivery copies no name.
-    source: Arc<Source>,
-    prefetch: Arc<Prefetch>,
+    shared: Arc<ConsumerShared>,
 }
 
-/// Bounds a consumer's unsettled deliveries: a count, and a notification when one is settled.
-/// Cheaper than a semaphore on the path of every delivery: taking and giving back a slot are
-/// single atomic operations, and only a consumer at its limit waits.
-struct Prefetch {
+/// What a consumer shares with its deliveries' settlers: one reference count per delivery
+/// rather than one per piece.
+struct ConsumerShared {
+    inner: Arc<Inner>,
+    /// Shared with every delivery, so a delivery copies no name.
+    source: Arc<Source>,
+    /// The prefetch: at most `limit` deliveries `out` (handed out, not settled). Cheaper than a
+    /// semaphore on the path of every delivery: taking and giving back a place are single
+    /// atomic operations, and only a consumer at its limit waits for `settled`.
     limit: usize,
     out: AtomicUsize,
     settled: Notify,
 }
 
-impl Prefetch {
-    fn try_take(self: &Arc<Self>) -> Option<PrefetchSlot> {
+impl ConsumerShared {
+    fn try_take_place(&self) -> bool {
         self.out
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
                 (out < self.limit).then_some(out + 1)
             })
-            .ok()
-            .map(|_| PrefetchSlot(Arc::clone(self)))
+            .is_ok()
     }
 
-    async fn take(self: &Arc<Self>) -> PrefetchSlot {
-        if let Some(slot) = self.try_take() {
-            return slot;
+    /// Waits for a place within the prefetch; give it back with [`give_back_place`].
+    async fn take_place(&self) {
+        if self.try_take_place() {
+            return;
         }
         loop {
-            // Register before looking again, so that a slot given back in between is not missed.
+            // Register before looking again, so that a place given back in between is not
+            // missed.
             let settled = self.settled.notified();
             tokio::pin!(settled);
             settled.as_mut().enable();
-            if let Some(slot) = self.try_take() {
-                return slot;
+            if self.try_take_place() {
+                return;
             }
             settled.await;
         }
     }
-}
 
-/// One unsettled delivery's place within the prefetch; given back when dropped.
-struct PrefetchSlot(Arc<Prefetch>);
-
-impl Drop for PrefetchSlot {
-    fn drop(&mut self) {
-        let gate = &self.0;
-        if gate.out.fetch_sub(1, Ordering::AcqRel) == gate.limit {
-            // The consumer may be waiting for this slot (one consumer per gate).
-            gate.settled.notify_one();
+    fn give_back_place(&self) {
+        if self.out.fetch_sub(1, Ordering::AcqRel) == self.limit {
+            // The consumer may be waiting for this place (one consumer per prefetch).
+            self.settled.notify_one();
         }
     }
 }
 
 impl Consumer {
     async fn next(&self) -> Delivery {
-        let permit = self.prefetch.take().await;
+        let shared = &*self.shared;
+        shared.take_place().await;
+        // From here on the place is owned by the settler of the delivery returned; this
+        // future is only dropped before that if the whole stream is, so give it back then.
+        let place = PlaceGuard(shared);
         loop {
             if let Ok(taken) = self.take() {
-                return self.delivery(taken, permit);
+                std::mem::forget(place);
+                return self.delivery(taken);
             }
             // Nothing ready: register for arrivals, then look once more, so that an arrival
             // between the first look and the registration is not missed.
-            let arrived = self.inner.lock().queue(&self.source).arrived.clone();
+            let arrived = shared.inner.lock().queue(&shared.source).arrived.clone();
             let notified = arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let next_due = match self.take() {
-                Ok(taken) => return self.delivery(taken, permit),
+                Ok(taken) => {
+                    std::mem::forget(place);
+                    return self.delivery(taken);
+                }
                 Err(next_due) => next_due,
             };
             match next_due {
                 Some(at) => {
                     tokio::select! {
                         _ = notified => {}
-                        _ = self.inner.clock.sleep_until(at) => {}
+                        _ = shared.inner.clock.sleep_until(at) => {}
                     }
                 }
                 None => notified.await,
@@ -451,9 +456,10 @@ impl Consumer {
     /// Takes the next ready message (promoting those that came due), or says when the next
     /// scheduled one is due.
     fn take(&self) -> Result<(u64, Arc<Message>), Option<DateTime<Utc>>> {
-        self.inner.change(|state, now| {
+        let source = &*self.shared.source;
+        self.shared.inner.change(|state, now| {
             let id = state.next_delivery;
-            let queue = state.queue(&self.source);
+            let queue = state.queue(source);
             queue.promote_due(now);
             match queue.ready.pop_front() {
                 Some(message) => {
@@ -467,33 +473,40 @@ impl Consumer {
         })
     }
 
-    fn delivery(&self, (id, message): (u64, Arc<Message>), permit: PrefetchSlot) -> Delivery {
+    fn delivery(&self, (id, message): (u64, Arc<Message>)) -> Delivery {
         let settler = MemorySettler {
-            inner: Arc::clone(&self.inner),
-            source: Arc::clone(&self.source),
+            consumer: Arc::clone(&self.shared),
             delivery: id,
             settled: false,
-            _prefetch: permit,
         };
-        Delivery::new(message, Arc::clone(&self.source), settler)
+        Delivery::new(message, Arc::clone(&self.shared.source), settler)
     }
 }
 
+/// Gives a prefetch place back if a take is abandoned half-way.
+struct PlaceGuard<'a>(&'a ConsumerShared);
+
+impl Drop for PlaceGuard<'_> {
+    fn drop(&mut self) {
+        self.0.give_back_place();
+    }
+}
+
+/// Settles one delivery; holds its place within the consumer's prefetch until dropped.
 struct MemorySettler {
-    inner: Arc<Inner>,
-    source: Arc<Source>,
+    consumer: Arc<ConsumerShared>,
     delivery: u64,
     settled: bool,
-    _prefetch: PrefetchSlot,
 }
 
 #[async_trait]
 impl Settle for MemorySettler {
     async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
-        let source = &*self.source;
         let delivery = self.delivery;
         self.settled = true;
-        self.inner.change(|state, now| {
+        let consumer = &*self.consumer;
+        let source = &*consumer.source;
+        consumer.inner.change(|state, now| {
             let original = state.queue(source).in_flight.remove(&delivery);
             let Some(original) = original else {
                 return Err(Error::Other {
@@ -536,17 +549,18 @@ fn unshare(message: Arc<Message>) -> Message {
 
 impl Drop for MemorySettler {
     fn drop(&mut self) {
-        if self.settled {
-            return;
+        let consumer = &*self.consumer;
+        if !self.settled {
+            // Dropped without being settled: give the message back, first in line.
+            consumer.inner.change(|state, _| {
+                let queue = state.queue(&consumer.source);
+                if let Some(message) = queue.in_flight.remove(&self.delivery) {
+                    queue.ready.push_front(unshare(message));
+                    queue.arrived.notify_waiters();
+                }
+            });
         }
-        // Dropped without being settled: give the message back, first in line.
-        self.inner.change(|state, _| {
-            let queue = state.queue(&self.source);
-            if let Some(message) = queue.in_flight.remove(&self.delivery) {
-                queue.ready.push_front(unshare(message));
-                queue.arrived.notify_waiters();
-            }
-        });
+        consumer.give_back_place();
     }
 }
 
