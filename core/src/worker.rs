@@ -34,7 +34,8 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
@@ -408,6 +409,13 @@ async fn run<T, H>(
 }
 
 /// One handler slot: takes a delivery, handles and settles it, and again, until taking stops.
+///
+/// Lanes take turns at the intake. A lane keeps its turn while its deliveries are handled
+/// without waiting (their handler is done at its first poll), so a stream of quick handlers costs
+/// no hand-over between tasks; it gives the turn up as soon as a handler waits (another lane
+/// takes meanwhile, so `concurrency` handlers can be waiting at once), and before handling when
+/// its handlers take long without waiting (so such handlers run in parallel on several threads
+/// rather than one after another).
 async fn lane<T, H>(
     shared: Arc<Shared<T, H>>,
     intake: Arc<AsyncMutex<Intake>>,
@@ -417,16 +425,53 @@ async fn lane<T, H>(
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    while let Some(delivery) = shared.take(&intake, &stop_taking).await {
+    /// A handling that takes longer than this without waiting is worth handing the intake over
+    /// for (a hand-over costs around a microsecond).
+    const LONG_HANDLING: Duration = Duration::from_micros(20);
+    /// How often the duration of a handling is sampled (reading the clock costs too).
+    const SAMPLE_EVERY: u32 = 8;
+
+    let mut turn = None;
+    let mut long_handlings = false;
+    let mut handled_count: u32 = 0;
+    loop {
+        let intake_turn = match turn.as_mut() {
+            Some(held) => held,
+            None => turn.insert(intake.lock().await),
+        };
+        let Some(delivery) = shared.take(intake_turn, &stop_taking).await else {
+            break;
+        };
+        if long_handlings {
+            turn = None;
+        }
+        let sampled = handled_count
+            .is_multiple_of(SAMPLE_EVERY)
+            .then(Instant::now);
+        handled_count = handled_count.wrapping_add(1);
         // Handler panics are caught around the handler; a panic here is a bug in the worker or
         // the transport. The delivery was dropped, so the transport delivers it again; keep the
         // lane, so the worker keeps its concurrency.
-        let handled = AssertUnwindSafe(shared.process(delivery, &hard_stop))
-            .catch_unwind()
-            .await;
+        let handling = AssertUnwindSafe(shared.process(delivery, &hard_stop)).catch_unwind();
+        tokio::pin!(handling);
+        let handled = match futures::poll!(handling.as_mut()) {
+            Poll::Ready(handled) => {
+                if let Some(started) = sampled {
+                    long_handlings = started.elapsed() > LONG_HANDLING;
+                }
+                handled
+            }
+            Poll::Pending => {
+                turn = None;
+                handling.await
+            }
+        };
         if let Err(panic) = handled {
             error!(panic = %panic_text(&*panic), "handling a delivery panicked outside the handler");
         }
+        // Nothing above has to wait while deliveries are ready and handlers quick: give the
+        // runtime its turn now and then, as any tokio primitive would.
+        tokio::task::coop::consume_budget().await;
     }
 }
 
@@ -451,12 +496,9 @@ where
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    /// The next delivery, or `None` once taking stops. Re-opens the consumer if the transport
-    /// closed it, backing off after errors.
-    async fn take(&self, intake: &AsyncMutex<Intake>, stop: &Signal) -> Option<Delivery> {
-        // No need to watch `stop` while queueing for the intake: whoever holds it watches
-        // `stop` and lets go promptly.
-        let mut intake = intake.lock().await;
+    /// The next delivery from the intake (the caller's turn), or `None` once taking stops.
+    /// Re-opens the consumer if the transport closed it, backing off after errors.
+    async fn take(&self, intake: &mut Intake, stop: &Signal) -> Option<Delivery> {
         loop {
             if stop.is_set() {
                 return None;

@@ -717,4 +717,40 @@ mod tests {
             .unwrap()
             .unwrap();
     }
+
+    #[tokio::test]
+    async fn a_worker_whose_handlers_never_wait_still_lets_other_tasks_run() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use redeliver_core::{Context, Outcome, Worker};
+
+        // Many ready messages and a handler that is done at its first poll: nothing in the
+        // worker's loop has to wait until the queue is empty.
+        const MESSAGES: usize = 10_000;
+        let t = MemoryTransport::new();
+        for i in 0..MESSAGES {
+            t.send("q", Message::json(&i).unwrap()).await.unwrap();
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let worker = Worker::builder(Arc::new(t.clone()), "q")
+            .start(move |_: usize, _: Context| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                async { Outcome::success() }
+            })
+            .await
+            .unwrap();
+        // On this single-threaded runtime, this task runs again only when the worker yields;
+        // a worker that yields like any tokio primitive does so long before the queue is empty.
+        while calls.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let seen = calls.load(Ordering::Relaxed);
+        assert!(
+            seen < MESSAGES,
+            "the worker ran {seen} handlers without yielding"
+        );
+        t.wait_until_idle().await;
+        assert_eq!(worker.shutdown().await.completed, MESSAGES as u64);
+    }
 }
