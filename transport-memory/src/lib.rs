@@ -390,7 +390,7 @@ impl ConsumerShared {
             .is_ok()
     }
 
-    /// Waits for a place within the prefetch; give it back with [`give_back_place`].
+    /// Waits for a place within the prefetch; give it back with [`Self::give_back_place`].
     async fn take_place(&self) {
         if self.try_take_place() {
             return;
