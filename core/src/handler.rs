@@ -51,16 +51,20 @@ where
 #[derive(Clone, Debug)]
 pub struct Context {
     message: Arc<Message>,
-    source: Source,
+    source: Arc<Source>,
     received_at: DateTime<Utc>,
 }
 
 impl Context {
     /// The context of `message` from `source`, received at `received_at`.
-    pub fn new(message: Arc<Message>, source: Source, received_at: DateTime<Utc>) -> Self {
+    pub fn new(
+        message: Arc<Message>,
+        source: impl Into<Arc<Source>>,
+        received_at: DateTime<Utc>,
+    ) -> Self {
         Context {
             message,
-            source,
+            source: source.into(),
             received_at,
         }
     }

@@ -270,7 +270,7 @@ pub trait Settle: Send + 'static {
 /// delivers it again (immediately in memory; on brokers when the channel or lock goes away).
 pub struct Delivery {
     message: Arc<Message>,
-    source: Source,
+    source: Arc<Source>,
     problem: Option<String>,
     settler: Box<dyn Settle>,
 }
@@ -286,11 +286,16 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// A delivery of `message` from `source`, settled through `settler`.
-    pub fn new(message: impl Into<Arc<Message>>, source: Source, settler: impl Settle) -> Self {
+    /// A delivery of `message` from `source`, settled through `settler`. A transport that hands
+    /// out many deliveries from one source can pass the same `Arc<Source>` to each.
+    pub fn new(
+        message: impl Into<Arc<Message>>,
+        source: impl Into<Arc<Source>>,
+        settler: impl Settle,
+    ) -> Self {
         Delivery {
             message: message.into(),
-            source,
+            source: source.into(),
             problem: None,
             settler: Box::new(settler),
         }

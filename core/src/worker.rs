@@ -33,13 +33,14 @@ use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -127,7 +128,7 @@ impl WorkerBuilder {
         let shared = Arc::new(Shared {
             clock: self.transport.clock(),
             transport: self.transport,
-            source: self.source,
+            source: Arc::new(self.source),
             policy: self.policy,
             handler,
             invalid_payload: self.invalid_payload,
@@ -247,7 +248,8 @@ trait StatsSource: Send + Sync {
 
 struct Shared<T, H> {
     transport: Arc<dyn Transport>,
-    source: Source,
+    /// Shared with every handler's [`Context`], so a delivery copies no name.
+    source: Arc<Source>,
     policy: Arc<dyn RetryPolicy>,
     handler: H,
     invalid_payload: InvalidPayload,
@@ -306,9 +308,54 @@ impl Disposition {
     }
 }
 
+/// A one-way flag that tasks can check cheaply (an atomic load, no lock) and wait for.
+#[derive(Default)]
+struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    fn fire(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Register before checking, so that a `fire` in between is not missed.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// Where the lanes take deliveries from, one lane at a time.
+struct Intake {
+    /// `None` once the worker stops taking.
+    stream: Option<DeliveryStream>,
+    options: ConsumeOptions,
+    backoff: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs `concurrency` lanes, each taking one delivery at a time and handling it, until `cancel`;
+/// then stops taking, lets handlers in flight finish until the deadline, and abandons the rest.
+///
+/// A lane per handler slot, rather than a task per delivery: a lane takes only when its
+/// handler is done, so nothing waits unhandled in the worker, and the hot path spawns nothing.
 async fn run<T, H>(
     shared: Arc<Shared<T, H>>,
-    mut stream: DeliveryStream,
+    stream: DeliveryStream,
     options: ConsumeOptions,
     concurrency: usize,
     shutdown_timeout: Duration,
@@ -317,103 +364,130 @@ async fn run<T, H>(
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+    let stop_taking = Arc::new(Signal::default());
+    let hard_stop = Arc::new(Signal::default());
+    let intake = Arc::new(AsyncMutex::new(Intake {
+        stream: Some(stream),
+        options,
+        backoff: FIRST_BACKOFF,
+    }));
+    let mut lanes = JoinSet::new();
+    for _ in 0..concurrency {
+        lanes.spawn(lane(
+            Arc::clone(&shared),
+            Arc::clone(&intake),
+            Arc::clone(&stop_taking),
+            Arc::clone(&hard_stop),
+        ));
+    }
 
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let hard_stop = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    let mut backoff = FIRST_BACKOFF;
-
-    'taking: loop {
-        // Take a delivery only when a handler slot is free, so nothing waits unhandled here.
-        let permit = tokio::select! {
-            biased;
+    loop {
+        tokio::select! {
             _ = cancel.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        let next = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            next = stream.next() => next,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                backoff = FIRST_BACKOFF;
-                let shared = Arc::clone(&shared);
-                let stop = hard_stop.clone();
-                tasks.spawn(async move {
-                    shared.process(delivery, &stop).await;
-                    drop(permit);
-                });
-            }
-            Some(Err(e)) => {
-                warn!(source = %shared.source, error = %e, "the transport reported a consumer error");
-                if !pause(&cancel, &mut backoff, MAX_BACKOFF).await {
-                    break;
-                }
-            }
-            None => {
-                // The transport closed the consumer (for example after losing its connection):
-                // open a new one, backing off, until it works or the worker is shut down.
-                warn!(source = %shared.source, "the consumer was closed by the transport; consuming again");
-                loop {
-                    if !pause(&cancel, &mut backoff, MAX_BACKOFF).await {
-                        break 'taking;
-                    }
-                    match shared
-                        .transport
-                        .consume(&shared.source, options.clone())
-                        .await
-                    {
-                        Ok(s) => {
-                            stream = s;
-                            break;
-                        }
-                        Err(e) => {
-                            error!(source = %shared.source, error = %e, "could not consume again")
-                        }
-                    }
-                }
-            }
-        }
-        while let Some(done) = tasks.try_join_next() {
-            report_task_failure(done);
+            // Lanes end only once taking stops: this would be a bug in the worker.
+            Some(done) = lanes.join_next() => report_lane_end(done),
         }
     }
 
     // Stop taking deliveries, then let handlers in flight finish until the deadline.
-    drop(stream);
+    stop_taking.fire();
+    intake.lock().await.stream = None;
     let deadline = tokio::time::sleep(shutdown_timeout);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
-            done = tasks.join_next() => match done {
-                Some(done) => report_task_failure(done),
+            done = lanes.join_next() => match done {
+                Some(done) => report_lane_end(done),
                 None => break,
             },
-            _ = &mut deadline, if !hard_stop.is_cancelled() => {
-                warn!(source = %shared.source, in_flight = tasks.len(), "shutdown timeout reached; abandoning handlers in flight");
-                hard_stop.cancel();
+            _ = &mut deadline, if !hard_stop.is_set() => {
+                warn!(source = %shared.source, "shutdown timeout reached; abandoning handlers in flight");
+                hard_stop.fire();
             }
         }
     }
 }
 
-/// Sleeps for `backoff` (doubling it up to `max`), returning `false` if cancelled meanwhile.
-async fn pause(cancel: &CancellationToken, backoff: &mut Duration, max: Duration) -> bool {
+/// One handler slot: takes a delivery, handles and settles it, and again, until taking stops.
+///
+/// Lanes take turns at the intake. A lane keeps its turn while its deliveries are handled
+/// without waiting (their handler is done at its first poll), so a stream of quick handlers costs
+/// no hand-over between tasks; it gives the turn up as soon as a handler waits (another lane
+/// takes meanwhile, so `concurrency` handlers can be waiting at once), and before handling when
+/// its handlers take long without waiting (so such handlers run in parallel on several threads
+/// rather than one after another).
+async fn lane<T, H>(
+    shared: Arc<Shared<T, H>>,
+    intake: Arc<AsyncMutex<Intake>>,
+    stop_taking: Arc<Signal>,
+    hard_stop: Arc<Signal>,
+) where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    /// A handling that takes longer than this without waiting is worth handing the intake over
+    /// for (a hand-over costs around a microsecond).
+    const LONG_HANDLING: Duration = Duration::from_micros(20);
+    /// How often the duration of a handling is sampled (reading the clock costs too).
+    const SAMPLE_EVERY: u32 = 8;
+
+    let mut turn = None;
+    let mut long_handlings = false;
+    let mut handled_count: u32 = 0;
+    loop {
+        let intake_turn = match turn.as_mut() {
+            Some(held) => held,
+            None => turn.insert(intake.lock().await),
+        };
+        let Some(delivery) = shared.take(intake_turn, &stop_taking).await else {
+            break;
+        };
+        if long_handlings {
+            turn = None;
+        }
+        let sampled = handled_count
+            .is_multiple_of(SAMPLE_EVERY)
+            .then(Instant::now);
+        handled_count = handled_count.wrapping_add(1);
+        // Handler panics are caught around the handler; a panic here is a bug in the worker or
+        // the transport. The delivery was dropped, so the transport delivers it again; keep the
+        // lane, so the worker keeps its concurrency.
+        let handling = AssertUnwindSafe(shared.process(delivery, &hard_stop)).catch_unwind();
+        tokio::pin!(handling);
+        let handled = match futures::poll!(handling.as_mut()) {
+            Poll::Ready(handled) => {
+                if let Some(started) = sampled {
+                    long_handlings = started.elapsed() > LONG_HANDLING;
+                }
+                handled
+            }
+            Poll::Pending => {
+                turn = None;
+                handling.await
+            }
+        };
+        if let Err(panic) = handled {
+            error!(panic = %panic_text(&*panic), "handling a delivery panicked outside the handler");
+        }
+        // Nothing above has to wait while deliveries are ready and handlers quick: give the
+        // runtime its turn now and then, as any tokio primitive would.
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
+/// Sleeps for `backoff` (doubling it up to `max`), returning `false` if stopped meanwhile.
+async fn pause(stop: &Signal, backoff: &mut Duration, max: Duration) -> bool {
     let wait = *backoff;
     *backoff = (*backoff * 2).min(max);
     tokio::select! {
-        _ = cancel.cancelled() => false,
+        _ = stop.wait() => false,
         _ = tokio::time::sleep(wait) => true,
     }
 }
 
-fn report_task_failure(done: Result<(), tokio::task::JoinError>) {
+fn report_lane_end(done: Result<(), tokio::task::JoinError>) {
     if let Err(e) = done {
-        // Handler panics are caught inside the task; this is a bug in the worker itself.
-        error!(error = %e, "a delivery task failed");
+        error!(error = %e, "a worker lane failed");
     }
 }
 
@@ -422,7 +496,55 @@ where
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    async fn process(&self, delivery: Delivery, hard_stop: &CancellationToken) {
+    /// The next delivery from the intake (the caller's turn), or `None` once taking stops.
+    /// Re-opens the consumer if the transport closed it, backing off after errors.
+    async fn take(&self, intake: &mut Intake, stop: &Signal) -> Option<Delivery> {
+        loop {
+            if stop.is_set() {
+                return None;
+            }
+            let stream = intake.stream.as_mut()?;
+            // Polled first, so that a ready delivery costs no registration with `stop`.
+            let next = tokio::select! {
+                biased;
+                next = stream.next() => next,
+                _ = stop.wait() => return None,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    intake.backoff = FIRST_BACKOFF;
+                    return Some(delivery);
+                }
+                Some(Err(e)) => {
+                    warn!(source = %self.source, error = %e, "the transport reported a consumer error");
+                    if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
+                        return None;
+                    }
+                }
+                None => {
+                    // The transport closed the consumer (for example after losing its
+                    // connection): open a new one, backing off, until it works or the worker is
+                    // shut down.
+                    warn!(source = %self.source, "the consumer was closed by the transport; consuming again");
+                    intake.stream = None;
+                    while intake.stream.is_none() {
+                        if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
+                            return None;
+                        }
+                        let options = intake.options.clone();
+                        match self.transport.consume(&self.source, options).await {
+                            Ok(s) => intake.stream = Some(s),
+                            Err(e) => {
+                                error!(source = %self.source, error = %e, "could not consume again")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process(&self, delivery: Delivery, hard_stop: &Signal) {
         let message = delivery.message();
         let span = info_span!(
             "delivery",
@@ -441,11 +563,7 @@ where
         .await
     }
 
-    async fn decide(
-        &self,
-        delivery: Delivery,
-        hard_stop: &CancellationToken,
-    ) -> (Delivery, Disposition) {
+    async fn decide(&self, delivery: Delivery, hard_stop: &Signal) -> (Delivery, Disposition) {
         if let Some(problem) = delivery.problem() {
             let disposition = Disposition::DeadLetter {
                 reason: MALFORMED_HEADERS.to_owned(),
@@ -463,7 +581,7 @@ where
                 // Early by less than the transport can schedule: wait here instead.
                 tokio::select! {
                     _ = self.clock.sleep_until(not_before) => {}
-                    _ = hard_stop.cancelled() => return (delivery, Disposition::Abandon),
+                    _ = hard_stop.wait() => return (delivery, Disposition::Abandon),
                 }
             }
         }
@@ -486,14 +604,14 @@ where
 
         let context = Context::new(
             Arc::clone(delivery.shared_message()),
-            self.source.clone(),
+            Arc::clone(&self.source),
             self.clock.now(),
         );
         bump(&self.stats.handled);
         let outcome = tokio::select! {
             biased;
             outcome = call(&self.handler, payload, context) => outcome,
-            _ = hard_stop.cancelled() => return (delivery, Disposition::Abandon),
+            _ = hard_stop.wait() => return (delivery, Disposition::Abandon),
         };
         let disposition = self.disposition(delivery.message(), outcome);
         (delivery, disposition)
@@ -631,11 +749,15 @@ async fn call<T, H: Handler<T>>(handler: &H, payload: T, context: Context) -> Ou
 }
 
 fn panicked(panic: Box<dyn Any + Send>) -> Outcome {
-    let text = panic
+    let text = panic_text(&*panic);
+    error!(panic = %text, "the handler panicked; the message will be retried");
+    Outcome::retry(format!("handler panicked: {text}"))
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-text panic payload".to_owned());
-    error!(panic = %text, "the handler panicked; the message will be retried");
-    Outcome::retry(format!("handler panicked: {text}"))
+        .unwrap_or_else(|| "a non-text panic payload".to_owned())
 }

@@ -35,6 +35,8 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,7 +47,7 @@ use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle,
     Settlement, Source, Topology, Transport,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 /// The in-memory transport. Cheap to clone: clones share the same queues.
 #[derive(Clone, Debug)]
@@ -63,7 +65,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
-    endpoints: HashMap<String, Endpoint>,
+    endpoints: HashMap<String, Endpoint, BuildHasherDefault<FastHasher>>,
     topics: HashMap<String, BTreeSet<String>>,
     next_sequence: u64,
     next_delivery: u64,
@@ -81,7 +83,7 @@ struct Queue {
     /// Ordered by not-before, then by arrival.
     scheduled: BTreeMap<(DateTime<Utc>, u64), Message>,
     /// Shared with the delivery: handing a message out copies nothing.
-    in_flight: HashMap<u64, Arc<Message>>,
+    in_flight: HashMap<u64, Arc<Message>, BuildHasherDefault<FastHasher>>,
     arrived: Arc<Notify>,
 }
 
@@ -91,13 +93,52 @@ impl Queue {
     }
 
     /// Moves every scheduled message whose not-before has come into the ready queue.
-    fn promote_due(&mut self, now: DateTime<Utc>) {
+    fn promote_due(&mut self, now: &mut Now<'_>) {
+        if self.scheduled.is_empty() {
+            return;
+        }
+        let now = now.get();
         while let Some(entry) = self.scheduled.first_entry() {
             if entry.key().0 > now {
                 break;
             }
             self.ready.push_back(entry.remove());
         }
+    }
+}
+
+/// A hasher for the keys of this transport's maps: delivery ids (numbers we pick) and endpoint
+/// names (chosen by the application), looked up on every take and settle. SipHash's protection
+/// against keys chosen by an attacker is not needed for either; a multiply-rotate is enough.
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The transport's clock, read at most once per change and only if the change needs it (taking
+/// or completing an unscheduled message does not).
+struct Now<'a> {
+    clock: &'a Clock,
+    read: Option<DateTime<Utc>>,
+}
+
+impl Now<'_> {
+    fn get(&mut self) -> DateTime<Utc> {
+        *self.read.get_or_insert_with(|| self.clock.now())
     }
 }
 
@@ -118,12 +159,12 @@ impl State {
         }
     }
 
-    fn enqueue(&mut self, source: &Source, message: Message, now: DateTime<Utc>) {
+    fn enqueue(&mut self, source: &Source, message: Message, now: &mut Now<'_>) {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let queue = self.queue(source);
         match message.not_before() {
-            Some(at) if at > now => {
+            Some(at) if at > now.get() => {
                 queue.scheduled.insert((at, sequence), message);
             }
             _ => queue.ready.push_back(message),
@@ -227,7 +268,7 @@ impl MemoryTransport {
     }
 
     /// Runs `change` on the state and tells waiters.
-    fn change<R>(&self, change: impl FnOnce(&mut State, DateTime<Utc>) -> R) -> R {
+    fn change<R>(&self, change: impl FnOnce(&mut State, &mut Now<'_>) -> R) -> R {
         self.inner.change(change)
     }
 }
@@ -241,9 +282,12 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn change<R>(&self, change: impl FnOnce(&mut State, DateTime<Utc>) -> R) -> R {
-        let now = self.clock.now();
-        let result = change(&mut self.lock(), now);
+    fn change<R>(&self, change: impl FnOnce(&mut State, &mut Now<'_>) -> R) -> R {
+        let mut now = Now {
+            clock: &self.clock,
+            read: None,
+        };
+        let result = change(&mut self.lock(), &mut now);
         // Only tests wait for changes; without a waiter, skip the notification on this hot path.
         if self.version.receiver_count() > 0 {
             self.version.send_modify(|v| *v = v.wrapping_add(1));
@@ -288,7 +332,7 @@ impl Transport for MemoryTransport {
                 .map(|s| s.iter().cloned().collect())
                 .unwrap_or_default();
             for endpoint in subscribers {
-                state.enqueue(&Source::Endpoint(endpoint), message.clone(), now);
+                state.enqueue(&Source::Endpoint(endpoint), message.clone(), &mut *now);
             }
         });
         Ok(())
@@ -300,9 +344,13 @@ impl Transport for MemoryTransport {
         options: ConsumeOptions,
     ) -> Result<DeliveryStream, Error> {
         let consumer = Consumer {
-            inner: Arc::clone(&self.inner),
-            source: source.clone(),
-            prefetch: Arc::new(Semaphore::new(options.prefetch.max(1))),
+            shared: Arc::new(ConsumerShared {
+                inner: Arc::clone(&self.inner),
+                source: Arc::new(source.clone()),
+                limit: options.prefetch.max(1),
+                out: AtomicUsize::new(0),
+                settled: Notify::new(),
+            }),
         };
         self.change(|state, _| {
             state.queue(source);
@@ -316,36 +364,88 @@ impl Transport for MemoryTransport {
 }
 
 struct Consumer {
+    shared: Arc<ConsumerShared>,
+}
+
+/// What a consumer shares with its deliveries' settlers: one reference count per delivery
+/// rather than one per piece.
+struct ConsumerShared {
     inner: Arc<Inner>,
-    source: Source,
-    prefetch: Arc<Semaphore>,
+    /// Shared with every delivery, so a delivery copies no name.
+    source: Arc<Source>,
+    /// The prefetch: at most `limit` deliveries `out` (handed out, not settled). Cheaper than a
+    /// semaphore on the path of every delivery: taking and giving back a place are single
+    /// atomic operations, and only a consumer at its limit waits for `settled`.
+    limit: usize,
+    out: AtomicUsize,
+    settled: Notify,
+}
+
+impl ConsumerShared {
+    fn try_take_place(&self) -> bool {
+        self.out
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |out| {
+                (out < self.limit).then_some(out + 1)
+            })
+            .is_ok()
+    }
+
+    /// Waits for a place within the prefetch; give it back with [`Self::give_back_place`].
+    async fn take_place(&self) {
+        if self.try_take_place() {
+            return;
+        }
+        loop {
+            // Register before looking again, so that a place given back in between is not
+            // missed.
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.try_take_place() {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    fn give_back_place(&self) {
+        if self.out.fetch_sub(1, Ordering::AcqRel) == self.limit {
+            // The consumer may be waiting for this place (one consumer per prefetch).
+            self.settled.notify_one();
+        }
+    }
 }
 
 impl Consumer {
     async fn next(&self) -> Delivery {
-        let permit = Arc::clone(&self.prefetch)
-            .acquire_owned()
-            .await
-            .expect("the prefetch semaphore is never closed");
+        let shared = &*self.shared;
+        shared.take_place().await;
+        // From here on the place is owned by the settler of the delivery returned; this
+        // future is only dropped before that if the whole stream is, so give it back then.
+        let place = PlaceGuard(shared);
         loop {
             if let Ok(taken) = self.take() {
-                return self.delivery(taken, permit);
+                std::mem::forget(place);
+                return self.delivery(taken);
             }
             // Nothing ready: register for arrivals, then look once more, so that an arrival
             // between the first look and the registration is not missed.
-            let arrived = self.inner.lock().queue(&self.source).arrived.clone();
+            let arrived = shared.inner.lock().queue(&shared.source).arrived.clone();
             let notified = arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let next_due = match self.take() {
-                Ok(taken) => return self.delivery(taken, permit),
+                Ok(taken) => {
+                    std::mem::forget(place);
+                    return self.delivery(taken);
+                }
                 Err(next_due) => next_due,
             };
             match next_due {
                 Some(at) => {
                     tokio::select! {
                         _ = notified => {}
-                        _ = self.inner.clock.sleep_until(at) => {}
+                        _ = shared.inner.clock.sleep_until(at) => {}
                     }
                 }
                 None => notified.await,
@@ -356,9 +456,10 @@ impl Consumer {
     /// Takes the next ready message (promoting those that came due), or says when the next
     /// scheduled one is due.
     fn take(&self) -> Result<(u64, Arc<Message>), Option<DateTime<Utc>>> {
-        self.inner.change(|state, now| {
+        let source = &*self.shared.source;
+        self.shared.inner.change(|state, now| {
             let id = state.next_delivery;
-            let queue = state.queue(&self.source);
+            let queue = state.queue(source);
             queue.promote_due(now);
             match queue.ready.pop_front() {
                 Some(message) => {
@@ -372,38 +473,41 @@ impl Consumer {
         })
     }
 
-    fn delivery(
-        &self,
-        (id, message): (u64, Arc<Message>),
-        permit: OwnedSemaphorePermit,
-    ) -> Delivery {
+    fn delivery(&self, (id, message): (u64, Arc<Message>)) -> Delivery {
         let settler = MemorySettler {
-            inner: Arc::clone(&self.inner),
-            source: self.source.clone(),
+            consumer: Arc::clone(&self.shared),
             delivery: id,
             settled: false,
-            _prefetch: permit,
         };
-        Delivery::new(message, self.source.clone(), settler)
+        Delivery::new(message, Arc::clone(&self.shared.source), settler)
     }
 }
 
+/// Gives a prefetch place back if a take is abandoned half-way.
+struct PlaceGuard<'a>(&'a ConsumerShared);
+
+impl Drop for PlaceGuard<'_> {
+    fn drop(&mut self) {
+        self.0.give_back_place();
+    }
+}
+
+/// Settles one delivery; holds its place within the consumer's prefetch until dropped.
 struct MemorySettler {
-    inner: Arc<Inner>,
-    source: Source,
+    consumer: Arc<ConsumerShared>,
     delivery: u64,
     settled: bool,
-    _prefetch: OwnedSemaphorePermit,
 }
 
 #[async_trait]
 impl Settle for MemorySettler {
     async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
-        let source = self.source.clone();
         let delivery = self.delivery;
         self.settled = true;
-        self.inner.change(|state, now| {
-            let original = state.queue(&source).in_flight.remove(&delivery);
+        let consumer = &*self.consumer;
+        let source = &*consumer.source;
+        consumer.inner.change(|state, now| {
+            let original = state.queue(source).in_flight.remove(&delivery);
             let Some(original) = original else {
                 return Err(Error::Other {
                     message: format!("delivery {delivery} of {source} is no longer in flight"),
@@ -412,19 +516,19 @@ impl Settle for MemorySettler {
             };
             match settlement {
                 Settlement::Complete => {}
-                Settlement::Reschedule(next) => state.enqueue(&source, next, now),
+                Settlement::Reschedule(next) => state.enqueue(source, next, now),
                 Settlement::DeadLetter(dead) => {
                     let dead_letters = Source::dead_letters(source.endpoint_name());
                     state.enqueue(&dead_letters, dead, now);
                 }
                 Settlement::Abandon => {
-                    let queue = state.queue(&source);
+                    let queue = state.queue(source);
                     queue.ready.push_front(unshare(original));
                     queue.arrived.notify_waiters();
                 }
                 // A settlement this transport does not know yet: keep the message.
                 _ => {
-                    let queue = state.queue(&source);
+                    let queue = state.queue(source);
                     queue.ready.push_front(unshare(original));
                     queue.arrived.notify_waiters();
                     return Err(Error::Other {
@@ -445,17 +549,18 @@ fn unshare(message: Arc<Message>) -> Message {
 
 impl Drop for MemorySettler {
     fn drop(&mut self) {
-        if self.settled {
-            return;
+        let consumer = &*self.consumer;
+        if !self.settled {
+            // Dropped without being settled: give the message back, first in line.
+            consumer.inner.change(|state, _| {
+                let queue = state.queue(&consumer.source);
+                if let Some(message) = queue.in_flight.remove(&self.delivery) {
+                    queue.ready.push_front(unshare(message));
+                    queue.arrived.notify_waiters();
+                }
+            });
         }
-        // Dropped without being settled: give the message back, first in line.
-        self.inner.change(|state, _| {
-            let queue = state.queue(&self.source);
-            if let Some(message) = queue.in_flight.remove(&self.delivery) {
-                queue.ready.push_front(unshare(message));
-                queue.arrived.notify_waiters();
-            }
-        });
+        consumer.give_back_place();
     }
 }
 
@@ -611,5 +716,41 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_handlers_never_wait_still_lets_other_tasks_run() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use redeliver_core::{Context, Outcome, Worker};
+
+        // Many ready messages and a handler that is done at its first poll: nothing in the
+        // worker's loop has to wait until the queue is empty.
+        const MESSAGES: usize = 10_000;
+        let t = MemoryTransport::new();
+        for i in 0..MESSAGES {
+            t.send("q", Message::json(&i).unwrap()).await.unwrap();
+        }
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let worker = Worker::builder(Arc::new(t.clone()), "q")
+            .start(move |_: usize, _: Context| {
+                counted.fetch_add(1, Ordering::Relaxed);
+                async { Outcome::success() }
+            })
+            .await
+            .unwrap();
+        // On this single-threaded runtime, this task runs again only when the worker yields;
+        // a worker that yields like any tokio primitive does so long before the queue is empty.
+        while calls.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let seen = calls.load(Ordering::Relaxed);
+        assert!(
+            seen < MESSAGES,
+            "the worker ran {seen} handlers without yielding"
+        );
+        t.wait_until_idle().await;
+        assert_eq!(worker.shutdown().await.completed, MESSAGES as u64);
     }
 }
