@@ -35,7 +35,6 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -47,6 +46,7 @@ use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle,
     Settlement, Source, Topology, Transport,
 };
+use rustc_hash::FxBuildHasher;
 use tokio::sync::{Notify, watch};
 
 /// The in-memory transport. Cheap to clone: clones share the same queues.
@@ -65,7 +65,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
-    endpoints: HashMap<String, Endpoint, BuildHasherDefault<FastHasher>>,
+    endpoints: HashMap<String, Endpoint, FxBuildHasher>,
     topics: HashMap<String, BTreeSet<String>>,
     next_sequence: u64,
     next_delivery: u64,
@@ -83,7 +83,7 @@ struct Queue {
     /// Ordered by not-before, then by arrival.
     scheduled: BTreeMap<(DateTime<Utc>, u64), Message>,
     /// Shared with the delivery: handing a message out copies nothing.
-    in_flight: HashMap<u64, Arc<Message>, BuildHasherDefault<FastHasher>>,
+    in_flight: HashMap<u64, Arc<Message>, FxBuildHasher>,
     arrived: Arc<Notify>,
 }
 
@@ -104,28 +104,6 @@ impl Queue {
             }
             self.ready.push_back(entry.remove());
         }
-    }
-}
-
-/// A hasher for the keys of this transport's maps: delivery ids (numbers we pick) and endpoint
-/// names (chosen by the application), looked up on every take and settle. SipHash's protection
-/// against keys chosen by an attacker is not needed for either; a multiply-rotate is enough.
-#[derive(Default)]
-struct FastHasher(u64);
-
-impl Hasher for FastHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
