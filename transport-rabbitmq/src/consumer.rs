@@ -27,8 +27,9 @@ struct Open {
 
 struct State {
     transport: RabbitMqTransport,
-    source: Source,
-    queue: String,
+    /// Shared with every delivery and settler: a delivery copies no name.
+    source: Arc<Source>,
+    queue: Arc<str>,
     prefetch: u16,
     current: Option<Open>,
     /// A connection known to be lost, not to be used again.
@@ -52,8 +53,8 @@ pub(crate) async fn consume(
     let first = open(link, &queue, prefetch, &shared.options).await?;
     let state = State {
         transport,
-        source,
-        queue,
+        source: Arc::new(source),
+        queue: queue.into(),
         prefetch,
         current: Some(first),
         stale: None,
@@ -164,8 +165,8 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                     acks: open.acks.clone(),
                     tag: delivery.delivery_tag,
                     acker: delivery.acker.clone(),
-                    source: state.source.clone(),
-                    queue: state.queue.clone(),
+                    source: Arc::clone(&state.source),
+                    queue: Arc::clone(&state.queue),
                     settled: false,
                 };
                 let (message, problem) = convert::message(
@@ -173,8 +174,8 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                     delivery.data,
                     state.source.is_dead_letters(),
                 );
-                let delivery =
-                    Delivery::new(message, state.source.clone(), settler).with_problem(problem);
+                let delivery = Delivery::new(message, Arc::clone(&state.source), settler)
+                    .with_problem(problem);
                 return Some((Ok(delivery), state));
             }
             ended => {
@@ -208,8 +209,8 @@ struct RabbitSettler {
     acks: Acks,
     tag: u64,
     acker: Acker,
-    source: Source,
-    queue: String,
+    source: Arc<Source>,
+    queue: Arc<str>,
     settled: bool,
 }
 
