@@ -714,3 +714,35 @@ async fn dead_lettering_a_dead_letter_is_refused_and_gives_it_back() {
             .await
     );
 }
+
+#[tokio::test]
+async fn many_concurrent_sends_to_one_queue_all_arrive() {
+    let topology = Topology::new().endpoint("q");
+    let broker = support::broker().await;
+    support::provision(&broker, &topology, &QueueOptions::default());
+    let transport = redeliver_servicebus::ServiceBusTransport::connect(
+        broker.connection_string(),
+        support::options().with_senders_per_entity(4),
+    )
+    .await
+    .unwrap();
+    // More sends in flight than links: they share the links, and every one is stored.
+    let sends = (0..64).map(|id| transport.send("q", order(id)));
+    for result in futures::future::join_all(sends).await {
+        result.expect("every send is stored");
+    }
+    assert_eq!(broker.active_message_count("q").unwrap(), 64);
+    let mut stream = transport
+        .consume(&Source::endpoint("q"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..64 {
+        let delivery = next(&mut stream).await;
+        let order: Order = delivery.message().decode().unwrap();
+        ids.insert(order.id);
+        delivery.complete().await.unwrap();
+    }
+    assert_eq!(ids.len(), 64, "each message once");
+    transport.close().await;
+}
