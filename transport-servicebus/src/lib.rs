@@ -54,9 +54,12 @@
 //!   clock differences between this machine and the broker. There is no longest delay.
 //!
 //! # Consuming and settling
-//! Consumers receive in peek-lock mode, asking for one message at a time and holding at most
-//! [`ConsumeOptions::prefetch`] deliveries unsettled (the worker's concurrency). Each consumer
-//! has its own connection.
+//! Consumers receive in peek-lock mode and hand out at most [`ConsumeOptions::prefetch`]
+//! deliveries unsettled (the worker's concurrency). While the queue seems empty they ask for
+//! one message at a time; once messages come, they ask for as many as the worker can take in
+//! one call, which waits at most [`ServiceBusOptions::receive_batch_wait`] for the batch to
+//! fill. Every message received is handed out or given back (abandoned), never left locked
+//! unseen. Each consumer has its own connection.
 //! - **Complete** completes the message.
 //! - **Retry / park** ([`Settlement::Reschedule`](redeliver_core::Settlement::Reschedule)) sends a copy to the same queue, scheduled at
 //!   its not-before, with the same message id and the attempt the framework gave it, **then**
@@ -116,10 +119,18 @@
 //!   possible duplicate, never a loss. Over a real network the window is far shorter than a
 //!   round trip; the tests of this crate, which use a broker on loopback, run on current-thread
 //!   runtimes.
-//! - When a receive call's own wait ends, the client drains the link's credit; against the test
-//!   broker a link drained that way delivered nothing more. The consumer therefore gives up
-//!   idle receives itself (after [`ServiceBusOptions::receive_wait`]) before the client's wait
-//!   ends, and leaves its credit of one message open.
+//! - When a receive call's own wait ends, the client drains the link's credit (an earlier test
+//!   broker then delivered nothing more on that link; the current one does). Idle
+//!   single-message receives are therefore given up by the consumer itself (after
+//!   [`ServiceBusOptions::receive_wait`]) before the client's wait ends, leaving a credit of one
+//!   message open; only batch receives, which follow a received message, end by draining.
+//! - A receive call for several messages keeps those it has received inside itself until it
+//!   returns: dropped half-way, they would stay locked and unseen until their locks ran out.
+//!   Batch receives are never dropped (the consumer waits for them, bounded by
+//!   [`ServiceBusOptions::try_timeout`] plus a margin for a connection that hangs).
+//! - Link prefetch (the client's automatic credit) is not used: it sets the credit back to its
+//!   full value on every few settlements, whatever the client already holds, so a consumer
+//!   slower than its queue would end up holding ever more messages locked.
 //! - The management client takes the next reply on its link as the answer, without matching
 //!   it to the request; a renewal whose reply is lost or late is reported as failed (the lock
 //!   then runs out and the message is delivered again).

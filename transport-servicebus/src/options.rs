@@ -31,6 +31,11 @@ pub struct ServiceBusOptions {
     /// send takes the link until the broker answers). Links are opened only when that many
     /// sends overlap. Default 8; from 1 (sends to an entity go one at a time) to 64.
     pub senders_per_entity: usize,
+    /// How long a consumer that has just received messages waits for a batch of more to fill
+    /// the deliveries its worker can take, before taking what came. Settlements wait meanwhile,
+    /// so keep it short; longer than a round trip to the namespace. Default 20 ms; more than
+    /// zero and at most 500 ms (so that it always ends before the client's try time-out).
+    pub receive_batch_wait: Duration,
 }
 
 impl Default for ServiceBusOptions {
@@ -42,6 +47,7 @@ impl Default for ServiceBusOptions {
             send_backoff: Duration::from_millis(200),
             receive_wait: Duration::from_secs(10),
             senders_per_entity: 8,
+            receive_batch_wait: Duration::from_millis(20),
         }
     }
 }
@@ -90,6 +96,13 @@ impl ServiceBusOptions {
         self
     }
 
+    /// Sets [`receive_batch_wait`](Self::receive_batch_wait).
+    #[must_use]
+    pub fn with_receive_batch_wait(mut self, wait: Duration) -> Self {
+        self.receive_batch_wait = wait;
+        self
+    }
+
     /// Checks the options, naming the first field that is out of range.
     pub fn validate(&self) -> Result<(), Error> {
         if self.try_timeout < Duration::from_secs(1) {
@@ -126,6 +139,16 @@ impl ServiceBusOptions {
             return Err(Error::config(
                 "senders_per_entity",
                 format!("must be from 1 to 64, got {}", self.senders_per_entity),
+            ));
+        }
+        if self.receive_batch_wait.is_zero() || self.receive_batch_wait > Duration::from_millis(500)
+        {
+            return Err(Error::config(
+                "receive_batch_wait",
+                format!(
+                    "must be more than zero and at most 500 ms, got {:?}",
+                    self.receive_batch_wait
+                ),
             ));
         }
         Ok(())
@@ -170,8 +193,16 @@ mod tests {
             "senders_per_entity"
         );
         assert_eq!(
-            field(base.with_senders_per_entity(65)),
+            field(base.clone().with_senders_per_entity(65)),
             "senders_per_entity"
+        );
+        assert_eq!(
+            field(base.clone().with_receive_batch_wait(Duration::ZERO)),
+            "receive_batch_wait"
+        );
+        assert_eq!(
+            field(base.with_receive_batch_wait(Duration::from_secs(1))),
+            "receive_batch_wait"
         );
     }
 }
