@@ -7,13 +7,28 @@
 //! dropped unsettled. It outlives the delivery stream until every delivery handed out is
 //! settled, then closes the receiver and its client with `dispose()`.
 //!
-//! One message is asked for at a time (credit 1). A receive call is abandoned whenever a
-//! settlement or a renewal is due, or when it has waited [`receive_wait`] (before the client's own
-//! wait ends and it drains the credit, see the crate docs); that is safe because `fe2o3-amqp`'s
-//! receive is cancel-safe and a single-message receive keeps nothing in between. Because the
-//! credit is consumed by the message it asked for, no message waits unseen in the client while
-//! every slot is busy.
+//! Two ways of receiving, both with credit granted per call (no link prefetch: `fe2o3-amqp`'s
+//! automatic credit tops the credit up on every settlement, however many messages wait
+//! unseen in the client, so what a link holds locked would not be bounded):
+//! - **One message at a time** (credit 1) while the queue seems empty. This call is abandoned
+//!   whenever a settlement or a renewal is due, or when it has waited [`receive_wait`] (before
+//!   the client's own wait ends and it drains the credit); that is safe because `fe2o3-amqp`'s
+//!   receive is cancel-safe and a single-message receive keeps nothing in between.
+//! - **A batch** of as many messages as the worker can take (`prefetch` minus those out) once
+//!   the last receive found a message. A batch call keeps the messages it has received inside
+//!   itself until it returns, so it is **never abandoned**: it ends when full, or after
+//!   [`receive_batch_wait`] by draining its credit; settlements and renewals wait meanwhile
+//!   (those already asked for are carried out before it starts). Every message it returns is
+//!   handed out, or given back if the stream closed meanwhile. A full batch is followed by
+//!   another; a short one goes back to one at a time.
 //!
+//! Either way no more than `prefetch` messages are handed out, and every message received is
+//! held in the consumer's table with its lock renewed until it is settled or given back.
+//! Messages that reach the client after a receive call ended (in answer to a drain, or on the
+//! credit of an abandoned single receive) are returned first by the next call; when the
+//! consumer closes, one last receive takes them and gives them back.
+//!
+//! [`receive_batch_wait`]: crate::ServiceBusOptions::receive_batch_wait
 //! [`receive_wait`]: crate::ServiceBusOptions::receive_wait
 
 use std::collections::HashMap;
@@ -94,7 +109,9 @@ pub(crate) async fn consume(
         deliveries: Some(deliveries_tx),
         locked: HashMap::new(),
         next_id: 0,
-        credit_outstanding: false,
+        credit_outstanding: 0,
+        backlog: false,
+        after_drain: false,
     };
     tokio::spawn(consumer.run());
     let stream = futures::stream::poll_fn(move |cx| deliveries_rx.poll_recv(cx));
@@ -189,8 +206,15 @@ struct Consumer {
     deliveries: Option<mpsc::Sender<Result<Delivery, Error>>>,
     locked: HashMap<u64, Locked>,
     next_id: u64,
-    /// A receive call was given up while its credit may still be open.
-    credit_outstanding: bool,
+    /// How many messages may still come on credit granted by a receive call that was given up
+    /// (its credit may still be open) or ended by draining its credit (messages sent in answer
+    /// wait in the client for the next receive, which returns them first).
+    credit_outstanding: u32,
+    /// The last receive found messages waiting: receive the next ones in a batch.
+    backlog: bool,
+    /// The last batch ended by draining its credit: give the next single receive up early and
+    /// grant its credit again (see [`Consumer::receive_batch`]).
+    after_drain: bool,
 }
 
 async fn stream_closed(deliveries: &Option<mpsc::Sender<Result<Delivery, Error>>>) {
@@ -221,9 +245,17 @@ impl Consumer {
             if self.deliveries.is_none() && self.handed_out() == 0 {
                 break;
             }
+            if self.backlog && self.deliveries.is_some() && self.handed_out() < self.prefetch {
+                self.receive_batch().await;
+                continue;
+            }
             let can_receive = self.deliveries.is_some() && self.handed_out() < self.prefetch;
             let next_timer = self.locked.values().filter_map(Locked::next_timer).min();
-            let wait = self.inner.options.receive_wait;
+            let wait = if self.after_drain {
+                self.inner.options.receive_batch_wait
+            } else {
+                self.inner.options.receive_wait
+            };
             let client_wait = self
                 .inner
                 .options
@@ -257,9 +289,17 @@ impl Consumer {
             // A receive that was started but did not finish may have left its credit open; a
             // finished one used its credit up (or drained it when nothing came).
             if matches!(event, Event::Received(_)) {
-                self.credit_outstanding = false;
+                self.credit_outstanding = 0;
             } else if asked.load(Ordering::Relaxed) {
-                self.credit_outstanding = true;
+                self.credit_outstanding = 1;
+            }
+            if matches!(event, Event::Received(_) | Event::Idle) {
+                self.after_drain = false;
+            }
+            match &event {
+                Event::Received(Ok(Some(_))) => self.backlog = true,
+                Event::Received(_) | Event::Idle => self.backlog = false,
+                _ => {}
             }
             match event {
                 Event::Command(command) => self.on_command(command).await,
@@ -276,16 +316,103 @@ impl Consumer {
                         &format!("receiving from `{}`", self.source),
                         Some(("queue", self.source.endpoint_name())),
                     );
-                    warn!(source = %self.source, error = %error, "receiving failed; closing this consumer");
-                    if let Some(tx) = self.deliveries.take() {
-                        // The worker sees the error, then the end of the stream, and consumes
-                        // again; this task stays until the deliveries out are settled.
-                        let _ = tx.try_send(Err(error));
-                    }
+                    self.receive_failed(error);
                 }
             }
         }
         self.close().await;
+    }
+
+    fn receive_failed(&mut self, error: Error) {
+        warn!(source = %self.source, error = %error, "receiving failed; closing this consumer");
+        self.backlog = false;
+        if let Some(tx) = self.deliveries.take() {
+            // The worker sees the error, then the end of the stream, and consumes again; this
+            // task stays until the deliveries out are settled.
+            let _ = tx.try_send(Err(error));
+        }
+    }
+
+    /// Receives as many messages as the worker can take now, in one call that is never given
+    /// up half-way (the client keeps a batch's messages inside the call until it returns: given
+    /// up, they would stay locked, unseen, until their locks ran out). The call ends once the
+    /// batch is full or after [`receive_batch_wait`]; settlements and renewals wait for it, so
+    /// those already asked for are carried out first. Every message it returns is handed out, or
+    /// given back when the stream has closed meanwhile.
+    ///
+    /// A short batch ends with the client draining the credit without waiting for the broker's
+    /// answer. Credit granted before that answer arrives is counted by the broker from a stale
+    /// delivery count and can come to nothing (seen against the test broker: the link then
+    /// stayed silent for a whole receive wait). So the single receive that follows is given up
+    /// after [`receive_batch_wait`] and its credit granted again.
+    ///
+    /// [`receive_batch_wait`]: crate::ServiceBusOptions::receive_batch_wait
+    async fn receive_batch(&mut self) {
+        // Let the worker settle what it holds, then carry that out: it frees slots to fill.
+        tokio::task::yield_now().await;
+        while let Ok(command) = self.commands.try_recv() {
+            self.on_command(command).await;
+        }
+        if self
+            .deliveries
+            .as_ref()
+            .is_some_and(mpsc::Sender::is_closed)
+        {
+            debug!(source = %self.source, "delivery stream closed");
+            self.deliveries = None;
+        }
+        if self
+            .locked
+            .values()
+            .filter_map(Locked::next_timer)
+            .min()
+            .is_some_and(|at| at <= Instant::now())
+        {
+            self.on_timer().await;
+        }
+        let free = self.prefetch.saturating_sub(self.handed_out());
+        if self.deliveries.is_none() || free == 0 {
+            return;
+        }
+        let ask = u32::try_from(free).unwrap_or(u32::MAX);
+        let Some(receiver) = self.receiver.as_mut() else {
+            return;
+        };
+        let received = self
+            .inner
+            .bounded(
+                "receiving a batch",
+                receiver.receive_messages_with_max_wait_time(
+                    ask,
+                    Some(self.inner.options.receive_batch_wait),
+                ),
+            )
+            .await;
+        match received {
+            Ok(Ok(messages)) => {
+                // A full batch: more may be waiting. A short one ended by draining the credit.
+                let full = messages.len() >= free;
+                self.backlog = full;
+                self.after_drain = !full;
+                self.credit_outstanding = ask.saturating_sub(messages.len() as u32);
+                for message in messages {
+                    self.on_message(message);
+                }
+            }
+            Ok(Err(e)) => {
+                self.credit_outstanding = ask;
+                let error = self.inner.convert(
+                    e,
+                    &format!("receiving from `{}`", self.source),
+                    Some(("queue", self.source.endpoint_name())),
+                );
+                self.receive_failed(error);
+            }
+            Err(timeout) => {
+                self.credit_outstanding = ask;
+                self.receive_failed(timeout);
+            }
+        }
     }
 
     fn on_message(&mut self, message: ServiceBusReceivedMessage) {
@@ -490,23 +617,29 @@ impl Consumer {
         let Some(mut receiver) = self.receiver.take() else {
             return;
         };
-        if self.credit_outstanding {
-            // A message sent on the open credit would stay locked in a receiver that is going
-            // away until its lock runs out: take it (one receive, which ends by draining the
-            // credit when nothing comes) and give it back. Only once: each receive grants credit
-            // again, and the message just given back would be sent straight back.
-            if let Ok(Ok(Some(message))) = self
+        if self.credit_outstanding > 0 {
+            // Messages sent on credit still open, or in answer to a drain, would stay locked in
+            // a receiver that is going away until their locks run out: take them (one receive
+            // for as many as may have come, which ends by draining the credit when fewer come)
+            // and give them back. Only once: each receive grants credit again, and the messages
+            // just given back would be sent straight back.
+            if let Ok(Ok(messages)) = self
                 .inner
                 .bounded(
                     "draining a receiver",
-                    receiver.receive_message_with_max_wait_time(Some(DRAIN_WAIT)),
+                    receiver.receive_messages_with_max_wait_time(
+                        self.credit_outstanding,
+                        Some(DRAIN_WAIT),
+                    ),
                 )
                 .await
             {
-                let _ = self
-                    .inner
-                    .bounded("abandoning", receiver.abandon_message(&message, None))
-                    .await;
+                for message in &messages {
+                    let _ = self
+                        .inner
+                        .bounded("abandoning", receiver.abandon_message(message, None))
+                        .await;
+                }
             }
         }
         if let Err(e) = self

@@ -54,9 +54,12 @@
 //!   clock differences between this machine and the broker. There is no longest delay.
 //!
 //! # Consuming and settling
-//! Consumers receive in peek-lock mode, asking for one message at a time and holding at most
-//! [`ConsumeOptions::prefetch`] deliveries unsettled (the worker's concurrency). Each consumer
-//! has its own connection.
+//! Consumers receive in peek-lock mode and hand out at most [`ConsumeOptions::prefetch`]
+//! deliveries unsettled (the worker's concurrency). While the queue seems empty they ask for
+//! one message at a time; once messages come, they ask for as many as the worker can take in
+//! one call, which waits at most [`ServiceBusOptions::receive_batch_wait`] for the batch to
+//! fill. Every message received is handed out or given back (abandoned), never left locked
+//! unseen. Each consumer has its own connection.
 //! - **Complete** completes the message.
 //! - **Retry / park** ([`Settlement::Reschedule`](redeliver_core::Settlement::Reschedule)) sends a copy to the same queue, scheduled at
 //!   its not-before, with the same message id and the attempt the framework gave it, **then**
@@ -93,6 +96,15 @@
 //! [`Error::Rejected`] at once; a missing entity is [`Error::NotFound`]. A send retried after a
 //! time-out may have reached the broker the first time: again, duplicates, never loss.
 //!
+//! Each send waits for the broker's answer on its link, and the client's send holds the link
+//! until then, so the transport keeps up to [`ServiceBusOptions::senders_per_entity`] sender
+//! links per queue or topic, opened as concurrent sends need them, and a send takes a free one.
+//! Every link is handled on its own as above: one whose send failed transiently is closed and
+//! made again for the next send; a lost connection is made again too, and the other links on
+//! it fail their next send (transiently, so it is retried) and are made again in turn. Sends
+//! from one task, one after the other, still reach the broker in order; concurrent sends never
+//! had an order.
+//!
 //! # Closing
 //! Call [`ServiceBusTransport::close`] to close the senders and the connection with
 //! `dispose()`; consumers close themselves once their stream is dropped and every delivery is
@@ -107,10 +119,18 @@
 //!   possible duplicate, never a loss. Over a real network the window is far shorter than a
 //!   round trip; the tests of this crate, which use a broker on loopback, run on current-thread
 //!   runtimes.
-//! - When a receive call's own wait ends, the client drains the link's credit; against the test
-//!   broker a link drained that way delivered nothing more. The consumer therefore gives up
-//!   idle receives itself (after [`ServiceBusOptions::receive_wait`]) before the client's wait
-//!   ends, and leaves its credit of one message open.
+//! - When a receive call's own wait ends, the client drains the link's credit (an earlier test
+//!   broker then delivered nothing more on that link; the current one does). Idle
+//!   single-message receives are therefore given up by the consumer itself (after
+//!   [`ServiceBusOptions::receive_wait`]) before the client's wait ends, leaving a credit of one
+//!   message open; only batch receives, which follow a received message, end by draining.
+//! - A receive call for several messages keeps those it has received inside itself until it
+//!   returns: dropped half-way, they would stay locked and unseen until their locks ran out.
+//!   Batch receives are never dropped (the consumer waits for them, bounded by
+//!   [`ServiceBusOptions::try_timeout`] plus a margin for a connection that hangs).
+//! - Link prefetch (the client's automatic credit) is not used: it sets the credit back to its
+//!   full value on every few settlements, whatever the client already holds, so a consumer
+//!   slower than its queue would end up holding ever more messages locked.
 //! - The management client takes the next reply on its link as the answer, without matching
 //!   it to the request; a renewal whose reply is lost or late is reported as failed (the lock
 //!   then runs out and the message is delivered again).
@@ -126,6 +146,7 @@ mod options;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -139,7 +160,7 @@ use chrono::Utc;
 use redeliver_core::{
     Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 pub use crate::options::ServiceBusOptions;
@@ -172,8 +193,47 @@ pub(crate) struct Inner {
     options: ServiceBusOptions,
     /// The connection senders are made on; `None` until needed or after it failed.
     client: Mutex<Option<Client>>,
-    /// One sender per queue or topic, made on first use.
-    senders: StdMutex<HashMap<String, Arc<Mutex<Option<ServiceBusSender>>>>>,
+    /// The senders of each queue or topic, made on first use.
+    senders: StdMutex<HashMap<String, Arc<SenderPool>>>,
+}
+
+/// Up to [`ServiceBusOptions::senders_per_entity`] sender links to one entity. A link carries
+/// one send at a time (the client's send takes `&mut self` until the broker answers), so
+/// several links let several sends be in flight. A slot holds no link until a send needs it.
+struct SenderPool {
+    slots: Box<[Mutex<Option<ServiceBusSender>>]>,
+    /// Which slot a send waits for when every slot is busy.
+    next: AtomicUsize,
+}
+
+impl SenderPool {
+    fn new(size: usize) -> Self {
+        SenderPool {
+            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A slot for one send: a free one holding a link if there is one, else a free empty one
+    /// (the send attaches a link to it), else the next one in turn once it is free.
+    async fn acquire(&self) -> MutexGuard<'_, Option<ServiceBusSender>> {
+        let mut empty = None;
+        for slot in &self.slots {
+            if let Ok(guard) = slot.try_lock() {
+                if guard.is_some() {
+                    return guard;
+                }
+                if empty.is_none() {
+                    empty = Some(guard);
+                }
+            }
+        }
+        if let Some(guard) = empty {
+            return guard;
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.slots[turn].lock().await
+    }
 }
 
 impl ServiceBusTransport {
@@ -207,16 +267,18 @@ impl ServiceBusTransport {
     /// Closes every sender and the sending connection with `dispose()`. Sending afterwards
     /// connects again. Consumers are not affected: they close when their stream is dropped.
     pub async fn close(&self) {
-        let senders: Vec<_> = self
+        let pools: Vec<_> = self
             .inner
             .senders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        for (entity, slot) in senders {
-            if let Some(sender) = slot.lock().await.take() {
-                self.inner.dispose_sender(&entity, sender).await;
+        for (entity, pool) in pools {
+            for slot in &pool.slots {
+                if let Some(sender) = slot.lock().await.take() {
+                    self.inner.dispose_sender(&entity, sender).await;
+                }
             }
         }
         if let Some(client) = self.inner.client.lock().await.take() {
@@ -336,14 +398,14 @@ impl Inner {
         what: &'static str,
         outgoing: azservicebus::ServiceBusMessage,
     ) -> Result<(), Error> {
-        let slot = Arc::clone(
+        let pool = Arc::clone(
             self.senders
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(entity.to_owned())
-                .or_default(),
+                .or_insert_with(|| Arc::new(SenderPool::new(self.options.senders_per_entity))),
         );
-        let mut sender = slot.lock().await;
+        let mut sender = pool.acquire().await;
         if sender.is_none() {
             *sender = Some(self.create_sender(entity, what).await?);
         }
@@ -493,7 +555,9 @@ impl Drop for Inner {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
-            .filter_map(|(_, slot)| Arc::into_inner(slot).and_then(Mutex::into_inner))
+            .filter_map(|(_, pool)| Arc::into_inner(pool))
+            .flat_map(|pool| pool.slots.into_vec())
+            .filter_map(Mutex::into_inner)
             .collect();
         let client = self.client.get_mut().take();
         if senders.is_empty() && client.is_none() {

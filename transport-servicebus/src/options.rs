@@ -26,6 +26,16 @@ pub struct ServiceBusOptions {
     /// How long a consumer waits for a message in one receive call before it asks again.
     /// Default 10 s; must be at least 1 s shorter than [`try_timeout`](Self::try_timeout).
     pub receive_wait: Duration,
+    /// How many sender links the transport may open to one queue or topic, so that as many
+    /// sends to it are in flight at once (each link carries one send at a time: the client's
+    /// send takes the link until the broker answers). Links are opened only when that many
+    /// sends overlap. Default 8; from 1 (sends to an entity go one at a time) to 64.
+    pub senders_per_entity: usize,
+    /// How long a consumer that has just received messages waits for a batch of more to fill
+    /// the deliveries its worker can take, before taking what came. Settlements wait meanwhile,
+    /// so keep it short; longer than a round trip to the namespace. Default 20 ms; more than
+    /// zero and at most 500 ms (so that it always ends before the client's try time-out).
+    pub receive_batch_wait: Duration,
 }
 
 impl Default for ServiceBusOptions {
@@ -36,6 +46,8 @@ impl Default for ServiceBusOptions {
             send_attempts: 3,
             send_backoff: Duration::from_millis(200),
             receive_wait: Duration::from_secs(10),
+            senders_per_entity: 8,
+            receive_batch_wait: Duration::from_millis(20),
         }
     }
 }
@@ -77,6 +89,20 @@ impl ServiceBusOptions {
         self
     }
 
+    /// Sets [`senders_per_entity`](Self::senders_per_entity).
+    #[must_use]
+    pub fn with_senders_per_entity(mut self, senders: usize) -> Self {
+        self.senders_per_entity = senders;
+        self
+    }
+
+    /// Sets [`receive_batch_wait`](Self::receive_batch_wait).
+    #[must_use]
+    pub fn with_receive_batch_wait(mut self, wait: Duration) -> Self {
+        self.receive_batch_wait = wait;
+        self
+    }
+
     /// Checks the options, naming the first field that is out of range.
     pub fn validate(&self) -> Result<(), Error> {
         if self.try_timeout < Duration::from_secs(1) {
@@ -106,6 +132,22 @@ impl ServiceBusOptions {
                     "must be more than zero and at least 1 s shorter than try_timeout ({:?}), \
                      got {:?}",
                     self.try_timeout, self.receive_wait
+                ),
+            ));
+        }
+        if !(1..=64).contains(&self.senders_per_entity) {
+            return Err(Error::config(
+                "senders_per_entity",
+                format!("must be from 1 to 64, got {}", self.senders_per_entity),
+            ));
+        }
+        if self.receive_batch_wait.is_zero() || self.receive_batch_wait > Duration::from_millis(500)
+        {
+            return Err(Error::config(
+                "receive_batch_wait",
+                format!(
+                    "must be more than zero and at most 500 ms, got {:?}",
+                    self.receive_batch_wait
                 ),
             ));
         }
@@ -143,8 +185,24 @@ mod tests {
             "receive_wait"
         );
         assert_eq!(
-            field(base.with_receive_wait(Duration::ZERO)),
+            field(base.clone().with_receive_wait(Duration::ZERO)),
             "receive_wait"
+        );
+        assert_eq!(
+            field(base.clone().with_senders_per_entity(0)),
+            "senders_per_entity"
+        );
+        assert_eq!(
+            field(base.clone().with_senders_per_entity(65)),
+            "senders_per_entity"
+        );
+        assert_eq!(
+            field(base.clone().with_receive_batch_wait(Duration::ZERO)),
+            "receive_batch_wait"
+        );
+        assert_eq!(
+            field(base.with_receive_batch_wait(Duration::from_secs(1))),
+            "receive_batch_wait"
         );
     }
 }
