@@ -33,7 +33,9 @@ pub struct ServiceBusOptions {
     pub senders_per_entity: usize,
     /// How long a consumer that has just received messages waits for a batch of more to fill
     /// the deliveries its worker can take, before taking what came. Settlements wait meanwhile,
-    /// so keep it short; longer than a round trip to the namespace. Default 20 ms; more than
+    /// and a message that came first waits with the batch, so keep it short: about a round trip
+    /// to the namespace. Default 5 ms (measured on the test broker: 20 ms gave the same
+    /// throughput and a p99 lateness of scheduled messages of 53 ms instead of 14 ms); more than
     /// zero and at most 500 ms (so that it always ends before the client's try time-out).
     pub receive_batch_wait: Duration,
 }
@@ -47,7 +49,7 @@ impl Default for ServiceBusOptions {
             send_backoff: Duration::from_millis(200),
             receive_wait: Duration::from_secs(10),
             senders_per_entity: 8,
-            receive_batch_wait: Duration::from_millis(20),
+            receive_batch_wait: Duration::from_millis(5),
         }
     }
 }
