@@ -13,7 +13,10 @@ use crate::message::{DeadLetterInfo, Headers, Message};
 
 /// Every header starting with this belongs to the framework.
 pub const PREFIX: &str = "redeliver-";
-/// Which handler call the message is for (1, 2, ...).
+/// Which handler call the message is for (2, 3, ...). Absent on a first attempt: a message
+/// without it is on attempt 1, like any message from another producer, and a first send
+/// carries no header table for the broker to parse (measured: publishing through RabbitMQ went
+/// from about 0.8 to about 0.9 of raw `lapin`).
 pub const ATTEMPT: &str = "redeliver-attempt";
 /// The not-before instant, RFC 3339 in UTC.
 pub const NOT_BEFORE: &str = "redeliver-not-before";
@@ -34,7 +37,9 @@ pub fn encode_headers(message: &Message) -> Headers {
         .iter()
         .filter(|(k, _)| !k.starts_with(PREFIX))
         .collect();
-    headers.insert(ATTEMPT, message.attempt().to_string());
+    if message.attempt() > 1 {
+        headers.insert(ATTEMPT, message.attempt().to_string());
+    }
     if let Some(at) = message.not_before() {
         // Millisecond precision on the wire, rounded up: a not-before is never moved earlier.
         let at = at
@@ -164,7 +169,13 @@ mod tests {
     #[test]
     fn reserved_headers_set_by_applications_are_not_sent() {
         let m = Message::new("x").with_header("redeliver-attempt", "99");
-        assert_eq!(encode_headers(&m).get(ATTEMPT), Some("1"));
+        assert_eq!(
+            encode_headers(&m).get(ATTEMPT),
+            None,
+            "attempt 1 goes without"
+        );
+        let m = m.with_attempt(3);
+        assert_eq!(encode_headers(&m).get(ATTEMPT), Some("3"));
     }
 
     #[test]
