@@ -36,8 +36,11 @@ pub(crate) fn properties(message: &Message) -> Result<BasicProperties, Error> {
     }
     let mut props = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
-        .with_message_id(short("message id", message.id().as_str())?)
-        .with_headers(headers);
+        .with_message_id(short("message id", message.id().as_str())?);
+    // Most first sends have no headers at all (see `wire::ATTEMPT`): send no table then.
+    if !headers.inner().is_empty() {
+        props = props.with_headers(headers);
+    }
     if let Some(ct) = message.content_type() {
         props = props.with_content_type(short("content type", ct)?);
     }
