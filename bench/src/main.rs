@@ -14,6 +14,7 @@ mod memory;
 mod rabbitmq;
 mod report;
 mod servicebus;
+mod support;
 
 use std::time::Duration;
 
@@ -141,8 +142,7 @@ where
     for _ in 0..runs {
         values.push(measure().await);
     }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    support::median_of(values)
 }
 
 /// Bytes allocated at the peak since the last reset, above what was allocated at the reset.

@@ -1,17 +1,17 @@
 //! The in-memory transport and the worker, next to a raw `tokio::sync::mpsc` hand-off.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::TimeDelta;
 use redeliver::memory::MemoryTransport;
-use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Transport, Worker};
+use redeliver::{Context, Message, Outcome, Transport, Worker};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::report::Report;
+use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread_ms};
 use crate::{Scale, median, peak_since_reset, reset_peak};
 
 const GROUP: &str = "memory";
@@ -26,34 +26,6 @@ struct Payload {
 fn payload() -> Bytes {
     let data = "x".repeat(1000);
     Bytes::from(serde_json::to_vec(&Payload { id: 1, data }).expect("serializes"))
-}
-
-/// Counts handler calls and wakes the bench when `target` is reached.
-#[derive(Clone)]
-struct Countdown {
-    seen: Arc<AtomicUsize>,
-    target: usize,
-    done: Arc<Notify>,
-}
-
-impl Countdown {
-    fn new(target: usize) -> Self {
-        Countdown {
-            seen: Arc::default(),
-            target,
-            done: Arc::new(Notify::new()),
-        }
-    }
-
-    fn tick(&self) {
-        if self.seen.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
-            self.done.notify_one();
-        }
-    }
-
-    async fn wait(&self) {
-        self.done.notified().await;
-    }
 }
 
 pub(crate) async fn run(scale: &Scale, report: &mut Report) {
@@ -176,39 +148,7 @@ async fn mpsc_hand_off(messages: usize, body: Bytes) -> f64 {
 async fn retry_path(messages: usize, body: Bytes) -> f64 {
     let memory = MemoryTransport::new();
     fill(&memory, messages, &body).await;
-    let countdown = Countdown::new(messages);
-    let counter = countdown.clone();
-    let immediate = BackoffPolicy::builder()
-        .max_attempts(2)
-        .backoff(Backoff::fixed(Duration::ZERO))
-        .jitter(Jitter::None)
-        .build()
-        .expect("a valid policy");
-    let started = Instant::now();
-    let worker = Worker::builder(Arc::new(memory), "bench")
-        .concurrency(16)
-        .retry_policy(immediate)
-        .start(move |_: Payload, ctx: Context| {
-            let outcome = if ctx.attempt() == 1 {
-                Outcome::retry("first try fails")
-            } else {
-                counter.tick();
-                Outcome::success()
-            };
-            async move { outcome }
-        })
-        .await
-        .expect("the worker starts");
-    countdown.wait().await;
-    let rate = messages as f64 / started.elapsed().as_secs_f64();
-    worker.shutdown().await;
-    rate
-}
-
-pub(crate) struct Lateness {
-    pub(crate) p50: f64,
-    pub(crate) p99: f64,
-    pub(crate) max: f64,
+    fail_once_then_succeed::<Payload>(Arc::new(memory), "bench", 16, messages).await
 }
 
 /// Messages scheduled at random instants up to `longest` ahead; how late each reaches its
@@ -236,7 +176,7 @@ async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
         .expect("the worker starts");
     let longest_ms = i64::try_from(longest.as_millis()).unwrap_or(i64::MAX);
     for i in 0..messages {
-        let at = clock.now() + TimeDelta::milliseconds(fastrand_ms(i, longest_ms));
+        let at = clock.now() + TimeDelta::milliseconds(spread_ms(i, longest_ms));
         transport
             .send(
                 "bench",
@@ -249,21 +189,7 @@ async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
     }
     countdown.wait().await;
     worker.shutdown().await;
-    let mut late = std::mem::take(&mut *late.lock().expect("not poisoned"));
-    late.sort_by(f64::total_cmp);
-    let at = |q: f64| late[((late.len() - 1) as f64 * q).round() as usize];
-    Lateness {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
-    }
-}
-
-/// A spread of delays between a tenth of `longest_ms` and `longest_ms`, deterministic per `i`.
-fn fastrand_ms(i: usize, longest_ms: i64) -> i64 {
-    let low = longest_ms / 10;
-    let spread = (longest_ms - low).max(1);
-    low + ((i as i64).wrapping_mul(7_919) % spread)
+    Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
 }
 
 /// A message due after `long` is sent first, one due after `short` second: how late the

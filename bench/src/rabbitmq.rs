@@ -5,7 +5,6 @@
 //! publishes), acks batched with `multiple` every [`ACK_EVERY`] deliveries, the same prefetch and
 //! the same queue arguments as redeliver's queues.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,13 +18,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use redeliver::rabbitmq::{QueueType, RabbitMqOptions, RabbitMqTransport};
-use redeliver::{
-    Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Topology, Transport, Worker,
-};
+use redeliver::{Context, Message, Outcome, Topology, Transport, Worker};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
 use crate::report::Report;
+use crate::support::{Countdown, Lateness, fail_once_then_succeed, median_of};
 use crate::{Scale, median};
 
 const GROUP: &str = "rabbitmq";
@@ -112,34 +109,6 @@ async fn connect_or_skip(url: &str) -> Option<Connection> {
          Set AMQP_URL, or REDELIVER_REQUIRE_BROKERS=1 to make this a failure. !!!\n"
     );
     None
-}
-
-/// Counts handler calls and wakes the bench when `target` is reached.
-#[derive(Clone)]
-struct Countdown {
-    seen: Arc<AtomicUsize>,
-    target: usize,
-    done: Arc<Notify>,
-}
-
-impl Countdown {
-    fn new(target: usize) -> Self {
-        Countdown {
-            seen: Arc::default(),
-            target,
-            done: Arc::new(Notify::new()),
-        }
-    }
-
-    fn tick(&self) {
-        if self.seen.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
-            self.done.notify_one();
-        }
-    }
-
-    async fn wait(&self) {
-        self.done.notified().await;
-    }
 }
 
 /// Everything one bench run creates on the broker, deleted at the end.
@@ -291,12 +260,6 @@ impl Bench {
     }
 }
 
-/// The median of `values`.
-fn middle(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn label(queue_type: QueueType) -> &'static str {
     if queue_type == QueueType::Classic {
         "classic"
@@ -356,15 +319,15 @@ async fn throughput(bench: &Bench, sizes: &Sizes, queue_type: QueueType, report:
     report.compare(
         GROUP,
         format!("{kind}: publish, confirms, 1 KiB persistent, {IN_FLIGHT} in flight"),
-        middle(ours_pub),
-        middle(raw_pub),
+        median_of(ours_pub),
+        median_of(raw_pub),
         "msg/s",
     );
     report.compare(
         GROUP,
         format!("{kind}: consume, acks, no-op handler, prefetch {PREFETCH}"),
-        middle(ours_con),
-        middle(raw_con),
+        median_of(ours_con),
+        median_of(raw_con),
         "msg/s",
     );
 }
@@ -491,13 +454,6 @@ async fn raw_consume(bench: &Bench, queue: &str, n: usize) -> f64 {
     rate
 }
 
-/// Percentiles of `values` (sorted here), as `(p50, p99, max)`.
-fn percentiles(mut values: Vec<f64>) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99), at(1.0))
-}
-
 /// Sends at a fixed rate while a consumer records send-to-handler times, in milliseconds.
 async fn latency(bench: &Bench, sizes: &Sizes, report: &mut Report) {
     let queue_type = QueueType::Quorum;
@@ -509,28 +465,33 @@ async fn latency(bench: &Bench, sizes: &Sizes, report: &mut Report) {
     for run in 0..sizes.runs {
         for mine in [run % 2 == 0, run % 2 == 1] {
             if mine {
-                ours.push(percentiles(
+                ours.push(Lateness::of(
                     redeliver_latency(bench, &transport, endpoint, n, sizes.rate).await,
                 ));
             } else {
-                raw.push(percentiles(
+                raw.push(Lateness::of(
                     raw_latency(bench, &raw_queue, n, sizes.rate).await,
                 ));
             }
         }
     }
-    let pick =
-        |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| middle(v.iter().map(f).collect());
+    let pick = |v: &[Lateness], f: fn(&Lateness) -> f64| median_of(v.iter().map(f).collect());
     let name = format!(
         "quorum: send → handler at {} msg/s, {n} messages, p50",
         sizes.rate
     );
-    report.compare(GROUP, name, pick(&ours, |p| p.0), pick(&raw, |p| p.0), "ms");
+    report.compare(
+        GROUP,
+        name,
+        pick(&ours, |p| p.p50),
+        pick(&raw, |p| p.p50),
+        "ms",
+    );
     report.compare(
         GROUP,
         "quorum: send → handler, p99",
-        pick(&ours, |p| p.1),
-        pick(&raw, |p| p.1),
+        pick(&ours, |p| p.p99),
+        pick(&raw, |p| p.p99),
         "ms",
     );
 }
@@ -624,42 +585,14 @@ async fn raw_latency(bench: &Bench, queue: &str, n: usize, rate: u32) -> Vec<f64
     seen
 }
 
-fn immediate_retry() -> BackoffPolicy {
-    BackoffPolicy::builder()
-        .max_attempts(2)
-        .backoff(Backoff::fixed(Duration::ZERO))
-        .jitter(Jitter::None)
-        .build()
-        .expect("a valid policy")
-}
-
 async fn retry_path(bench: &Bench, sizes: &Sizes, queue_type: QueueType) -> f64 {
     let endpoint = format!("{}-retry", label(queue_type));
     let transport = bench.endpoint(queue_type, &endpoint).await;
     let n = sizes.messages / 2;
     median(sizes.runs, || async {
         redeliver_publish(&transport, &endpoint, n).await;
-        let countdown = Countdown::new(n);
-        let counter = countdown.clone();
-        let started = Instant::now();
-        let worker = Worker::builder(Arc::new(transport.clone()), endpoint.as_str())
-            .concurrency(usize::from(PREFETCH))
-            .retry_policy(immediate_retry())
-            .start(move |_: Payload, ctx: Context| {
-                let outcome = if ctx.attempt() == 1 {
-                    Outcome::retry("first try fails")
-                } else {
-                    counter.tick();
-                    Outcome::success()
-                };
-                async move { outcome }
-            })
-            .await
-            .expect("the worker starts");
-        countdown.wait().await;
-        let rate = n as f64 / started.elapsed().as_secs_f64();
-        worker.shutdown().await;
-        rate
+        let transport = Arc::new(transport.clone());
+        fail_once_then_succeed::<Payload>(transport, &endpoint, usize::from(PREFETCH), n).await
     })
     .await
 }
@@ -708,7 +641,8 @@ async fn delay_precision(bench: &Bench, sizes: &Sizes, report: &mut Report) {
         .await;
     countdown.wait().await;
     worker.shutdown().await;
-    let (p50, p99, max) = percentiles(std::mem::take(&mut *late.lock().expect("not poisoned")));
+    let Lateness { p50, p99, max } =
+        Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")));
     let longest = sizes.longest_delay.as_secs_f64();
     report.add(
         GROUP,

@@ -6,7 +6,6 @@
 //! multi-threaded runtime against a peer on loopback (see the transport's crate docs). So the
 //! broker and the clients each get about one core. Every run has a broker of its own.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,13 +17,14 @@ use azservicebus::{
 use bytes::Bytes;
 use chrono::{TimeDelta, Utc};
 use redeliver::servicebus::{ServiceBusOptions, ServiceBusTransport};
-use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Transport, Worker};
+use redeliver::{Context, Message, Outcome, Transport, Worker};
 use redeliver_servicebus_testbroker::{BrokerHandle, BrokerOptions, QueueOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::report::Report;
+use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread_ms, within};
 use crate::{Scale, median};
 
 const GROUP: &str = "servicebus";
@@ -34,8 +34,6 @@ const IN_FLIGHT: usize = 64;
 const BATCH: usize = 100;
 /// The worker's concurrency, and the raw receiver's prefetch.
 const CONCURRENCY: usize = 16;
-/// Longest wait for anything in a run before the bench gives up.
-const PATIENCE: Duration = Duration::from_secs(120);
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
 
@@ -355,41 +353,6 @@ async fn filled_queue(broker: &Broker, what: &str, messages: usize, body: &Bytes
     queue
 }
 
-/// Counts handler calls and wakes the bench when `target` is reached.
-#[derive(Clone)]
-struct Countdown {
-    seen: Arc<AtomicUsize>,
-    target: usize,
-    done: Arc<Notify>,
-}
-
-impl Countdown {
-    fn new(target: usize) -> Self {
-        Countdown {
-            seen: Arc::default(),
-            target,
-            done: Arc::new(Notify::new()),
-        }
-    }
-
-    fn tick(&self) {
-        if self.seen.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
-            self.done.notify_one();
-        }
-    }
-
-    async fn wait(&self) {
-        within(self.done.notified()).await;
-    }
-}
-
-/// Waits for `future`, but not for ever: a stuck run fails the bench instead of hanging it.
-async fn within<F: std::future::Future>(future: F) -> F::Output {
-    tokio::time::timeout(PATIENCE, future)
-        .await
-        .unwrap_or_else(|_| panic!("a Service Bus run took longer than {PATIENCE:?}"))
-}
-
 /// A worker with a no-op handler drains a queue of `messages`.
 async fn consume_ours(messages: usize, body: &Bytes) -> f64 {
     let broker = Broker::start();
@@ -463,41 +426,11 @@ async fn retry_path(messages: usize, body: &Bytes) -> f64 {
     let broker = Broker::start();
     let queue = filled_queue(&broker, "retry", messages, body).await;
     let transport = transport(&broker).await;
-    let countdown = Countdown::new(messages);
-    let counter = countdown.clone();
-    let immediate = BackoffPolicy::builder()
-        .max_attempts(2)
-        .backoff(Backoff::fixed(Duration::ZERO))
-        .jitter(Jitter::None)
-        .build()
-        .expect("a valid policy");
-    let started = Instant::now();
-    let worker = Worker::builder(transport.clone(), queue.as_str())
-        .concurrency(CONCURRENCY)
-        .retry_policy(immediate)
-        .start(move |_: Payload, ctx: Context| {
-            let outcome = if ctx.attempt() == 1 {
-                Outcome::retry("first try fails")
-            } else {
-                counter.tick();
-                Outcome::success()
-            };
-            async move { outcome }
-        })
-        .await
-        .expect("the worker starts");
-    countdown.wait().await;
-    let rate = messages as f64 / started.elapsed().as_secs_f64();
-    worker.shutdown().await;
+    let rate =
+        fail_once_then_succeed::<Payload>(transport.clone(), &queue, CONCURRENCY, messages).await;
     transport.close().await;
     broker.stop();
     rate
-}
-
-struct Lateness {
-    p50: f64,
-    p99: f64,
-    max: f64,
 }
 
 /// Messages scheduled between a tenth of `longest` and `longest` ahead of their sending; how
@@ -544,21 +477,7 @@ async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
     worker.shutdown().await;
     transport.close().await;
     broker.stop();
-    let mut late = std::mem::take(&mut *late.lock().expect("not poisoned"));
-    late.sort_by(f64::total_cmp);
-    let at = |q: f64| late[((late.len() - 1) as f64 * q).round() as usize];
-    Lateness {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
-    }
-}
-
-/// A spread of delays between a tenth of `longest_ms` and `longest_ms`, deterministic per `i`.
-fn spread_ms(i: usize, longest_ms: i64) -> i64 {
-    let low = longest_ms / 10;
-    let spread = (longest_ms - low).max(1);
-    low + ((i as i64).wrapping_mul(7_919) % spread)
+    Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
 }
 
 /// A message due after `long` is sent first, one due after `short` second: how late the

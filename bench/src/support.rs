@@ -1,0 +1,126 @@
+//! What the groups share: counting handler calls, bounding waits, delays and percentiles.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Outcome, Transport, Worker};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+/// The longest a single run may take: a stuck run fails the bench instead of hanging it.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(180);
+
+/// Waits for `future`, at most [`PATIENCE`].
+pub(crate) async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("a benchmark run took longer than {PATIENCE:?}"))
+}
+
+/// Counts handler calls and wakes the bench when `target` is reached.
+#[derive(Clone)]
+pub(crate) struct Countdown {
+    seen: Arc<AtomicUsize>,
+    target: usize,
+    done: Arc<Notify>,
+}
+
+impl Countdown {
+    pub(crate) fn new(target: usize) -> Self {
+        Countdown {
+            seen: Arc::default(),
+            target,
+            done: Arc::new(Notify::new()),
+        }
+    }
+
+    pub(crate) fn tick(&self) {
+        if self.seen.fetch_add(1, Ordering::Relaxed) + 1 == self.target {
+            // `notify_one` keeps the wake-up if nobody waits yet.
+            self.done.notify_one();
+        }
+    }
+
+    /// Waits until `target` calls were counted, at most [`PATIENCE`].
+    pub(crate) async fn wait(&self) {
+        within(self.done.notified()).await;
+    }
+}
+
+/// The median of `values`.
+pub(crate) fn median_of(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// How late scheduled messages reached their handler, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lateness {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+}
+
+impl Lateness {
+    /// The percentiles of `late` (at least one value).
+    pub(crate) fn of(mut late: Vec<f64>) -> Self {
+        late.sort_by(f64::total_cmp);
+        let at = |q: f64| late[((late.len() - 1) as f64 * q).round() as usize];
+        Lateness {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// The delay of the `i`-th scheduled message: spread between a tenth of `longest_ms` and
+/// `longest_ms`, deterministic per `i`, so that every run schedules the same mix.
+pub(crate) fn spread_ms(i: usize, longest_ms: i64) -> i64 {
+    let low = longest_ms / 10;
+    let spread = (longest_ms - low).max(1);
+    low + ((i as i64).wrapping_mul(7_919) % spread)
+}
+
+/// Messages/s through a worker on `endpoint` of `transport` (already holding `messages`
+/// messages) whose handler fails every message's first attempt and succeeds on the second,
+/// retried at once.
+pub(crate) async fn fail_once_then_succeed<T>(
+    transport: Arc<dyn Transport>,
+    endpoint: &str,
+    concurrency: usize,
+    messages: usize,
+) -> f64
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    let countdown = Countdown::new(messages);
+    let counter = countdown.clone();
+    let immediate = BackoffPolicy::builder()
+        .max_attempts(2)
+        .backoff(Backoff::fixed(Duration::ZERO))
+        .jitter(Jitter::None)
+        .build()
+        .expect("a valid policy");
+    let started = Instant::now();
+    let worker = Worker::builder(transport, endpoint)
+        .concurrency(concurrency)
+        .retry_policy(immediate)
+        .start(move |_: T, ctx: Context| {
+            let outcome = if ctx.attempt() == 1 {
+                Outcome::retry("first try fails")
+            } else {
+                counter.tick();
+                Outcome::success()
+            };
+            async move { outcome }
+        })
+        .await
+        .expect("the worker starts");
+    countdown.wait().await;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    worker.shutdown().await;
+    rate
+}
