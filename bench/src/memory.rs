@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::report::Report;
+use crate::support;
 use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread_ms};
 use crate::{Scale, median, peak_since_reset, reset_peak};
 
@@ -195,35 +196,7 @@ async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
 /// A message due after `long` is sent first, one due after `short` second: how late the
 /// short one is.
 async fn head_of_line(long: Duration, short: Duration) -> f64 {
-    let memory = MemoryTransport::new();
-    let clock = memory.clock();
-    let transport: Arc<dyn Transport> = Arc::new(memory);
-    let (tx, mut rx) = watch::channel(None);
-    let handler_clock = clock.clone();
-    let worker = Worker::builder(Arc::clone(&transport), "bench")
-        .start(move |_: u64, ctx: Context| {
-            let lateness = handler_clock.now() - ctx.not_before().expect("scheduled");
-            tx.send_replace(Some(lateness.as_seconds_f64() * 1000.0));
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    for delay in [long, short] {
-        let at = clock.now() + TimeDelta::from_std(delay).expect("a short delay");
-        transport
-            .send(
-                "bench",
-                Message::json(&0u64).expect("json").with_not_before(at),
-            )
-            .await
-            .expect("sent");
-    }
-    let lateness = *rx
-        .wait_for(Option::is_some)
-        .await
-        .expect("the worker is alive");
-    worker.shutdown().await;
-    lateness.expect("set")
+    support::head_of_line(Arc::new(MemoryTransport::new()), "bench", long, short).await
 }
 
 async fn held_footprint(messages: usize, body: Bytes) -> usize {

@@ -22,7 +22,7 @@ use redeliver::{Context, Message, Outcome, Topology, Transport, Worker};
 use serde::{Deserialize, Serialize};
 
 use crate::report::Report;
-use crate::support::{Countdown, Lateness, fail_once_then_succeed, median_of};
+use crate::support::{self, Countdown, Lateness, fail_once_then_succeed, median_of};
 use crate::{Scale, median};
 
 const GROUP: &str = "rabbitmq";
@@ -654,7 +654,13 @@ async fn delay_precision(bench: &Bench, sizes: &Sizes, report: &mut Report) {
     report.add(GROUP, "lateness, max", max, "ms");
 
     let long = sizes.longest_delay * 3;
-    let hol = head_of_line(&transport, endpoint, long, Duration::from_secs(1)).await;
+    let hol = support::head_of_line(
+        Arc::new(transport.clone()),
+        endpoint,
+        long,
+        Duration::from_secs(1),
+    )
+    .await;
     report.add(
         GROUP,
         format!(
@@ -664,39 +670,4 @@ async fn delay_precision(bench: &Bench, sizes: &Sizes, report: &mut Report) {
         hol,
         "ms",
     );
-}
-
-/// A message due after `long` is sent first, one due after `short` second: how late the short
-/// one is. The long one is left in the cascade, deleted with it.
-async fn head_of_line(
-    transport: &RabbitMqTransport,
-    endpoint: &str,
-    long: Duration,
-    short: Duration,
-) -> f64 {
-    let (tx, mut rx) = tokio::sync::watch::channel(None);
-    let worker = Worker::builder(Arc::new(transport.clone()), endpoint)
-        .start(move |_: u64, ctx: Context| {
-            let lateness = Utc::now() - ctx.not_before().expect("scheduled");
-            tx.send_replace(Some(lateness.as_seconds_f64() * 1000.0));
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    for delay in [long, short] {
-        let at = Utc::now() + TimeDelta::from_std(delay).expect("a short delay");
-        transport
-            .send(
-                endpoint,
-                Message::json(&0u64).expect("json").with_not_before(at),
-            )
-            .await
-            .expect("scheduled");
-    }
-    let lateness = *rx
-        .wait_for(Option::is_some)
-        .await
-        .expect("the worker is alive");
-    worker.shutdown().await;
-    lateness.expect("set")
 }

@@ -20,10 +20,10 @@ use redeliver::servicebus::{ServiceBusOptions, ServiceBusTransport};
 use redeliver::{Context, Message, Outcome, Transport, Worker};
 use redeliver_servicebus_testbroker::{BrokerHandle, BrokerOptions, QueueOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::report::Report;
+use crate::support;
 use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread_ms, within};
 use crate::{Scale, median};
 
@@ -486,30 +486,8 @@ async fn head_of_line(long: Duration, short: Duration) -> f64 {
     let broker = Broker::start();
     let queue = broker.queue("head-of-line");
     let transport = transport(&broker).await;
-    let (tx, mut rx) = watch::channel(None);
-    let worker = Worker::builder(transport.clone(), queue.as_str())
-        .start(move |_: u64, ctx: Context| {
-            let lateness = Utc::now() - ctx.not_before().expect("scheduled");
-            tx.send_replace(Some(lateness.as_seconds_f64() * 1000.0));
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    for delay in [long, short] {
-        let at = Utc::now() + TimeDelta::from_std(delay).expect("a short delay");
-        transport
-            .send(
-                &queue,
-                Message::json(&0u64).expect("json").with_not_before(at),
-            )
-            .await
-            .expect("sent");
-    }
-    let lateness = *within(rx.wait_for(Option::is_some))
-        .await
-        .expect("the worker is alive");
-    worker.shutdown().await;
+    let lateness = support::head_of_line(transport.clone(), &queue, long, short).await;
     transport.close().await;
     broker.stop();
-    lateness.expect("set")
+    lateness
 }

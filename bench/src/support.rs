@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Outcome, Transport, Worker};
+use chrono::TimeDelta;
+use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Transport, Worker};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 /// The longest a single run may take: a stuck run fails the bench instead of hanging it.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(180);
@@ -123,4 +124,39 @@ where
     let rate = messages as f64 / started.elapsed().as_secs_f64();
     worker.shutdown().await;
     rate
+}
+
+/// Head of line: a message due after `long` is sent to `endpoint`, then one due after `short`.
+/// Returns how late the short one reaches its handler, in milliseconds: a transport that keeps
+/// scheduled messages in one line would hand it over only after the long one.
+pub(crate) async fn head_of_line(
+    transport: Arc<dyn Transport>,
+    endpoint: &str,
+    long: Duration,
+    short: Duration,
+) -> f64 {
+    const SHORT: u8 = 1;
+    let clock = transport.clock();
+    let handler_clock = clock.clone();
+    let (tx, mut rx) = watch::channel(None);
+    let worker = Worker::builder(Arc::clone(&transport), endpoint)
+        .start(move |which: u8, ctx: Context| {
+            if which == SHORT {
+                let lateness = handler_clock.now() - ctx.not_before().expect("scheduled");
+                tx.send_replace(Some(lateness.as_seconds_f64() * 1000.0));
+            }
+            async { Outcome::success() }
+        })
+        .await
+        .expect("the worker starts");
+    for (which, delay) in [(0u8, long), (SHORT, short)] {
+        let at = clock.now() + TimeDelta::from_std(delay).expect("a short delay");
+        let message = Message::json(&which).expect("json").with_not_before(at);
+        transport.send(endpoint, message).await.expect("sent");
+    }
+    let lateness = *within(rx.wait_for(Option::is_some))
+        .await
+        .expect("the worker is alive");
+    worker.shutdown().await;
+    lateness.expect("set")
 }
