@@ -31,6 +31,8 @@ const GROUPS: [&str; 3] = ["memory", "rabbitmq", "servicebus"];
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Scale {
+    /// A smoke run: only checks that every measurement works.
+    pub(crate) smoke: bool,
     /// Runs per figure (the median is reported).
     pub(crate) runs: usize,
     /// Messages per throughput run.
@@ -46,6 +48,7 @@ pub(crate) struct Scale {
 impl Scale {
     fn full() -> Self {
         Scale {
+            smoke: false,
             runs: 5,
             messages: 200_000,
             scheduled: 5_000,
@@ -57,6 +60,7 @@ impl Scale {
 
     fn smoke() -> Self {
         Scale {
+            smoke: true,
             runs: 1,
             messages: 2_000,
             scheduled: 200,

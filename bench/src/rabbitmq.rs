@@ -64,7 +64,7 @@ struct Sizes {
 
 impl Sizes {
     fn new(scale: &Scale) -> Self {
-        let smoke = scale.messages < 10_000;
+        let smoke = scale.smoke;
         Sizes {
             runs: scale.runs,
             messages: (scale.messages / 10).max(100),
