@@ -1,6 +1,6 @@
 //! The in-memory transport and the worker, next to a raw `tokio::sync::mpsc` hand-off.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::report::Report;
 use crate::support;
-use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread_ms};
+use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread};
 use crate::{Scale, median, peak_since_reset, reset_peak};
 
 const GROUP: &str = "memory";
@@ -155,42 +155,11 @@ async fn retry_path(messages: usize, body: Bytes) -> f64 {
 /// Messages scheduled at random instants up to `longest` ahead; how late each reaches its
 /// handler, in milliseconds.
 async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
-    let memory = MemoryTransport::new();
-    let clock = memory.clock();
-    let transport: Arc<dyn Transport> = Arc::new(memory);
-    let late = Arc::new(Mutex::new(Vec::with_capacity(messages)));
-    let countdown = Countdown::new(messages);
-    let (counter, record, handler_clock) = (countdown.clone(), Arc::clone(&late), clock.clone());
-    let worker = Worker::builder(Arc::clone(&transport), "bench")
-        .concurrency(16)
-        .start(move |_: u64, ctx: Context| {
-            let lateness =
-                handler_clock.now() - ctx.not_before().expect("every message is scheduled");
-            record
-                .lock()
-                .expect("not poisoned")
-                .push(lateness.as_seconds_f64() * 1000.0);
-            counter.tick();
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    let longest_ms = i64::try_from(longest.as_millis()).unwrap_or(i64::MAX);
-    for i in 0..messages {
-        let at = clock.now() + TimeDelta::milliseconds(spread_ms(i, longest_ms));
-        transport
-            .send(
-                "bench",
-                Message::json(&(i as u64))
-                    .expect("json")
-                    .with_not_before(at),
-            )
-            .await
-            .expect("sent");
-    }
-    countdown.wait().await;
-    worker.shutdown().await;
-    Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
+    let transport = Arc::new(MemoryTransport::new());
+    support::scheduled_lateness(transport, "bench", 16, 1, messages, |i| {
+        spread(i, longest / 10, longest)
+    })
+    .await
 }
 
 /// A message due after `long` is sent first, one due after `short` second: how late the

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{TimeDelta, Utc};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -597,56 +596,27 @@ async fn retry_path(bench: &Bench, sizes: &Sizes, queue_type: QueueType) -> f64 
     .await
 }
 
-/// A delay between 1 s and `longest`, deterministic per `i`, with a millisecond part.
-fn delay_of(i: usize, longest: Duration) -> Duration {
-    let low = 1_000u64;
-    let spread = u64::try_from(longest.as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_sub(low)
-        .max(1);
-    Duration::from_millis(low + (i as u64).wrapping_mul(7_919) % spread)
-}
-
 /// Lateness (handler time − not-before, ms) of scheduled messages, and the head-of-line case.
 async fn delay_precision(bench: &Bench, sizes: &Sizes, report: &mut Report) {
     let endpoint = "quorum-delays";
     let transport = bench.endpoint(QueueType::Quorum, endpoint).await;
     let n = sizes.scheduled;
-    let late = Arc::new(Mutex::new(Vec::with_capacity(n)));
-    let countdown = Countdown::new(n);
-    let (counter, record) = (countdown.clone(), Arc::clone(&late));
-    let worker = Worker::builder(Arc::new(transport.clone()), endpoint)
-        .concurrency(usize::from(PREFETCH))
-        .start(move |_: u64, ctx: Context| {
-            let lateness = Utc::now() - ctx.not_before().expect("every message is scheduled");
-            record
-                .lock()
-                .expect("not poisoned")
-                .push(lateness.as_seconds_f64() * 1000.0);
-            counter.tick();
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let delay = TimeDelta::from_std(delay_of(i, sizes.longest_delay)).expect("short");
-            let message = Message::json(&(i as u64))
-                .expect("json")
-                .with_not_before(Utc::now() + delay);
-            transport.send(endpoint, message)
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|sent| async move { sent.expect("scheduled") })
-        .await;
-    countdown.wait().await;
-    worker.shutdown().await;
-    let Lateness { p50, p99, max } =
-        Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")));
-    let longest = sizes.longest_delay.as_secs_f64();
+    let longest = sizes.longest_delay;
+    let Lateness { p50, p99, max } = support::scheduled_lateness(
+        Arc::new(transport.clone()),
+        endpoint,
+        usize::from(PREFETCH),
+        IN_FLIGHT,
+        n,
+        |i| support::spread(i, Duration::from_secs(1), longest),
+    )
+    .await;
     report.add(
         GROUP,
-        format!("lateness of {n} scheduled messages (1–{longest:.0} s), p50"),
+        format!(
+            "lateness of {n} scheduled messages (1–{:.0} s), p50",
+            longest.as_secs_f64()
+        ),
         p50,
         "ms",
     );

@@ -6,7 +6,7 @@
 //! multi-threaded runtime against a peer on loopback (see the transport's crate docs). So the
 //! broker and the clients each get about one core. Every run has a broker of its own.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use azservicebus::core::BasicRetryPolicy;
@@ -15,7 +15,6 @@ use azservicebus::{
     ServiceBusSenderOptions,
 };
 use bytes::Bytes;
-use chrono::{TimeDelta, Utc};
 use redeliver::servicebus::{ServiceBusOptions, ServiceBusTransport};
 use redeliver::{Context, Message, Outcome, Transport, Worker};
 use redeliver_servicebus_testbroker::{BrokerHandle, BrokerOptions, QueueOptions};
@@ -24,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::report::Report;
 use crate::support;
-use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread_ms, within};
+use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread, within};
 use crate::{Scale, median};
 
 const GROUP: &str = "servicebus";
@@ -439,45 +438,18 @@ async fn delay_precision(messages: usize, longest: Duration) -> Lateness {
     let broker = Broker::start();
     let queue = broker.queue("delays");
     let transport = transport(&broker).await;
-    let late = Arc::new(Mutex::new(Vec::with_capacity(messages)));
-    let countdown = Countdown::new(messages);
-    let (counter, record) = (countdown.clone(), Arc::clone(&late));
-    let worker = Worker::builder(transport.clone(), queue.as_str())
-        .concurrency(CONCURRENCY)
-        .start(move |_: u64, ctx: Context| {
-            let lateness = Utc::now() - ctx.not_before().expect("every message is scheduled");
-            record
-                .lock()
-                .expect("not poisoned")
-                .push(lateness.as_seconds_f64() * 1000.0);
-            counter.tick();
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    let longest_ms = i64::try_from(longest.as_millis()).unwrap_or(i64::MAX);
-    let mut senders = JoinSet::new();
-    for task in 0..IN_FLIGHT {
-        let (transport, queue) = (Arc::clone(&transport), queue.clone());
-        senders.spawn(async move {
-            for i in (task..messages).step_by(IN_FLIGHT) {
-                // The delay counts from the sending, so a slow sender does not make it late.
-                let at = Utc::now() + TimeDelta::milliseconds(spread_ms(i, longest_ms));
-                let message = Message::json(&(i as u64))
-                    .expect("json")
-                    .with_not_before(at);
-                transport.send(&queue, message).await.expect("sent");
-            }
-        });
-    }
-    while let Some(joined) = senders.join_next().await {
-        joined.expect("a sending task does not panic");
-    }
-    countdown.wait().await;
-    worker.shutdown().await;
+    let lateness = support::scheduled_lateness(
+        transport.clone(),
+        &queue,
+        CONCURRENCY,
+        IN_FLIGHT,
+        messages,
+        |i| spread(i, longest / 10, longest),
+    )
+    .await;
     transport.close().await;
     broker.stop();
-    Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
+    lateness
 }
 
 /// A message due after `long` is sent first, one due after `short` second: how late the

@@ -1,11 +1,12 @@
 //! What the groups share: counting handler calls, bounding waits, delays and percentiles.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
+use futures::StreamExt;
 use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Transport, Worker};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
@@ -77,12 +78,15 @@ impl Lateness {
     }
 }
 
-/// The delay of the `i`-th scheduled message: spread between a tenth of `longest_ms` and
-/// `longest_ms`, deterministic per `i`, so that every run schedules the same mix.
-pub(crate) fn spread_ms(i: usize, longest_ms: i64) -> i64 {
-    let low = longest_ms / 10;
-    let spread = (longest_ms - low).max(1);
-    low + ((i as i64).wrapping_mul(7_919) % spread)
+/// The delay of the `i`-th scheduled message: spread between `shortest` and `longest`, with a
+/// millisecond part, deterministic per `i` so that every run schedules the same mix.
+pub(crate) fn spread(i: usize, shortest: Duration, longest: Duration) -> Duration {
+    let low = u64::try_from(shortest.as_millis()).unwrap_or(u64::MAX);
+    let span = u64::try_from(longest.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_sub(low)
+        .max(1);
+    Duration::from_millis(low + (i as u64).wrapping_mul(7_919) % span)
 }
 
 /// Messages/s through a worker on `endpoint` of `transport` (already holding `messages`
@@ -159,4 +163,51 @@ pub(crate) async fn head_of_line(
         .expect("the worker is alive");
     worker.shutdown().await;
     lateness.expect("set")
+}
+
+/// Sends `messages` messages to `endpoint`, the `i`-th due `delay(i)` after its sending (up to
+/// `in_flight` sends at once), and returns how late a worker of `concurrency` handled them
+/// after their not-before, by the transport's clock.
+pub(crate) async fn scheduled_lateness(
+    transport: Arc<dyn Transport>,
+    endpoint: &str,
+    concurrency: usize,
+    in_flight: usize,
+    messages: usize,
+    delay: impl Fn(usize) -> Duration,
+) -> Lateness {
+    let clock = transport.clock();
+    let late = Arc::new(Mutex::new(Vec::with_capacity(messages)));
+    let countdown = Countdown::new(messages);
+    let (counter, record, handler_clock) = (countdown.clone(), Arc::clone(&late), clock.clone());
+    let worker = Worker::builder(Arc::clone(&transport), endpoint)
+        .concurrency(concurrency)
+        .start(move |_: u64, ctx: Context| {
+            let lateness =
+                handler_clock.now() - ctx.not_before().expect("every message is scheduled");
+            record
+                .lock()
+                .expect("not poisoned")
+                .push(lateness.as_seconds_f64() * 1000.0);
+            counter.tick();
+            async { Outcome::success() }
+        })
+        .await
+        .expect("the worker starts");
+    futures::stream::iter(0..messages)
+        .map(|i| {
+            // The delay counts from the sending, so a slow sender does not make it late.
+            let at = clock.now() + TimeDelta::from_std(delay(i)).expect("a short delay");
+            let message = Message::json(&(i as u64))
+                .expect("json")
+                .with_not_before(at);
+            let transport = Arc::clone(&transport);
+            async move { transport.send(endpoint, message).await }
+        })
+        .buffer_unordered(in_flight)
+        .for_each(|sent| async move { sent.expect("scheduled") })
+        .await;
+    countdown.wait().await;
+    worker.shutdown().await;
+    Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
 }
