@@ -7,27 +7,14 @@ use bytes::Bytes;
 use chrono::TimeDelta;
 use redeliver::memory::MemoryTransport;
 use redeliver::{Context, Message, Outcome, Transport, Worker};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::report::Report;
 use crate::support;
-use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread};
+use crate::support::{Countdown, Lateness, Payload, fail_once_then_succeed, payload, spread};
 use crate::{Scale, median, peak_since_reset, reset_peak};
 
 const GROUP: &str = "memory";
-
-/// The payload of every message: about 1 KiB of JSON.
-#[derive(Serialize, Deserialize)]
-struct Payload {
-    id: u64,
-    data: String,
-}
-
-fn payload() -> Bytes {
-    let data = "x".repeat(1000);
-    Bytes::from(serde_json::to_vec(&Payload { id: 1, data }).expect("serializes"))
-}
 
 pub(crate) async fn run(scale: &Scale, report: &mut Report) {
     let body = payload();
@@ -107,21 +94,7 @@ async fn fill(transport: &MemoryTransport, messages: usize, body: &Bytes) {
 async fn worker_throughput(messages: usize, concurrency: usize, body: Bytes) -> f64 {
     let memory = MemoryTransport::new();
     fill(&memory, messages, &body).await;
-    let countdown = Countdown::new(messages);
-    let counter = countdown.clone();
-    let started = Instant::now();
-    let worker = Worker::builder(Arc::new(memory), "bench")
-        .concurrency(concurrency)
-        .start(move |_: Payload, _: Context| {
-            counter.tick();
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    countdown.wait().await;
-    let rate = messages as f64 / started.elapsed().as_secs_f64();
-    worker.shutdown().await;
-    rate
+    support::no_op_drain::<Payload>(Arc::new(memory), "bench", concurrency, messages).await
 }
 
 /// The same payloads handed over a `tokio::sync::mpsc` channel and decoded, one consumer.
@@ -137,7 +110,7 @@ async fn mpsc_hand_off(messages: usize, body: Bytes) -> f64 {
         let mut n = 0usize;
         while let Some(bytes) = rx.recv().await {
             let payload: Payload = serde_json::from_slice(&bytes).expect("valid JSON");
-            n += usize::from(payload.id > 0);
+            n += usize::from(payload.is_valid());
         }
         n
     });

@@ -383,21 +383,8 @@ async fn raw_publish(bench: &Bench, queue: &str, n: usize) -> f64 {
 }
 
 async fn redeliver_consume(transport: &RabbitMqTransport, endpoint: &str, n: usize) -> f64 {
-    let countdown = Countdown::new(n);
-    let counter = countdown.clone();
-    let started = Instant::now();
-    let worker = Worker::builder(Arc::new(transport.clone()), endpoint)
-        .concurrency(usize::from(PREFETCH))
-        .start(move |_: Payload, _: Context| {
-            counter.tick();
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    countdown.wait().await;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    worker.shutdown().await;
-    rate
+    let transport = Arc::new(transport.clone());
+    support::no_op_drain::<Payload>(transport, endpoint, usize::from(PREFETCH), n).await
 }
 
 /// Consumes `n` messages with prefetch [`PREFETCH`], decoding each and acknowledging with

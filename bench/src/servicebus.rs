@@ -16,14 +16,13 @@ use azservicebus::{
 };
 use bytes::Bytes;
 use redeliver::servicebus::{ServiceBusOptions, ServiceBusTransport};
-use redeliver::{Context, Message, Outcome, Transport, Worker};
+use redeliver::{Message, Transport};
 use redeliver_servicebus_testbroker::{BrokerHandle, BrokerOptions, QueueOptions};
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::report::Report;
 use crate::support;
-use crate::support::{Countdown, Lateness, fail_once_then_succeed, spread, within};
+use crate::support::{Lateness, Payload, fail_once_then_succeed, payload, spread, within};
 use crate::{Scale, median};
 
 const GROUP: &str = "servicebus";
@@ -35,18 +34,6 @@ const BATCH: usize = 100;
 const CONCURRENCY: usize = 16;
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
-
-/// The payload of every message: about 1 KiB of JSON.
-#[derive(Serialize, Deserialize)]
-struct Payload {
-    id: u64,
-    data: String,
-}
-
-fn payload() -> Bytes {
-    let data = "x".repeat(1000);
-    Bytes::from(serde_json::to_vec(&Payload { id: 1, data }).expect("serializes"))
-}
 
 /// How big the runs of this group are, from the bench's scale.
 struct Sizes {
@@ -357,20 +344,8 @@ async fn consume_ours(messages: usize, body: &Bytes) -> f64 {
     let broker = Broker::start();
     let queue = filled_queue(&broker, "consume-ours", messages, body).await;
     let transport = transport(&broker).await;
-    let countdown = Countdown::new(messages);
-    let counter = countdown.clone();
-    let started = Instant::now();
-    let worker = Worker::builder(transport.clone(), queue.as_str())
-        .concurrency(CONCURRENCY)
-        .start(move |_: Payload, _: Context| {
-            counter.tick();
-            async { Outcome::success() }
-        })
-        .await
-        .expect("the worker starts");
-    countdown.wait().await;
-    let rate = messages as f64 / started.elapsed().as_secs_f64();
-    worker.shutdown().await;
+    let rate =
+        support::no_op_drain::<Payload>(transport.clone(), &queue, CONCURRENCY, messages).await;
     transport.close().await;
     broker.stop();
     rate
@@ -402,7 +377,7 @@ async fn consume_raw(messages: usize, body: &Bytes) -> f64 {
             for message in &received {
                 let body = message.body().expect("a data body");
                 let payload: Payload = serde_json::from_slice(body).expect("valid JSON");
-                assert!(payload.id > 0);
+                assert!(payload.is_valid());
                 receiver
                     .complete_message(message)
                     .await

@@ -5,11 +5,34 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::TimeDelta;
 use futures::StreamExt;
 use redeliver::{Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Transport, Worker};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+
+/// The payload of the in-memory and Service Bus runs: about 1 KiB of JSON, decoded by every
+/// handler (the RabbitMQ group's payload also carries its sending time).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Payload {
+    id: u64,
+    data: String,
+}
+
+impl Payload {
+    /// Whether the payload decoded to what [`payload`] encodes (keeps the decoding honest).
+    pub(crate) fn is_valid(&self) -> bool {
+        self.id > 0
+    }
+}
+
+/// The encoded [`Payload`].
+pub(crate) fn payload() -> Bytes {
+    let data = "x".repeat(1000);
+    Bytes::from(serde_json::to_vec(&Payload { id: 1, data }).expect("serializes"))
+}
 
 /// The longest a single run may take: a stuck run fails the bench instead of hanging it.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(180);
@@ -87,6 +110,34 @@ pub(crate) fn spread(i: usize, shortest: Duration, longest: Duration) -> Duratio
         .saturating_sub(low)
         .max(1);
     Duration::from_millis(low + (i as u64).wrapping_mul(7_919) % span)
+}
+
+/// Messages/s through a worker with a no-op handler, of `concurrency`, draining `endpoint` of
+/// `transport`, which already holds `messages` messages (decoded as `T`).
+pub(crate) async fn no_op_drain<T>(
+    transport: Arc<dyn Transport>,
+    endpoint: &str,
+    concurrency: usize,
+    messages: usize,
+) -> f64
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    let countdown = Countdown::new(messages);
+    let counter = countdown.clone();
+    let started = Instant::now();
+    let worker = Worker::builder(transport, endpoint)
+        .concurrency(concurrency)
+        .start(move |_: T, _: Context| {
+            counter.tick();
+            async { Outcome::success() }
+        })
+        .await
+        .expect("the worker starts");
+    countdown.wait().await;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    worker.shutdown().await;
+    rate
 }
 
 /// Messages/s through a worker on `endpoint` of `transport` (already holding `messages`
