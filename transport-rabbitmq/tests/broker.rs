@@ -1353,13 +1353,23 @@ async fn acks_out_of_order_with_requeues_settle_exactly_what_they_name() {
         ..QueueDeclareOptions::default()
     };
     let queue = fx.transport.queue_name("coalesced");
-    // The consumer's channel closes once everything is settled: a delivery left unacked would
-    // be ready again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let ready = channel
-        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-        .await
-        .unwrap()
-        .message_count();
-    assert_eq!(ready, 0, "every delivery was acknowledged");
+    // The consumer's channel closes once everything is settled, and the broker gives back what
+    // a closed channel left unacked as it removes the consumer: once the queue has no consumer,
+    // a delivery left unacked would be ready again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .unwrap();
+        if state.consumer_count() == 0 {
+            break state;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer's channel was not closed within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(state.message_count(), 0, "every delivery was acknowledged");
 }
