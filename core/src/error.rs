@@ -42,6 +42,17 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// The broker refused access: wrong credentials, a user without permission, an unknown
+    /// virtual host or namespace. Retrying with the same configuration fails the same way.
+    #[error("the broker refused access: {message}")]
+    AccessDenied {
+        /// What the broker said, and what to check.
+        message: String,
+        /// The client's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// The broker refused a message it was given (a negative publisher confirm, a rejected
     /// transfer, a full queue).
     #[error("the broker rejected the message: {message}")]
@@ -124,6 +135,24 @@ impl Error {
         }
     }
 
+    /// An [`Error::AccessDenied`] with the client's error as its source.
+    pub fn access_denied(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::AccessDenied {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Whether the broker refused this one message for what it is (too large for the broker's
+    /// limits, or routable nowhere), so that sending the same message again fails the same way.
+    /// A settlement whose copy is refused like this must not be tried again as it is.
+    pub fn is_message_refused(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidMessage { .. } | Error::Unroutable { .. }
+        )
+    }
+
     /// Whether trying the same operation again later may succeed (a lost connection, a time-out)
     /// as opposed to an error that will repeat (bad configuration, a missing queue, an invalid
     /// message).
@@ -163,5 +192,8 @@ mod tests {
         assert!(!Error::config("a", "b").is_transient());
         assert!(!Error::invalid_message("too large").is_transient());
         assert!(!Error::Closed.is_transient());
+        assert!(!Error::access_denied("ACCESS_REFUSED", std::io::Error::other("x")).is_transient());
+        assert!(Error::invalid_message("too large").is_message_refused());
+        assert!(!Error::connection("reset", std::io::Error::other("x")).is_message_refused());
     }
 }

@@ -26,6 +26,7 @@
 //! - [`worker`] — [`Worker`].
 //! - [`clock`] — [`Clock`], the source of "now" (controllable in tests).
 //! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
+//! - [`secret`] — [`SecretUrl`](secret::SecretUrl): URLs and connection strings whose secrets never show.
 //! - [`wire`] — the header names broker transports carry the framework's state in.
 
 pub mod clock;
@@ -36,6 +37,7 @@ pub mod message;
 pub mod reasons;
 pub mod request_reply;
 pub mod retry;
+pub mod secret;
 pub mod transport;
 pub mod wire;
 pub mod worker;
@@ -46,6 +48,7 @@ pub use handler::{Context, Handler, Outcome, RetryAfter};
 pub use http::{FailureCategory, outcome_for_status};
 pub use message::{DeadLetterInfo, Headers, Message, MessageId};
 pub use retry::{Backoff, BackoffPolicy, FailedAttempt, Jitter, RetryPolicy};
+pub use secret::SecretUrl;
 pub use transport::{
     Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settlement, Source, Topology,
     Transport,

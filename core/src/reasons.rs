@@ -6,3 +6,8 @@ pub const INVALID_PAYLOAD: &str = "invalid payload";
 
 /// The framework's headers on the message could not be read (see [`wire`](crate::wire)).
 pub const MALFORMED_HEADERS: &str = "malformed headers";
+
+/// The broker refused the copy that a retry or a park would have stored (for example, it is
+/// larger than the broker accepts), so the message is dead-lettered instead of being delivered
+/// again at the same attempt for ever.
+pub const COPY_REFUSED: &str = "copy refused";

@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 
 use crate::message::{DeadLetterInfo, Message};
-use crate::{Clock, Error};
+use crate::{Clock, Error, wire};
 
 /// The stream of deliveries a consumer receives. An `Err` item reports a problem the transport
 /// could not hide (it keeps the stream alive when it can recover); the end of the stream means the
@@ -337,15 +337,17 @@ impl Delivery {
         self.settler.settle(Settlement::Complete).await
     }
 
-    /// Schedules the next attempt (attempt + 1) not before `not_before`, recording `reason` and
-    /// the chosen `delay`, then removes this delivery.
+    /// Schedules the next attempt (attempt + 1) not before `not_before`, recording `reason` (cut
+    /// to [`wire::MAX_REASON_BYTES`](crate::wire::MAX_REASON_BYTES)) and the chosen `delay`, then
+    /// removes this delivery.
     pub async fn retry(
         self,
         not_before: DateTime<Utc>,
         reason: impl Into<String>,
         delay: Duration,
     ) -> Result<(), Error> {
-        let next = self.message.next_attempt(not_before, reason.into(), delay);
+        let reason = wire::truncate(reason.into(), wire::MAX_REASON_BYTES);
+        let next = self.message.next_attempt(not_before, reason, delay);
         self.settler.settle(Settlement::Reschedule(next)).await
     }
 
@@ -356,15 +358,17 @@ impl Delivery {
         self.settler.settle(Settlement::Reschedule(parked)).await
     }
 
-    /// Moves the message to its endpoint's dead letters.
+    /// Moves the message to its endpoint's dead letters, recording `reason` and `description`
+    /// (cut to [`wire::MAX_REASON_BYTES`](crate::wire::MAX_REASON_BYTES) and
+    /// [`wire::MAX_DESCRIPTION_BYTES`](crate::wire::MAX_DESCRIPTION_BYTES)).
     pub async fn dead_letter(
         self,
         reason: impl Into<String>,
         description: Option<String>,
     ) -> Result<(), Error> {
         let dead = Message::clone(&self.message).with_dead_letter(Some(DeadLetterInfo {
-            reason: reason.into(),
-            description,
+            reason: wire::truncate(reason.into(), wire::MAX_REASON_BYTES),
+            description: description.map(|d| wire::truncate(d, wire::MAX_DESCRIPTION_BYTES)),
         }));
         self.settler.settle(Settlement::DeadLetter(dead)).await
     }

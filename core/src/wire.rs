@@ -29,6 +29,40 @@ pub const DEAD_LETTER_REASON: &str = "redeliver-dead-letter-reason";
 /// Details of why the message was dead-lettered.
 pub const DEAD_LETTER_DESCRIPTION: &str = "redeliver-dead-letter-description";
 
+/// The longest failure or dead-letter reason the framework writes, in bytes. Longer reasons
+/// (an HTTP error body, say) are cut at this length with a marker, so that the framework's
+/// headers always fit a broker's limits (a RabbitMQ header frame, Service Bus's property size);
+/// the whole text is logged by the worker.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// The longest dead-letter description the framework writes, in bytes; cut like a reason.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes (at a character boundary), ending with a marker that says
+/// how long it was, when it is longer.
+pub fn truncate(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let marker = format!("… [truncated, {} bytes in all]", text.len());
+    let mut end = max.saturating_sub(marker.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = text;
+    cut.truncate(end);
+    cut.push_str(&marker);
+    cut
+}
+
+/// The problem text for a framework header that arrived with a value of another type than the
+/// text the framework writes (`found` names the type: `an array`, `a table`, ...). Transports
+/// whose headers are typed report it with [`Decoded::add_problem`], so the message is
+/// dead-lettered with reason [`MALFORMED_HEADERS`](crate::reasons::MALFORMED_HEADERS) like a
+/// malformed text value.
+pub fn mistyped(key: &str, found: &str) -> String {
+    format!("`{key}` holds {found}, not text")
+}
+
 /// The headers to put on the wire: the application's headers (minus any that use the reserved
 /// prefix) followed by the framework's state.
 pub fn encode_headers(message: &Message) -> Headers {
@@ -72,6 +106,16 @@ pub struct Decoded {
     /// the message with reason [`MALFORMED_HEADERS`](crate::reasons::MALFORMED_HEADERS) instead
     /// of losing it or guessing.
     pub problem: Option<String>,
+}
+
+impl Decoded {
+    /// Adds a problem a transport found itself (see [`mistyped`]).
+    pub fn add_problem(&mut self, problem: String) {
+        self.problem = Some(match self.problem.take() {
+            Some(earlier) => format!("{earlier}; {problem}"),
+            None => problem,
+        });
+    }
 }
 
 /// Moves the framework's headers out of `message`'s headers into its fields. A message without
@@ -176,6 +220,28 @@ mod tests {
         );
         let m = m.with_attempt(3);
         assert_eq!(encode_headers(&m).get(ATTEMPT), Some("3"));
+    }
+
+    #[test]
+    fn long_texts_are_cut_with_a_marker() {
+        let long = "é".repeat(1000);
+        let cut = truncate(long.clone(), 100);
+        assert!(cut.len() <= 100, "{}", cut.len());
+        assert!(cut.ends_with("… [truncated, 2000 bytes in all]"), "{cut}");
+        assert!(long.starts_with(cut.trim_end_matches("… [truncated, 2000 bytes in all]")));
+        assert_eq!(truncate("short".to_owned(), 100), "short");
+    }
+
+    #[test]
+    fn problems_found_by_a_transport_are_added() {
+        let mut d = decode_headers(Message::new("x").with_header(ATTEMPT, "zero"));
+        d.add_problem(mistyped(NOT_BEFORE, "a table"));
+        let problem = d.problem.unwrap();
+        assert!(problem.contains("redeliver-attempt"), "{problem}");
+        assert!(
+            problem.contains("`redeliver-not-before` holds a table, not text"),
+            "{problem}"
+        );
     }
 
     #[test]
