@@ -156,7 +156,7 @@ where
     let counter = countdown.clone();
     let immediate = BackoffPolicy::builder()
         .max_attempts(2)
-        .backoff(Backoff::fixed(Duration::ZERO))
+        .backoff(Backoff::immediate())
         .jitter(Jitter::None)
         .build()
         .expect("a valid policy");

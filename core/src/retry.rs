@@ -93,6 +93,10 @@ pub enum Backoff {
     },
     /// These delays in order; the last one repeats.
     List(Vec<Duration>),
+    /// No delay at all: every retry is due at once. Asked for explicitly, because a back-off
+    /// whose delays are all zero is otherwise refused: against a failing dependency it is a
+    /// hot loop.
+    Immediate,
 }
 
 impl Backoff {
@@ -122,6 +126,11 @@ impl Backoff {
             factor,
             max,
         }
+    }
+
+    /// [`Backoff::Immediate`]: retries without waiting, on purpose.
+    pub fn immediate() -> Self {
+        Backoff::Immediate
     }
 
     /// [`Backoff::List`].
@@ -155,10 +164,31 @@ impl Backoff {
                     .min(delays.len().saturating_sub(1));
                 delays.get(i).copied().unwrap_or_default()
             }
+            Backoff::Immediate => Duration::ZERO,
         }
     }
 
     fn validate(&self) -> Result<(), Error> {
+        const IMMEDIATE: &str = "use Backoff::immediate() to retry without waiting on purpose";
+        let all_zero = |field: &str| {
+            Error::config(
+                field,
+                format!("must be longer than zero: every retry would run at once ({IMMEDIATE})"),
+            )
+        };
+        match self {
+            Backoff::Fixed(delay) if delay.is_zero() => return Err(all_zero("backoff.delay")),
+            Backoff::Linear { initial, increment } if initial.is_zero() && increment.is_zero() => {
+                return Err(all_zero("backoff.increment"));
+            }
+            Backoff::Exponential { initial, .. } if initial.is_zero() => {
+                return Err(all_zero("backoff.initial"));
+            }
+            Backoff::List(delays) if !delays.is_empty() && delays.iter().all(Duration::is_zero) => {
+                return Err(all_zero("backoff.delays"));
+            }
+            _ => {}
+        }
         match self {
             Backoff::Exponential {
                 initial,
@@ -409,6 +439,31 @@ mod tests {
     }
 
     #[test]
+    fn immediate_retries_are_allowed_when_asked_for() {
+        let p = policy(Backoff::immediate(), Jitter::None);
+        assert_eq!(p.delay(&FailedAttempt::new(3)), Duration::ZERO);
+        let message = BackoffPolicy::builder()
+            .backoff(Backoff::exponential(Duration::ZERO, S))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("Backoff::immediate()"), "{message}");
+        // Delays that only start at zero are fine.
+        assert!(
+            BackoffPolicy::builder()
+                .backoff(Backoff::linear(Duration::ZERO, S))
+                .build()
+                .is_ok()
+        );
+        assert!(
+            BackoffPolicy::builder()
+                .backoff(Backoff::list([Duration::ZERO, S]))
+                .build()
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn huge_attempt_numbers_saturate_instead_of_panicking() {
         assert_eq!(Backoff::exponential(S, 60 * S).delay(u32::MAX), 60 * S);
         assert!(Backoff::linear(S, S).delay(u32::MAX) > 1000 * S);
@@ -502,6 +557,15 @@ mod tests {
             field(BackoffPolicy::builder().max_delay(Duration::ZERO)),
             "max_delay"
         );
+        let zero = Duration::ZERO;
+        let backoff = |b: Backoff| field(BackoffPolicy::builder().backoff(b));
+        assert_eq!(
+            backoff(Backoff::exponential(zero, 9 * S)),
+            "backoff.initial"
+        );
+        assert_eq!(backoff(Backoff::fixed(zero)), "backoff.delay");
+        assert_eq!(backoff(Backoff::linear(zero, zero)), "backoff.increment");
+        assert_eq!(backoff(Backoff::list([zero, zero])), "backoff.delays");
         let message = BackoffPolicy::builder()
             .max_attempts(0)
             .build()
