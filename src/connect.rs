@@ -16,6 +16,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use redeliver_core::secret::SecretUrl;
 use redeliver_core::{Error, Transport};
 
 /// The configuration field the errors of this module name.
@@ -38,7 +39,7 @@ const FIELD: &str = "transport";
 #[serde(try_from = "String")]
 pub struct TransportUrl {
     kind: TransportKind,
-    value: String,
+    value: SecretUrl,
 }
 
 /// Which transport a [`TransportUrl`] names.
@@ -86,6 +87,23 @@ impl TransportUrl {
                     ));
                 }
             }
+        } else if trimmed.contains('=') {
+            let keys: Vec<&str> = trimmed
+                .split(';')
+                .filter_map(|part| part.split_once('=').map(|(key, _)| key.trim()))
+                .filter(|key| !key.is_empty())
+                .collect();
+            return Err(Error::config(
+                FIELD,
+                format!(
+                    "a Service Bus connection string must hold `Endpoint=sb://<namespace>/`; \
+                     this one has only {}",
+                    keys.iter()
+                        .map(|key| format!("`{key}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
         } else {
             return Err(Error::config(
                 FIELD,
@@ -95,7 +113,7 @@ impl TransportUrl {
         };
         Ok(TransportUrl {
             kind,
-            value: trimmed.to_owned(),
+            value: SecretUrl::new(trimmed),
         })
     }
 
@@ -106,37 +124,12 @@ impl TransportUrl {
 
     /// The value as given, secrets included. Do not log it.
     pub fn expose(&self) -> &str {
-        &self.value
+        self.value.expose()
     }
 
     /// The value with passwords and keys replaced by `***`.
     pub fn redacted(&self) -> String {
-        match self.kind {
-            TransportKind::ServiceBus => self
-                .value
-                .split(';')
-                .map(|part| match part.split_once('=') {
-                    Some((key, _)) if key.trim().eq_ignore_ascii_case("SharedAccessKey") => {
-                        format!("{key}=***")
-                    }
-                    Some((key, _)) if key.trim().eq_ignore_ascii_case("SharedAccessSignature") => {
-                        format!("{key}=***")
-                    }
-                    _ => part.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join(";"),
-            _ => match self.value.split_once("://") {
-                Some((scheme, rest)) => match rest.split_once('@') {
-                    Some((credentials, host)) => {
-                        let user = credentials.split(':').next().unwrap_or_default();
-                        format!("{scheme}://{user}:***@{host}")
-                    }
-                    None => self.value.clone(),
-                },
-                None => self.value.clone(),
-            },
-        }
+        self.value.redacted()
     }
 }
 
@@ -176,15 +169,33 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, Error> {
     connect_to(&TransportUrl::parse(url)?).await
 }
 
-/// Like [`connect`], reading the URL from the environment variable `var`.
+/// Like [`connect`], reading the URL from the environment variable `var`. An unset or empty
+/// variable, or a value that is not a transport URL, is an [`Error::Config`] naming `var`.
 pub async fn connect_from_env(var: &str) -> Result<Arc<dyn Transport>, Error> {
+    const EXPECTED: &str = "set it to `memory://`, `amqp://...` or a Service Bus connection string";
     let value = std::env::var(var).map_err(|e| {
         Error::config(
             var,
-            format!("the environment variable is not usable ({e}); set it to `memory://`, `amqp://...` or a Service Bus connection string"),
+            format!("the environment variable is not usable ({e}); {EXPECTED}"),
         )
     })?;
-    connect(&value).await
+    connect_env_value(var, &value).await
+}
+
+/// [`connect_from_env`] once the variable is read.
+async fn connect_env_value(var: &str, value: &str) -> Result<Arc<dyn Transport>, Error> {
+    const EXPECTED: &str = "set it to `memory://`, `amqp://...` or a Service Bus connection string";
+    if value.trim().is_empty() {
+        return Err(Error::config(
+            var,
+            format!("the environment variable is empty; {EXPECTED}"),
+        ));
+    }
+    let url = TransportUrl::parse(value).map_err(|e| match e {
+        Error::Config { reason, .. } => Error::config(var, reason),
+        other => other,
+    })?;
+    connect_to(&url).await
 }
 
 /// Connects to the transport `url` names.
@@ -267,6 +278,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("without a scheme"), "{e}");
+        let e = TransportUrl::parse("SharedAccessKeyName=a;SharedAccessKey=b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Service Bus connection string must hold `Endpoint=sb://"),
+            "{e}"
+        );
+        assert!(
+            e.contains("`SharedAccessKeyName`, `SharedAccessKey`"),
+            "{e}"
+        );
+        assert!(!e.contains("without a scheme"), "{e}");
+    }
+
+    #[test]
+    fn a_password_with_an_at_sign_is_not_shown() {
+        let url = TransportUrl::parse("amqp://u:p@ss@host/%2f").unwrap();
+        for shown in [url.to_string(), format!("{url:?}"), url.redacted()] {
+            assert!(!shown.contains("ss@"), "{shown}");
+            assert!(!shown.contains("p@ss"), "{shown}");
+            assert!(shown.contains("host"), "{shown}");
+        }
     }
 
     #[test]
@@ -301,6 +334,26 @@ mod tests {
             transport.capabilities().scheduling_precision,
             std::time::Duration::ZERO
         );
+    }
+
+    #[tokio::test]
+    async fn an_empty_environment_variable_is_blamed_on_the_variable() {
+        // The value as read (setting a variable needs `unsafe`, which the crate forbids).
+        const VAR: &str = "REDELIVER_URL";
+        let e = connect_env_value(VAR, "").await.err().unwrap();
+        match &e {
+            Error::Config { field, reason } => {
+                assert_eq!(field, VAR);
+                assert!(reason.contains("empty"), "{reason}");
+            }
+            other => panic!("unexpected {other}"),
+        }
+        let e = connect_env_value(VAR, "localhost:5672")
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains(VAR), "{e}");
+        assert!(!e.to_string().contains("`transport`"), "{e}");
     }
 
     #[tokio::test]
