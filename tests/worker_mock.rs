@@ -151,6 +151,93 @@ async fn early_by_less_than_the_precision_is_waited_for_not_parked() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_delivery_waiting_for_its_not_before_holds_no_handler_slot() {
+    let clock = Clock::tokio();
+    let mut script = Script::new(Duration::from_secs(3), clock.clone());
+    let start = clock.now();
+    let not_before = start + TimeDelta::seconds(2);
+    let waiting = script.delivery(
+        Message::json(&"waiting")
+            .unwrap()
+            .with_not_before(not_before),
+        false,
+    );
+    let behind = script.delivery(Message::json(&"behind").unwrap(), false);
+    let mut once = Some(vec![waiting, behind]);
+    script
+        .transport
+        .expect_consume()
+        .times(1)
+        .returning(move |_, options| {
+            // One handler slot, and room for one delivery waiting aside.
+            assert_eq!(options.prefetch, 2);
+            let items = once.take().expect("consumed once").into_iter().map(Ok);
+            Ok(futures::stream::iter(items)
+                .chain(futures::stream::pending())
+                .boxed())
+        });
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, handler_clock) = (handled.clone(), clock.clone());
+
+    let worker = Worker::builder(Arc::new(script.transport), "q")
+        .concurrency(1)
+        .start(move |name: String, _: Context| {
+            let after = handler_clock.now() - start;
+            seen.lock().unwrap().push((name, after.num_milliseconds()));
+            async { Outcome::success() }
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let settlement = within("a settlement", script.settlements.recv())
+            .await
+            .unwrap();
+        assert_eq!(settlement, Settlement::Complete);
+    }
+
+    assert_eq!(
+        *handled.lock().unwrap(),
+        [("behind".to_owned(), 0), ("waiting".to_owned(), 2000)],
+        "the message behind is handled at once, the waiting one at its not-before"
+    );
+    let stats = worker.shutdown().await;
+    assert_eq!(
+        (stats.received, stats.handled, stats.completed, stats.parked),
+        (2, 2, 2, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_waiting_aside_is_given_back_at_shutdown() {
+    let clock = Clock::tokio();
+    let mut script = Script::new(Duration::from_secs(3), clock.clone());
+    let not_before = clock.now() + TimeDelta::seconds(2);
+    let waiting = script.delivery(
+        Message::json(&1).unwrap().with_not_before(not_before),
+        false,
+    );
+    script.consume(vec![waiting]);
+    let calls = script.calls.clone();
+
+    let worker = Worker::builder(Arc::new(script.transport), "q")
+        .start(recording_handler(calls.clone()))
+        .await
+        .unwrap();
+    // Let the worker take the delivery and put it aside (virtual time does not move).
+    while worker.stats().received == 0 {
+        tokio::task::yield_now().await;
+    }
+    let stats = worker.shutdown().await;
+
+    assert_eq!(
+        within("a settlement", script.settlements.recv()).await,
+        Some(Settlement::Abandon)
+    );
+    assert_eq!((stats.abandoned, stats.handled), (1, 0));
+    assert_eq!(calls.count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn malformed_headers_are_dead_lettered_with_the_problem() {
     let mut script = Script::new(Duration::ZERO, Clock::tokio());
     let delivery = script

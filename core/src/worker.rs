@@ -5,7 +5,10 @@
 //! - **Never early.** The handler is not called before the message's not-before. A delivery that
 //!   arrives early is put back (parked) without calling the handler and without counting an
 //!   attempt; when it is early by less than the transport's scheduling precision the worker waits
-//!   for it instead, since the transport could not do better.
+//!   for it instead, since the transport could not do better. A delivery being waited for holds
+//!   no handler slot: it waits aside (up to `concurrency` of them; the worker's prefetch grows by
+//!   as much on transports that can deliver early), so the messages behind it are handled
+//!   meanwhile. When that room is full, the delivery is parked instead.
 //! - **Nothing lost.** Every delivery is settled: completed, retried, dead-lettered, discarded on
 //!   the handler's request, or abandoned at shutdown. A payload that cannot be decoded is
 //!   dead-lettered with reason [`INVALID_PAYLOAD`] (or discarded, if configured) and never
@@ -33,16 +36,17 @@ use std::any::Any;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::{Mutex as AsyncMutex, Notify};
+use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::Error;
@@ -119,12 +123,21 @@ impl WorkerBuilder {
                 "must be at least 1 (it counts every handler call, the first included)",
             ));
         }
-        let options = ConsumeOptions::default().with_prefetch(self.concurrency);
+        let capabilities = self.transport.capabilities();
+        // Deliveries that come early by less than the precision wait aside, outside the handler
+        // slots; the transport must be allowed to hand out as many more.
+        let waiting_capacity = if capabilities.scheduling_precision.is_zero() {
+            0
+        } else {
+            self.concurrency
+        };
+        let options = ConsumeOptions::default()
+            .with_prefetch(self.concurrency.saturating_add(waiting_capacity));
         let stream = self
             .transport
             .consume(&self.source, options.clone())
             .await?;
-        let capabilities = self.transport.capabilities();
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             clock: self.transport.clock(),
             transport: self.transport,
@@ -135,12 +148,19 @@ impl WorkerBuilder {
             precision: capabilities.scheduling_precision,
             max_delay: capabilities.max_delay,
             stats: Counters::default(),
+            waiting: WaitingRoom {
+                capacity: waiting_capacity,
+                count: AtomicUsize::new(0),
+                ready: ready_tx,
+                tasks: TaskTracker::new(),
+            },
             _payload: PhantomData,
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(
             Arc::clone(&shared),
             stream,
+            ready_rx,
             options,
             self.concurrency,
             self.shutdown_timeout,
@@ -257,7 +277,35 @@ struct Shared<T, H> {
     precision: Duration,
     max_delay: Option<Duration>,
     stats: Counters,
+    waiting: WaitingRoom,
     _payload: PhantomData<fn() -> T>,
+}
+
+/// Deliveries that arrived early by less than the transport's precision, waiting for their
+/// not-before outside the handler slots. Each waits in a task of its own and then goes back to
+/// the lanes through `ready`, ahead of new deliveries.
+struct WaitingRoom {
+    /// How many may wait at once (0 where the transport is never early).
+    capacity: usize,
+    /// How many are waiting or ready and not yet taken by a lane.
+    count: AtomicUsize,
+    ready: mpsc::UnboundedSender<Delivery>,
+    tasks: TaskTracker,
+}
+
+impl WaitingRoom {
+    /// Takes a place, if one is free.
+    fn enter(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn leave(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl<T: Send + 'static, H: Send + Sync + 'static> StatsSource for Shared<T, H> {
@@ -292,6 +340,8 @@ enum Disposition {
         delay: Duration,
     },
     Park(DateTime<Utc>),
+    /// Early by less than the transport's precision: wait aside until the not-before.
+    Wait(DateTime<Utc>),
     Abandon,
 }
 
@@ -303,6 +353,7 @@ impl Disposition {
             Disposition::DeadLetter { .. } => "dead-lettered",
             Disposition::Retry { .. } => "retried",
             Disposition::Park(_) => "parked",
+            Disposition::Wait(_) => "waiting",
             Disposition::Abandon => "abandoned",
         }
     }
@@ -341,6 +392,8 @@ impl Signal {
 struct Intake {
     /// `None` once the worker stops taking.
     stream: Option<DeliveryStream>,
+    /// Deliveries back from the waiting room, taken before the stream's.
+    ready: mpsc::UnboundedReceiver<Delivery>,
     options: ConsumeOptions,
     backoff: Duration,
 }
@@ -356,6 +409,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 async fn run<T, H>(
     shared: Arc<Shared<T, H>>,
     stream: DeliveryStream,
+    ready: mpsc::UnboundedReceiver<Delivery>,
     options: ConsumeOptions,
     concurrency: usize,
     shutdown_timeout: Duration,
@@ -368,6 +422,7 @@ async fn run<T, H>(
     let hard_stop = Arc::new(Signal::default());
     let intake = Arc::new(AsyncMutex::new(Intake {
         stream: Some(stream),
+        ready,
         options,
         backoff: FIRST_BACKOFF,
     }));
@@ -389,9 +444,24 @@ async fn run<T, H>(
         }
     }
 
-    // Stop taking deliveries, then let handlers in flight finish until the deadline.
+    // Stop taking deliveries, then let handlers in flight finish until the deadline. What waits
+    // for its not-before has not started: give it back at once.
     stop_taking.fire();
-    intake.lock().await.stream = None;
+    let mut back = {
+        let mut intake = intake.lock().await;
+        intake.stream = None;
+        intake.ready.close();
+        let mut back = Vec::new();
+        while let Ok(delivery) = intake.ready.try_recv() {
+            back.push(delivery);
+        }
+        back
+    };
+    for delivery in back.drain(..) {
+        shared.waiting.leave();
+        shared.settle(delivery, Disposition::Abandon).await;
+    }
+    shared.waiting.tasks.close();
     let deadline = tokio::time::sleep(shutdown_timeout);
     tokio::pin!(deadline);
     loop {
@@ -406,6 +476,7 @@ async fn run<T, H>(
             }
         }
     }
+    shared.waiting.tasks.wait().await;
 }
 
 /// One handler slot: takes a delivery, handles and settles it, and again, until taking stops.
@@ -439,7 +510,7 @@ async fn lane<T, H>(
             Some(held) => held,
             None => turn.insert(intake.lock().await),
         };
-        let Some(delivery) = shared.take(intake_turn, &stop_taking).await else {
+        let Some((delivery, fresh)) = shared.take(intake_turn, &stop_taking).await else {
             break;
         };
         if long_handlings {
@@ -452,7 +523,7 @@ async fn lane<T, H>(
         // Handler panics are caught around the handler; a panic here is a bug in the worker or
         // the transport. The delivery was dropped, so the transport delivers it again; keep the
         // lane, so the worker keeps its concurrency.
-        let handling = AssertUnwindSafe(shared.process(delivery, &hard_stop)).catch_unwind();
+        let handling = AssertUnwindSafe(shared.process(delivery, fresh, &hard_stop)).catch_unwind();
         tokio::pin!(handling);
         let handled = match futures::poll!(handling.as_mut()) {
             Poll::Ready(handled) => {
@@ -466,8 +537,19 @@ async fn lane<T, H>(
                 handling.await
             }
         };
-        if let Err(panic) = handled {
-            error!(panic = %panic_text(&*panic), "handling a delivery panicked outside the handler");
+        match handled {
+            Ok(Some((delivery, not_before))) => {
+                let room = Arc::clone(&shared);
+                let stop = Arc::clone(&stop_taking);
+                shared
+                    .waiting
+                    .tasks
+                    .spawn(async move { room.wait_aside(delivery, not_before, &stop).await });
+            }
+            Ok(None) => {}
+            Err(panic) => {
+                error!(panic = %panic_text(&*panic), "handling a delivery panicked outside the handler");
+            }
         }
         // Nothing above has to wait while deliveries are ready and handlers quick: give the
         // runtime its turn now and then, as any tokio primitive would.
@@ -496,9 +578,11 @@ where
     T: DeserializeOwned + Send + 'static,
     H: Handler<T>,
 {
-    /// The next delivery from the intake (the caller's turn), or `None` once taking stops.
+    /// The next delivery from the intake (the caller's turn), and whether it is fresh from the
+    /// transport (rather than back from the waiting room), or `None` once taking stops.
     /// Re-opens the consumer if the transport closed it, backing off after errors.
-    async fn take(&self, intake: &mut Intake, stop: &Signal) -> Option<Delivery> {
+    async fn take(&self, intake: &mut Intake, stop: &Signal) -> Option<(Delivery, bool)> {
+        let waits = self.waiting.capacity > 0;
         loop {
             if stop.is_set() {
                 return None;
@@ -507,13 +591,17 @@ where
             // Polled first, so that a ready delivery costs no registration with `stop`.
             let next = tokio::select! {
                 biased;
+                Some(back) = intake.ready.recv(), if waits => {
+                    self.waiting.leave();
+                    return Some((back, false));
+                }
                 next = stream.next() => next,
                 _ = stop.wait() => return None,
             };
             match next {
                 Some(Ok(delivery)) => {
                     intake.backoff = FIRST_BACKOFF;
-                    return Some(delivery);
+                    return Some((delivery, true));
                 }
                 Some(Err(e)) => {
                     warn!(source = %self.source, error = %e, "the transport reported a consumer error");
@@ -544,7 +632,13 @@ where
         }
     }
 
-    async fn process(&self, delivery: Delivery, hard_stop: &Signal) {
+    /// Handles and settles `delivery`, or gives it back with its not-before to wait aside for.
+    async fn process(
+        &self,
+        delivery: Delivery,
+        fresh: bool,
+        hard_stop: &Signal,
+    ) -> Option<(Delivery, DateTime<Utc>)> {
         let message = delivery.message();
         let span = info_span!(
             "delivery",
@@ -554,13 +648,42 @@ where
             outcome = tracing::field::Empty,
         );
         async {
-            bump(&self.stats.received);
+            if fresh {
+                bump(&self.stats.received);
+            }
             let (delivery, disposition) = self.decide(delivery, hard_stop).await;
-            let disposition = self.keep_dead_letters(delivery.message(), disposition);
+            let disposition = match disposition {
+                Disposition::Wait(not_before) if self.waiting.enter() => {
+                    debug!(%not_before, "arrived early by less than the transport's precision; waiting aside");
+                    return Some((delivery, not_before));
+                }
+                // No room to wait aside: the transport holds it instead.
+                Disposition::Wait(not_before) => Disposition::Park(not_before),
+                other => self.keep_dead_letters(delivery.message(), other),
+            };
             self.settle(delivery, disposition).await;
+            None
         }
         .instrument(span)
         .await
+    }
+
+    /// Waits for `not_before` holding only the delivery, then hands it back to the lanes; gives
+    /// it back to the transport if the worker stops taking meanwhile.
+    async fn wait_aside(&self, delivery: Delivery, not_before: DateTime<Utc>, stop: &Signal) {
+        tokio::select! {
+            _ = self.clock.sleep_until(not_before) => {
+                let Err(mpsc::error::SendError(delivery)) = self.waiting.ready.send(delivery) else {
+                    return;
+                };
+                self.waiting.leave();
+                self.settle(delivery, Disposition::Abandon).await;
+            }
+            _ = stop.wait() => {
+                self.waiting.leave();
+                self.settle(delivery, Disposition::Abandon).await;
+            }
+        }
     }
 
     async fn decide(&self, delivery: Delivery, hard_stop: &Signal) -> (Delivery, Disposition) {
@@ -578,11 +701,8 @@ where
                 return (delivery, Disposition::Park(not_before));
             }
             if !early_by.is_zero() {
-                // Early by less than the transport can schedule: wait here instead.
-                tokio::select! {
-                    _ = self.clock.sleep_until(not_before) => {}
-                    _ = hard_stop.wait() => return (delivery, Disposition::Abandon),
-                }
+                // Early by less than the transport can schedule: wait, but not in a handler slot.
+                return (delivery, Disposition::Wait(not_before));
             }
         }
 
@@ -696,6 +816,8 @@ where
             Disposition::DeadLetter { .. } => &self.stats.dead_lettered,
             Disposition::Retry { .. } => &self.stats.retried,
             Disposition::Park(_) => &self.stats.parked,
+            // Never settled: `process` hands a waiting delivery to the waiting room.
+            Disposition::Wait(_) => return,
             Disposition::Abandon => &self.stats.abandoned,
         };
         let result = match disposition {
@@ -723,7 +845,7 @@ where
                 debug!(%not_before, "arrived before its not-before; parked again");
                 delivery.park(not_before).await
             }
-            Disposition::Abandon => delivery.abandon().await,
+            Disposition::Abandon | Disposition::Wait(_) => delivery.abandon().await,
         };
         match result {
             Ok(()) => bump(counter),
