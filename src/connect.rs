@@ -165,6 +165,20 @@ impl fmt::Display for TransportUrl {
 
 /// Connects to the transport `url` names (see the [module docs](self)) and returns it ready to
 /// use. Declare the application's topology on it with [`Transport::declare`].
+///
+/// ```
+/// use redeliver::{Message, Topology};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), redeliver::Error> {
+/// // From configuration: `amqp://user:password@rabbit:5672/%2f` or a Service Bus
+/// // connection string work the same, with their features on.
+/// let transport = redeliver::connect("memory://").await?;
+/// transport.declare(&Topology::new().endpoint("orders")).await?;
+/// transport.send("orders", Message::new("hello")).await?;
+/// println!("{transport:?}");
+/// # Ok(()) }
+/// ```
 pub async fn connect(url: &str) -> Result<Arc<dyn Transport>, Error> {
     connect_to(&TransportUrl::parse(url)?).await
 }

@@ -47,7 +47,7 @@ pub use error::{BoxError, Error};
 pub use handler::{Context, Handler, Outcome, RetryAfter};
 pub use http::{FailureCategory, outcome_for_status};
 pub use message::{DeadLetterInfo, Headers, Message, MessageId};
-pub use retry::{Backoff, BackoffPolicy, FailedAttempt, Jitter, RetryPolicy};
+pub use retry::{Backoff, BackoffPolicy, BackoffPolicyBuilder, FailedAttempt, Jitter, RetryPolicy};
 pub use secret::SecretUrl;
 pub use transport::{
     Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settlement, Source, Topology,

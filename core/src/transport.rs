@@ -37,10 +37,11 @@ pub type DeliveryStream = BoxStream<'static, Result<Delivery, Error>>;
 
 /// A message transport: RabbitMQ, Azure Service Bus, in memory, or your own.
 ///
-/// Object safe: the worker holds an `Arc<dyn Transport>`.
+/// Object safe: the worker holds an `Arc<dyn Transport>`, which prints with `{:?}` (a
+/// transport's `Debug` form never shows a password or key).
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
-pub trait Transport: Send + Sync + 'static {
+pub trait Transport: fmt::Debug + Send + Sync + 'static {
     /// What this transport can do; see [`Capabilities`].
     fn capabilities(&self) -> Capabilities;
 
@@ -383,8 +384,10 @@ impl Delivery {
 mod tests {
     use super::*;
 
-    // Compile-time check that the contract stays object safe.
-    fn _object_safe(_: &dyn Transport, _: &dyn Settle) {}
+    // Compile-time check that the contract stays object safe, and printable as an object.
+    fn _object_safe(transport: &dyn Transport, _: &dyn Settle) -> String {
+        format!("{transport:?}")
+    }
 
     #[test]
     fn topology_collects_subscriptions() {

@@ -69,6 +69,32 @@ pub enum InvalidPayload {
 }
 
 /// Configures and starts a [`Worker`].
+///
+/// ```
+/// use std::{sync::Arc, time::Duration};
+/// use redeliver_core::{Backoff, BackoffPolicy, Context, InvalidPayload, Outcome, Transport, Worker};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Invoice { id: u64 }
+///
+/// async fn start(transport: Arc<dyn Transport>) -> Result<Worker, redeliver_core::Error> {
+///     Worker::builder(transport, "invoices")
+///         .concurrency(4)
+///         .retry_policy(
+///             BackoffPolicy::builder()
+///                 .max_attempts(3)
+///                 .backoff(Backoff::fixed(Duration::from_secs(30)))
+///                 .build()?,
+///         )
+///         .on_invalid_payload(InvalidPayload::DeadLetter)
+///         .shutdown_timeout(Duration::from_secs(10))
+///         .start(|invoice: Invoice, ctx: Context| async move {
+///             println!("invoice {} (attempt {})", invoice.id, ctx.attempt());
+///             Outcome::success()
+///         })
+///         .await
+/// }
+/// ```
 #[must_use]
 pub struct WorkerBuilder {
     transport: Arc<dyn Transport>,
@@ -177,6 +203,24 @@ impl WorkerBuilder {
 
 /// A running worker. Dropping it leaves it running until the runtime stops; call
 /// [`shutdown`](Worker::shutdown) to stop it gracefully.
+///
+/// ```
+/// use std::sync::Arc;
+/// use redeliver_core::{Context, Outcome, Transport, Worker};
+///
+/// async fn run(transport: Arc<dyn Transport>) -> Result<(), redeliver_core::Error> {
+///     let worker = Worker::builder(transport, "orders")
+///         .start(|order: serde_json::Value, _: Context| async move {
+///             println!("{order}");
+///             Outcome::success()
+///         })
+///         .await?;
+///     // ... until the application stops: handlers in flight finish, the rest come back later.
+///     let stats = worker.shutdown().await;
+///     println!("{} handled, {} retried", stats.handled, stats.retried);
+///     Ok(())
+/// }
+/// ```
 pub struct Worker {
     cancel: CancellationToken,
     task: JoinHandle<()>,
