@@ -1,0 +1,347 @@
+//! The lanes: a fixed set of tasks, one per handler slot, taking deliveries from one intake,
+//! and the waiting room for deliveries that came early by less than the transport's precision.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::{FutureExt, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, warn};
+
+use super::decide::Disposition;
+use super::handling::{Shared, panic_text};
+use crate::handler::Handler;
+use crate::transport::{ConsumeOptions, Delivery, DeliveryStream};
+
+pub(super) struct WaitingRoom {
+    /// How many may wait at once (0 where the transport is never early).
+    pub(super) capacity: usize,
+    /// How many are waiting or ready and not yet taken by a lane.
+    pub(super) count: AtomicUsize,
+    pub(super) ready: mpsc::UnboundedSender<Delivery>,
+    pub(super) tasks: TaskTracker,
+}
+
+impl WaitingRoom {
+    pub(super) fn new(capacity: usize, ready: mpsc::UnboundedSender<Delivery>) -> Self {
+        WaitingRoom {
+            capacity,
+            count: AtomicUsize::new(0),
+            ready,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Takes a place, if one is free.
+    pub(super) fn enter(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(super) fn leave(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A one-way flag that tasks can check cheaply (an atomic load, no lock) and wait for.
+#[derive(Default)]
+pub(super) struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    pub(super) fn fire(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub(super) fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    pub(super) async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Register before checking, so that a `fire` in between is not missed.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// Where the lanes take deliveries from, one lane at a time.
+pub(super) struct Intake {
+    /// `None` once the worker stops taking.
+    stream: Option<DeliveryStream>,
+    /// Deliveries back from the waiting room, taken before the stream's.
+    ready: mpsc::UnboundedReceiver<Delivery>,
+    options: ConsumeOptions,
+    backoff: Duration,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs `concurrency` lanes, each taking one delivery at a time and handling it, until `cancel`;
+/// then stops taking, lets handlers in flight finish until the deadline, and abandons the rest.
+///
+/// A lane per handler slot, rather than a task per delivery: a lane takes only when its
+/// handler is done, so nothing waits unhandled in the worker, and the hot path spawns nothing.
+pub(super) async fn run<T, H>(
+    shared: Arc<Shared<T, H>>,
+    stream: DeliveryStream,
+    ready: mpsc::UnboundedReceiver<Delivery>,
+    options: ConsumeOptions,
+    concurrency: usize,
+    shutdown_timeout: Duration,
+    cancel: CancellationToken,
+) where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    let stop_taking = Arc::new(Signal::default());
+    let hard_stop = Arc::new(Signal::default());
+    let intake = Arc::new(AsyncMutex::new(Intake {
+        stream: Some(stream),
+        ready,
+        options,
+        backoff: FIRST_BACKOFF,
+    }));
+    let mut lanes = JoinSet::new();
+    for _ in 0..concurrency {
+        lanes.spawn(lane(
+            Arc::clone(&shared),
+            Arc::clone(&intake),
+            Arc::clone(&stop_taking),
+            Arc::clone(&hard_stop),
+        ));
+    }
+
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            // Lanes end only once taking stops: this would be a bug in the worker.
+            Some(done) = lanes.join_next() => report_lane_end(done),
+        }
+    }
+
+    // Stop taking deliveries, then let handlers in flight finish until the deadline. What waits
+    // for its not-before has not started: give it back at once.
+    stop_taking.fire();
+    let mut back = {
+        let mut intake = intake.lock().await;
+        intake.stream = None;
+        intake.ready.close();
+        let mut back = Vec::new();
+        while let Ok(delivery) = intake.ready.try_recv() {
+            back.push(delivery);
+        }
+        back
+    };
+    for delivery in back.drain(..) {
+        shared.waiting.leave();
+        shared.settle(delivery, Disposition::Abandon).await;
+    }
+    shared.waiting.tasks.close();
+    let deadline = tokio::time::sleep(shutdown_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            done = lanes.join_next() => match done {
+                Some(done) => report_lane_end(done),
+                None => break,
+            },
+            _ = &mut deadline, if !hard_stop.is_set() => {
+                warn!(source = %shared.source, "shutdown timeout reached; abandoning handlers in flight");
+                hard_stop.fire();
+            }
+        }
+    }
+    shared.waiting.tasks.wait().await;
+}
+
+/// One handler slot: takes a delivery, handles and settles it, and again, until taking stops.
+///
+/// Lanes take turns at the intake. A lane keeps its turn while its deliveries are handled
+/// without waiting (their handler is done at its first poll), so a stream of quick handlers costs
+/// no hand-over between tasks; it gives the turn up as soon as a handler waits (another lane
+/// takes meanwhile, so `concurrency` handlers can be waiting at once), and before handling when
+/// its handlers take long without waiting (so such handlers run in parallel on several threads
+/// rather than one after another).
+async fn lane<T, H>(
+    shared: Arc<Shared<T, H>>,
+    intake: Arc<AsyncMutex<Intake>>,
+    stop_taking: Arc<Signal>,
+    hard_stop: Arc<Signal>,
+) where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    /// A handling that takes longer than this without waiting is worth handing the intake over
+    /// for (a hand-over costs around a microsecond).
+    const LONG_HANDLING: Duration = Duration::from_micros(20);
+    /// How often the duration of a handling is sampled (reading the clock costs too).
+    const SAMPLE_EVERY: u32 = 8;
+
+    let mut turn = None;
+    let mut long_handlings = false;
+    let mut handled_count: u32 = 0;
+    loop {
+        let intake_turn = match turn.as_mut() {
+            Some(held) => held,
+            None => turn.insert(intake.lock().await),
+        };
+        let Some((delivery, fresh)) = shared.take(intake_turn, &stop_taking).await else {
+            break;
+        };
+        if long_handlings {
+            turn = None;
+        }
+        let sampled = handled_count
+            .is_multiple_of(SAMPLE_EVERY)
+            .then(Instant::now);
+        handled_count = handled_count.wrapping_add(1);
+        // Handler panics are caught around the handler; a panic here is a bug in the worker or
+        // the transport. The delivery was dropped, so the transport delivers it again; keep the
+        // lane, so the worker keeps its concurrency.
+        let handling = AssertUnwindSafe(shared.process(delivery, fresh, &hard_stop)).catch_unwind();
+        tokio::pin!(handling);
+        let handled = match futures::poll!(handling.as_mut()) {
+            Poll::Ready(handled) => {
+                if let Some(started) = sampled {
+                    long_handlings = started.elapsed() > LONG_HANDLING;
+                }
+                handled
+            }
+            Poll::Pending => {
+                turn = None;
+                handling.await
+            }
+        };
+        match handled {
+            Ok(Some((delivery, not_before))) => {
+                let room = Arc::clone(&shared);
+                let stop = Arc::clone(&stop_taking);
+                shared
+                    .waiting
+                    .tasks
+                    .spawn(async move { room.wait_aside(delivery, not_before, &stop).await });
+            }
+            Ok(None) => {}
+            Err(panic) => {
+                error!(panic = %panic_text(&*panic), "handling a delivery panicked outside the handler");
+            }
+        }
+        // Nothing above has to wait while deliveries are ready and handlers quick: give the
+        // runtime its turn now and then, as any tokio primitive would.
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
+/// Sleeps for `backoff` (doubling it up to `max`), returning `false` if stopped meanwhile.
+async fn pause(stop: &Signal, backoff: &mut Duration, max: Duration) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(max);
+    tokio::select! {
+        _ = stop.wait() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+fn report_lane_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        error!(error = %e, "a worker lane failed");
+    }
+}
+
+impl<T, H> Shared<T, H>
+where
+    T: DeserializeOwned + Send + 'static,
+    H: Handler<T>,
+{
+    /// The next delivery from the intake (the caller's turn), and whether it is fresh from the
+    /// transport (rather than back from the waiting room), or `None` once taking stops.
+    /// Re-opens the consumer if the transport closed it, backing off after errors.
+    async fn take(&self, intake: &mut Intake, stop: &Signal) -> Option<(Delivery, bool)> {
+        let waits = self.waiting.capacity > 0;
+        loop {
+            if stop.is_set() {
+                return None;
+            }
+            let stream = intake.stream.as_mut()?;
+            // Polled first, so that a ready delivery costs no registration with `stop`.
+            let next = tokio::select! {
+                biased;
+                Some(back) = intake.ready.recv(), if waits => {
+                    self.waiting.leave();
+                    return Some((back, false));
+                }
+                next = stream.next() => next,
+                _ = stop.wait() => return None,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    intake.backoff = FIRST_BACKOFF;
+                    return Some((delivery, true));
+                }
+                Some(Err(e)) => {
+                    warn!(source = %self.source, error = %e, "the transport reported a consumer error");
+                    if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
+                        return None;
+                    }
+                }
+                None => {
+                    // The transport closed the consumer (for example after losing its
+                    // connection): open a new one, backing off, until it works or the worker is
+                    // shut down.
+                    warn!(source = %self.source, "the consumer was closed by the transport; consuming again");
+                    intake.stream = None;
+                    while intake.stream.is_none() {
+                        if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
+                            return None;
+                        }
+                        let options = intake.options.clone();
+                        match self.transport.consume(&self.source, options).await {
+                            Ok(s) => intake.stream = Some(s),
+                            Err(e) => {
+                                error!(source = %self.source, error = %e, "could not consume again")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for `not_before` holding only the delivery, then hands it back to the lanes; gives
+    /// it back to the transport if the worker stops taking meanwhile.
+    async fn wait_aside(&self, delivery: Delivery, not_before: DateTime<Utc>, stop: &Signal) {
+        tokio::select! {
+            _ = self.clock.sleep_until(not_before) => {
+                let Err(mpsc::error::SendError(delivery)) = self.waiting.ready.send(delivery) else {
+                    return;
+                };
+                self.waiting.leave();
+                self.settle(delivery, Disposition::Abandon).await;
+            }
+            _ = stop.wait() => {
+                self.waiting.leave();
+                self.settle(delivery, Disposition::Abandon).await;
+            }
+        }
+    }
+}
