@@ -106,6 +106,43 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is, the same on every transport: match on this rather than
+/// on messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`Error::Config`]: fix the configuration.
+    Config,
+    /// [`Error::NotFound`]: declare or create the entity.
+    NotFound,
+    /// [`Error::AccessDenied`]: fix the credentials or permissions.
+    AccessDenied,
+    /// [`Error::Connection`]: transient, try again.
+    Connection,
+    /// [`Error::Rejected`]: the broker refused a message (negative confirm, full queue).
+    Rejected,
+    /// [`Error::Unroutable`]: no queue takes the message.
+    Unroutable,
+    /// [`Error::Timeout`]: transient, try again.
+    Timeout,
+    /// [`Error::InvalidMessage`]: the message itself is wrong or too large.
+    InvalidMessage,
+    /// [`Error::Closed`]: the transport was shut down.
+    Closed,
+    /// [`Error::Other`]: anything else; treated as transient.
+    Other,
+}
+
+impl ErrorKind {
+    /// Whether trying again later may succeed; see [`Error::is_transient`].
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Other
+        )
+    }
+}
+
 fn hint_suffix(hint: &Option<String>) -> String {
     hint.as_ref().map(|h| format!(": {h}")).unwrap_or_default()
 }
@@ -153,14 +190,27 @@ impl Error {
         )
     }
 
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config { .. } => ErrorKind::Config,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::AccessDenied { .. } => ErrorKind::AccessDenied,
+            Error::Connection { .. } => ErrorKind::Connection,
+            Error::Rejected { .. } => ErrorKind::Rejected,
+            Error::Unroutable { .. } => ErrorKind::Unroutable,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::InvalidMessage { .. } => ErrorKind::InvalidMessage,
+            Error::Closed => ErrorKind::Closed,
+            Error::Other { .. } => ErrorKind::Other,
+        }
+    }
+
     /// Whether trying the same operation again later may succeed (a lost connection, a time-out)
-    /// as opposed to an error that will repeat (bad configuration, a missing queue, an invalid
-    /// message).
+    /// as opposed to an error that will repeat (bad configuration, refused access, a missing
+    /// queue, an invalid message).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Error::Connection { .. } | Error::Timeout { .. } | Error::Other { .. }
-        )
+        self.kind().is_transient()
     }
 }
 
@@ -192,6 +242,11 @@ mod tests {
         assert!(!Error::config("a", "b").is_transient());
         assert!(!Error::invalid_message("too large").is_transient());
         assert!(!Error::Closed.is_transient());
+        assert_eq!(Error::Closed.kind(), ErrorKind::Closed);
+        assert_eq!(
+            Error::access_denied("ACCESS_REFUSED", std::io::Error::other("x")).kind(),
+            ErrorKind::AccessDenied
+        );
         assert!(!Error::access_denied("ACCESS_REFUSED", std::io::Error::other("x")).is_transient());
         assert!(Error::invalid_message("too large").is_message_refused());
         assert!(!Error::connection("reset", std::io::Error::other("x")).is_message_refused());

@@ -43,7 +43,7 @@ pub mod wire;
 pub mod worker;
 
 pub use clock::Clock;
-pub use error::{BoxError, Error};
+pub use error::{BoxError, Error, ErrorKind};
 pub use handler::{Context, Handler, Outcome, RetryAfter};
 pub use http::{FailureCategory, outcome_for_status};
 pub use message::{DeadLetterInfo, Headers, Message, MessageId};
