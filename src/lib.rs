@@ -3,7 +3,29 @@
 pub mod connect;
 
 pub use connect::{TransportKind, TransportUrl, connect, connect_from_env, connect_to};
-pub use redeliver_core::*;
+
+// The application's API: transports and topology, the worker and handlers, retry policies,
+// messages and errors. What transports implement lives in [`transport`].
+pub use redeliver_core::{
+    Backoff, BackoffPolicy, BackoffPolicyBuilder, BoxError, Capabilities, Clock, Context,
+    DeadLetterInfo, Error, ErrorKind, FailedAttempt, FailureCategory, Handler, Headers,
+    InvalidPayload, Jitter, Message, MessageId, Outcome, RetryAfter, RetryPolicy, SecretUrl,
+    Source, Topology, Transport, Worker, WorkerBuilder, WorkerStats, outcome_for_status,
+};
+pub use redeliver_core::{reasons, request_reply};
+
+#[cfg(feature = "mock")]
+pub use redeliver_core::MockTransport;
+
+/// The transport author's API: what a [`Transport`] hands out and how its deliveries are
+/// settled, the framework's wire headers and the redaction of secrets. Applications do not need
+/// it; transports and the conformance suite (`redeliver-conformance`) do.
+pub mod transport {
+    pub use redeliver_core::transport::{
+        ConsumeOptions, Delivery, DeliveryStream, Settle, Settlement,
+    };
+    pub use redeliver_core::{secret, wire};
+}
 
 /// The in-memory transport: exact scheduling, a controllable clock, inspection for tests.
 #[cfg(feature = "memory")]

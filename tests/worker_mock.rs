@@ -9,10 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::TimeDelta;
 use futures::StreamExt;
-use redeliver::{
-    Capabilities, Clock, Context, Delivery, Error, Message, MockTransport, Outcome, Settle,
-    Settlement, Source, Transport, Worker,
-};
+use redeliver::transport::{Delivery, Settle, Settlement};
+// The mock of the transport trait (the `mock` feature of `redeliver` re-exports it).
+use redeliver::{Capabilities, Clock, Context, Error, Message, Outcome, Source, Transport, Worker};
+use redeliver_core::MockTransport;
 use support::{Calls, within};
 use tokio::sync::mpsc;
 
