@@ -10,17 +10,63 @@
 //! A Service Bus connection string with `UseDevelopmentEmulator=true` (the emulator's, and the
 //! test broker's) connects without TLS.
 //!
-//! A scheme that is unknown, or whose feature is not enabled, is an [`Error::Config`] that says
-//! which feature to enable.
+//! Each transport recognises and connects its own URLs through its
+//! [`Connector`](crate::transport::connector::Connector); a transport of your own joins with
+//! [`register`]. A URL of a built-in transport whose feature is not enabled is an
+//! [`Error::Config`] that says which feature to enable.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use redeliver_core::connector::{Connector, connection_string_value, has_scheme};
 use redeliver_core::secret::SecretUrl;
 use redeliver_core::{Error, Transport};
 
 /// The configuration field the errors of this module name.
 const FIELD: &str = "transport";
+
+/// Connectors registered by the application, tried after the built-in ones.
+static REGISTERED: RwLock<Vec<Arc<dyn Connector>>> = RwLock::new(Vec::new());
+
+/// Makes [`connect`] and [`TransportUrl`] know the URLs of `connector`'s transport. URLs of the
+/// built-in transports stay theirs.
+///
+/// ```
+/// use std::sync::Arc;
+/// use redeliver::transport::connector::{Connector, has_scheme};
+/// use redeliver::{Error, SecretUrl, Transport};
+///
+/// #[derive(Debug)]
+/// struct Loopback;
+///
+/// #[async_trait::async_trait]
+/// impl Connector for Loopback {
+///     fn name(&self) -> &'static str { "loopback" }
+///     fn accepts(&self, url: &str) -> bool { has_scheme(url, "loopback") }
+///     async fn connect(&self, _: &SecretUrl) -> Result<Arc<dyn Transport>, Error> {
+///         Ok(Arc::new(redeliver::memory::MemoryTransport::new()))
+///     }
+/// }
+///
+/// redeliver::connect::register(Loopback);
+/// let url = redeliver::TransportUrl::parse("loopback://").unwrap();
+/// assert_eq!(url.kind(), redeliver::TransportKind::Registered("loopback"));
+/// ```
+pub fn register(connector: impl Connector) {
+    REGISTERED
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push(Arc::new(connector));
+}
+
+fn registered(url: &str) -> Option<Arc<dyn Connector>> {
+    REGISTERED
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .find(|c| c.accepts(url))
+        .cloned()
+}
 
 /// A transport location: a URL or a Service Bus connection string. Deserializes from a string,
 /// so it can sit in an application's configuration struct:
@@ -52,15 +98,51 @@ pub enum TransportKind {
     RabbitMq,
     /// A Service Bus connection string.
     ServiceBus,
+    /// A transport added with [`register`], by its connector's name.
+    Registered(&'static str),
 }
 
 impl TransportKind {
-    /// The cargo feature of `redeliver` that provides this transport.
-    pub fn feature(self) -> &'static str {
+    /// The cargo feature of `redeliver` that provides this transport (none for a registered one).
+    pub fn feature(self) -> Option<&'static str> {
         match self {
-            TransportKind::Memory => "memory",
-            TransportKind::RabbitMq => "rabbitmq",
-            TransportKind::ServiceBus => "servicebus",
+            TransportKind::Memory => Some("memory"),
+            TransportKind::RabbitMq => Some("rabbitmq"),
+            TransportKind::ServiceBus => Some("servicebus"),
+            TransportKind::Registered(_) => None,
+        }
+    }
+
+    /// The built-in transport `value` is for, whether or not its feature is enabled.
+    fn built_in(value: &str) -> Option<TransportKind> {
+        if connection_string_value(value, "Endpoint").is_some() {
+            Some(TransportKind::ServiceBus)
+        } else if has_scheme(value, "memory") {
+            Some(TransportKind::Memory)
+        } else if has_scheme(value, "amqp") || has_scheme(value, "amqps") {
+            Some(TransportKind::RabbitMq)
+        } else {
+            None
+        }
+    }
+
+    /// The connector of this transport, if this build has it.
+    fn connector(self) -> Option<Arc<dyn Connector>> {
+        match self {
+            #[cfg(feature = "memory")]
+            TransportKind::Memory => Some(Arc::new(redeliver_memory::MemoryConnector)),
+            #[cfg(feature = "rabbitmq")]
+            TransportKind::RabbitMq => Some(Arc::new(redeliver_rabbitmq::RabbitMqConnector)),
+            #[cfg(feature = "servicebus")]
+            TransportKind::ServiceBus => Some(Arc::new(redeliver_servicebus::ServiceBusConnector)),
+            TransportKind::Registered(name) => REGISTERED
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .find(|c| c.name() == name)
+                .cloned(),
+            #[allow(unreachable_patterns)] // Every kind is handled when every feature is on.
+            _ => None,
         }
     }
 }
@@ -70,46 +152,12 @@ impl TransportUrl {
     /// rest when connecting).
     pub fn parse(value: &str) -> Result<Self, Error> {
         let trimmed = value.trim();
-        let lower = trimmed.to_ascii_lowercase();
-        let kind = if lower.starts_with("endpoint=") || lower.contains(";endpoint=") {
-            TransportKind::ServiceBus
-        } else if let Some((scheme, _)) = lower.split_once("://") {
-            match scheme {
-                "memory" => TransportKind::Memory,
-                "amqp" | "amqps" => TransportKind::RabbitMq,
-                other => {
-                    return Err(Error::config(
-                        FIELD,
-                        format!(
-                            "unknown scheme `{other}://`; expected `memory://`, `amqp://`, \
-                             `amqps://` or a Service Bus connection string (`Endpoint=sb://...`)"
-                        ),
-                    ));
-                }
-            }
-        } else if trimmed.contains('=') {
-            let keys: Vec<&str> = trimmed
-                .split(';')
-                .filter_map(|part| part.split_once('=').map(|(key, _)| key.trim()))
-                .filter(|key| !key.is_empty())
-                .collect();
-            return Err(Error::config(
-                FIELD,
-                format!(
-                    "a Service Bus connection string must hold `Endpoint=sb://<namespace>/`; \
-                     this one has only {}",
-                    keys.iter()
-                        .map(|key| format!("`{key}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        } else {
-            return Err(Error::config(
-                FIELD,
-                "expected a URL (`memory://`, `amqp://...`) or a Service Bus connection string \
-                 (`Endpoint=sb://...`), got a value without a scheme",
-            ));
+        let kind = match TransportKind::built_in(trimmed) {
+            Some(kind) => kind,
+            None => match registered(trimmed) {
+                Some(connector) => TransportKind::Registered(connector.name()),
+                None => return Err(unknown(trimmed)),
+            },
         };
         Ok(TransportUrl {
             kind,
@@ -129,8 +177,47 @@ impl TransportUrl {
 
     /// The value with passwords and keys replaced by `***`.
     pub fn redacted(&self) -> String {
-        self.value.redacted()
+        match self.kind.connector() {
+            Some(connector) => connector.redact(self.value.expose()),
+            None => self.value.redacted(),
+        }
     }
+}
+
+/// The error for a value no transport takes, saying what would be taken.
+fn unknown(value: &str) -> Error {
+    if let Some((scheme, _)) = value.split_once("://") {
+        return Error::config(
+            FIELD,
+            format!(
+                "unknown scheme `{}://`; expected `memory://`, `amqp://`, `amqps://`, a Service \
+                 Bus connection string (`Endpoint=sb://...`) or the scheme of a registered \
+                 transport",
+                scheme.to_ascii_lowercase()
+            ),
+        );
+    }
+    if value.contains('=') {
+        let keys: Vec<String> = value
+            .split(';')
+            .filter_map(|part| part.split_once('=').map(|(key, _)| key.trim()))
+            .filter(|key| !key.is_empty())
+            .map(|key| format!("`{key}`"))
+            .collect();
+        return Error::config(
+            FIELD,
+            format!(
+                "a Service Bus connection string must hold `Endpoint=sb://<namespace>/`; this one \
+                 has only {}",
+                keys.join(", ")
+            ),
+        );
+    }
+    Error::config(
+        FIELD,
+        "expected a URL (`memory://`, `amqp://...`) or a Service Bus connection string \
+         (`Endpoint=sb://...`), got a value without a scheme",
+    )
 }
 
 impl TryFrom<String> for TransportUrl {
@@ -214,46 +301,25 @@ async fn connect_env_value(var: &str, value: &str) -> Result<Arc<dyn Transport>,
 
 /// Connects to the transport `url` names.
 pub async fn connect_to(url: &TransportUrl) -> Result<Arc<dyn Transport>, Error> {
-    match url.kind() {
-        #[cfg(feature = "memory")]
-        TransportKind::Memory => Ok(Arc::new(redeliver_memory::MemoryTransport::new())),
-        #[cfg(feature = "rabbitmq")]
-        TransportKind::RabbitMq => {
-            let transport =
-                redeliver_rabbitmq::RabbitMqTransport::connect_url(url.expose()).await?;
-            Ok(Arc::new(transport))
-        }
-        #[cfg(feature = "servicebus")]
-        TransportKind::ServiceBus => {
-            // As with Microsoft's emulator, `UseDevelopmentEmulator=true` means plain AMQP.
-            let unsecured = url.expose().split(';').any(|part| {
-                part.split_once('=').is_some_and(|(key, value)| {
-                    key.trim().eq_ignore_ascii_case("UseDevelopmentEmulator")
-                        && value.trim().eq_ignore_ascii_case("true")
-                })
-            });
-            let options =
-                redeliver_servicebus::ServiceBusOptions::default().with_unsecured(unsecured);
-            let transport =
-                redeliver_servicebus::ServiceBusTransport::connect(url.expose(), options).await?;
-            Ok(Arc::new(transport))
-        }
-        #[allow(unreachable_patterns)] // Every kind is handled when every feature is on.
-        kind => Err(feature_disabled(kind)),
+    match url.kind().connector() {
+        Some(connector) => connector.connect(&url.value).await,
+        None => Err(feature_disabled(url.kind())),
     }
 }
 
-#[allow(dead_code)] // Unused when every transport feature is enabled.
 fn feature_disabled(kind: TransportKind) -> Error {
-    let feature = kind.feature();
-    Error::config(
-        FIELD,
-        format!(
-            "this build of redeliver has no {kind:?} transport: enable the `{feature}` feature \
-             (`redeliver = {{ version = \"{}\", features = [\"{feature}\"] }}` in Cargo.toml)",
-            env!("CARGO_PKG_VERSION")
+    match kind.feature() {
+        Some(feature) => Error::config(
+            FIELD,
+            format!(
+                "this build of redeliver has no {kind:?} transport: enable the `{feature}` \
+                 feature (`redeliver = {{ version = \"{}\", features = [\"{feature}\"] }}` in \
+                 Cargo.toml)",
+                env!("CARGO_PKG_VERSION")
+            ),
         ),
-    )
+        None => Error::config(FIELD, format!("no transport is registered for {kind:?}")),
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +397,46 @@ mod tests {
         assert_eq!(
             sb.expose(),
             "Endpoint=sb://ns/;SharedAccessKeyName=k;SharedAccessKey=s3cret"
+        );
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn a_registered_transport_connects_through_its_connector() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        static CONNECTS: AtomicUsize = AtomicUsize::new(0);
+        #[derive(Debug)]
+        struct Counting;
+        #[async_trait::async_trait]
+        impl Connector for Counting {
+            fn name(&self) -> &'static str {
+                "counting"
+            }
+            fn accepts(&self, url: &str) -> bool {
+                has_scheme(url, "counting")
+            }
+            fn redact(&self, _: &str) -> String {
+                "counting://(hidden)".to_owned()
+            }
+            async fn connect(&self, url: &SecretUrl) -> Result<Arc<dyn Transport>, Error> {
+                assert_eq!(url.expose(), "counting://token@somewhere");
+                CONNECTS.fetch_add(1, Ordering::SeqCst);
+                Ok(Arc::new(redeliver_memory::MemoryTransport::new()))
+            }
+        }
+
+        assert!(TransportUrl::parse("counting://token@somewhere").is_err());
+        register(Counting);
+        let url = TransportUrl::parse("counting://token@somewhere").unwrap();
+        assert_eq!(url.kind(), TransportKind::Registered("counting"));
+        assert_eq!(url.to_string(), "counting://(hidden)");
+        connect("counting://token@somewhere").await.unwrap();
+        assert_eq!(CONNECTS.load(Ordering::SeqCst), 1);
+        // A built-in scheme stays the built-in transport's.
+        assert_eq!(
+            TransportUrl::parse("memory://").unwrap().kind(),
+            TransportKind::Memory
         );
     }
 

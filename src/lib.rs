@@ -18,13 +18,14 @@ pub use redeliver_core::{reasons, request_reply};
 pub use redeliver_core::MockTransport;
 
 /// The transport author's API: what a [`Transport`] hands out and how its deliveries are
-/// settled, the framework's wire headers and the redaction of secrets. Applications do not need
+/// settled, how it is reached from a URL, the framework's wire headers and the redaction of
+/// secrets. Applications do not need
 /// it; transports and the conformance suite (`redeliver-conformance`) do.
 pub mod transport {
     pub use redeliver_core::transport::{
         ConsumeOptions, Delivery, DeliveryStream, Settle, Settlement,
     };
-    pub use redeliver_core::{secret, wire};
+    pub use redeliver_core::{connector, secret, wire};
 }
 
 /// The in-memory transport: exact scheduling, a controllable clock, inspection for tests.

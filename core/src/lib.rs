@@ -25,11 +25,13 @@
 //! - [`retry`] — [`RetryPolicy`], [`BackoffPolicy`], [`Backoff`], [`Jitter`].
 //! - [`worker`] — [`Worker`].
 //! - [`clock`] — [`Clock`], the source of "now" (controllable in tests).
+//! - [`connector`] — [`Connector`](connector::Connector): how a transport is reached from a URL.
 //! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
 //! - [`secret`] — [`SecretUrl`](secret::SecretUrl): URLs and connection strings whose secrets never show.
 //! - [`wire`] — the header names broker transports carry the framework's state in.
 
 pub mod clock;
+pub mod connector;
 pub mod error;
 pub mod handler;
 pub mod http;

@@ -49,6 +49,10 @@ use redeliver_core::{
 use rustc_hash::FxBuildHasher;
 use tokio::sync::{Notify, watch};
 
+mod connector;
+
+pub use connector::MemoryConnector;
+
 /// The in-memory transport. Cheap to clone: clones share the same queues.
 #[derive(Clone, Debug)]
 pub struct MemoryTransport {

@@ -147,6 +147,7 @@
 
 mod acks;
 mod connection;
+mod connector;
 mod consumer;
 mod convert;
 mod errors;
@@ -155,6 +156,7 @@ mod options;
 mod topology;
 mod transport;
 
+pub use connector::RabbitMqConnector;
 pub use options::{
     DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS, QueueType, RabbitMqOptions, TopologyMode,
 };

@@ -7,9 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use redeliver_core::{Context, Message, Outcome, Topology, Transport, Worker};
+use redeliver_core::{Context, Message, Outcome, Topology, Worker};
 
 use common::{Fixture, eventually};
+
+/// The handler calls: which message, and when.
+type Calls = Arc<Mutex<Vec<(String, DateTime<Utc>)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_behind_one_waiting_for_its_not_before_is_handled_at_once() {
@@ -22,7 +25,7 @@ async fn a_message_behind_one_waiting_for_its_not_before_is_handled_at_once() {
     };
     fx.declare(&Topology::new().endpoint("slots")).await;
     let transport = fx.transport();
-    let calls: Arc<Mutex<Vec<(String, DateTime<Utc>)>>> = Arc::default();
+    let calls: Calls = Arc::default();
     let worker = Worker::builder(Arc::clone(&transport), "slots")
         .concurrency(1)
         .start({

@@ -138,6 +138,7 @@
 //!   namespace that forbids receiving from a forwarding subscription, check with the Azure
 //!   tooling instead and skip [`Transport::declare`].
 
+mod connector;
 mod consumer;
 mod convert;
 mod errors;
@@ -163,6 +164,7 @@ use redeliver_core::{
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
+pub use crate::connector::ServiceBusConnector;
 pub use crate::options::ServiceBusOptions;
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
