@@ -7,10 +7,11 @@ pub use connect::{TransportKind, TransportUrl, connect, connect_from_env, connec
 // The application's API: transports and topology, the worker and handlers, retry policies,
 // messages and errors. What transports implement lives in [`transport`].
 pub use redeliver_core::{
-    Backoff, BackoffPolicy, BackoffPolicyBuilder, BoxError, Capabilities, Clock, Context,
-    DeadLetterInfo, Error, ErrorKind, FailedAttempt, FailureCategory, Handler, Headers,
-    InvalidPayload, Jitter, Message, MessageId, Outcome, RetryAfter, RetryPolicy, SecretUrl,
-    Source, Topology, Transport, Worker, WorkerBuilder, WorkerStats, outcome_for_status,
+    Backoff, BackoffPolicy, BackoffPolicyBuilder, BoxError, Capabilities, Classify, Clock, Context,
+    DeadLetterInfo, Error, ErrorKind, FailedAttempt, Failure, FailureCategory, Handler, Headers,
+    IntoOutcome, InvalidPayload, Jitter, Message, MessageId, Outcome, Payload, RawBody, ResultExt,
+    RetryAfter, RetryPolicy, SecretUrl, Source, Topology, Transport, Worker, WorkerBuilder,
+    WorkerStats, outcome_for_status,
 };
 pub use redeliver_core::{reasons, request_reply};
 

@@ -21,6 +21,8 @@
 //! - [`message`] — [`Message`], [`MessageId`], [`Headers`].
 //! - [`transport`] — the [`Transport`] trait, [`Delivery`] and settlement.
 //! - [`handler`] — the [`Handler`] trait, [`Context`], [`Outcome`].
+//! - [`failure`] — [`Failure`], [`Classify`]: `Result`s as handler return values, `?` in handlers.
+//! - [`payload`] — [`Payload`], [`RawBody`]: how a body becomes the handler's argument.
 //! - [`http`] — HTTP status + `Retry-After` → [`Outcome`].
 //! - [`retry`] — [`RetryPolicy`], [`BackoffPolicy`], [`Backoff`], [`Jitter`].
 //! - [`worker`] — [`Worker`].
@@ -33,9 +35,11 @@
 pub mod clock;
 pub mod connector;
 pub mod error;
+pub mod failure;
 pub mod handler;
 pub mod http;
 pub mod message;
+pub mod payload;
 pub mod reasons;
 pub mod request_reply;
 pub mod retry;
@@ -46,9 +50,11 @@ pub mod worker;
 
 pub use clock::Clock;
 pub use error::{BoxError, Error, ErrorKind};
+pub use failure::{Classify, Failure, IntoOutcome, ResultExt};
 pub use handler::{Context, Handler, Outcome, RetryAfter};
 pub use http::{FailureCategory, outcome_for_status};
 pub use message::{DeadLetterInfo, Headers, Message, MessageId};
+pub use payload::{Payload, RawBody};
 pub use retry::{Backoff, BackoffPolicy, BackoffPolicyBuilder, FailedAttempt, Jitter, RetryPolicy};
 pub use secret::SecretUrl;
 pub use transport::{

@@ -20,6 +20,15 @@ use crate::Error;
 /// The content type of JSON bodies, the default encoding.
 pub const JSON: &str = "application/json";
 
+/// The header naming what kind of message this is (`order-placed`), by which an endpoint that
+/// carries several kinds routes each to its handler. An application header: other clients see
+/// and can set it.
+pub const MESSAGE_TYPE: &str = "message-type";
+
+/// The header holding the id of the message whose handler sent this one (set by
+/// [`Context::send`](crate::Context::send)), for tracing a conversation.
+pub const CAUSATION_ID: &str = "causation-id";
+
 /// Identifies a message. Stays the same across every retry, park and dead letter of that
 /// message, so handlers can use it as an idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -219,6 +228,12 @@ impl Message {
     pub fn with_headers(mut self, headers: Headers) -> Self {
         self.headers = headers;
         self
+    }
+
+    /// Sets the message type (the [`MESSAGE_TYPE`] header).
+    #[must_use]
+    pub fn with_message_type(self, message_type: impl Into<String>) -> Self {
+        self.with_header(MESSAGE_TYPE, message_type)
     }
 
     /// Sets the correlation id (request/reply).

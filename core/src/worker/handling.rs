@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use serde::de::DeserializeOwned;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::InvalidPayload;
@@ -18,11 +17,14 @@ use super::lanes::{Signal, WaitingRoom};
 use super::stats::{Counters, StatsSource, bump};
 use crate::clock::Clock;
 use crate::handler::{Context, Handler, Outcome};
+use crate::payload::Payload;
 use crate::reasons::{INVALID_PAYLOAD, MALFORMED_HEADERS};
 use crate::transport::{Delivery, Source, Transport};
 
 /// What every lane of a worker shares.
-pub(super) struct Shared<T, H> {
+pub(super) struct Shared<T, S, H> {
+    /// The application state every handler call gets.
+    pub(super) state: Arc<S>,
     pub(super) transport: Arc<dyn Transport>,
     /// Shared with every handler's [`Context`], so a delivery copies no name.
     pub(super) source: Arc<Source>,
@@ -35,16 +37,19 @@ pub(super) struct Shared<T, H> {
     pub(super) _payload: PhantomData<fn() -> T>,
 }
 
-impl<T: Send + 'static, H: Send + Sync + 'static> StatsSource for Shared<T, H> {
+impl<T: Send + 'static, S: Send + Sync + 'static, H: Send + Sync + 'static> StatsSource
+    for Shared<T, S, H>
+{
     fn snapshot(&self) -> WorkerStats {
         self.stats.snapshot()
     }
 }
 
-impl<T, H> Shared<T, H>
+impl<T, S, H> Shared<T, S, H>
 where
-    T: DeserializeOwned + Send + 'static,
-    H: Handler<T>,
+    T: Payload,
+    S: Send + Sync + 'static,
+    H: Handler<T, S>,
 {
     /// Handles and settles `delivery`, or gives it back with its not-before to wait aside for.
     pub(super) async fn process(
@@ -101,7 +106,7 @@ where
             return (delivery, disposition);
         }
 
-        let payload = match delivery.message().decode::<T>() {
+        let payload = match T::decode(delivery.message()) {
             Ok(payload) => payload,
             Err(e) => {
                 let disposition = match self.invalid_payload {
@@ -121,6 +126,8 @@ where
             Arc::clone(delivery.shared_message()),
             Arc::clone(&self.source),
             self.clock.now(),
+            Arc::clone(&self.state),
+            Arc::clone(&self.transport),
         );
         bump(&self.stats.handled);
         let outcome = tokio::select! {
@@ -184,7 +191,7 @@ where
 }
 
 /// Calls the handler, turning a panic (while creating or polling its future) into a retry.
-async fn call<T, H: Handler<T>>(handler: &H, payload: T, context: Context) -> Outcome {
+async fn call<T, S, H: Handler<T, S>>(handler: &H, payload: T, context: Context<S>) -> Outcome {
     let future =
         match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(payload, context))) {
             Ok(future) => future,

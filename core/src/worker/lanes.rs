@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
-use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +18,7 @@ use tracing::{error, warn};
 use super::decide::Disposition;
 use super::handling::{Shared, panic_text};
 use crate::handler::Handler;
+use crate::payload::Payload;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryStream};
 
 pub(super) struct WaitingRoom {
@@ -101,8 +101,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 ///
 /// A lane per handler slot, rather than a task per delivery: a lane takes only when its
 /// handler is done, so nothing waits unhandled in the worker, and the hot path spawns nothing.
-pub(super) async fn run<T, H>(
-    shared: Arc<Shared<T, H>>,
+pub(super) async fn run<T, S, H>(
+    shared: Arc<Shared<T, S, H>>,
     stream: DeliveryStream,
     ready: mpsc::UnboundedReceiver<Delivery>,
     options: ConsumeOptions,
@@ -110,8 +110,9 @@ pub(super) async fn run<T, H>(
     shutdown_timeout: Duration,
     cancel: CancellationToken,
 ) where
-    T: DeserializeOwned + Send + 'static,
-    H: Handler<T>,
+    T: Payload,
+    S: Send + Sync + 'static,
+    H: Handler<T, S>,
 {
     let stop_taking = Arc::new(Signal::default());
     let hard_stop = Arc::new(Signal::default());
@@ -182,14 +183,15 @@ pub(super) async fn run<T, H>(
 /// takes meanwhile, so `concurrency` handlers can be waiting at once), and before handling when
 /// its handlers take long without waiting (so such handlers run in parallel on several threads
 /// rather than one after another).
-async fn lane<T, H>(
-    shared: Arc<Shared<T, H>>,
+async fn lane<T, S, H>(
+    shared: Arc<Shared<T, S, H>>,
     intake: Arc<AsyncMutex<Intake>>,
     stop_taking: Arc<Signal>,
     hard_stop: Arc<Signal>,
 ) where
-    T: DeserializeOwned + Send + 'static,
-    H: Handler<T>,
+    T: Payload,
+    S: Send + Sync + 'static,
+    H: Handler<T, S>,
 {
     /// A handling that takes longer than this without waiting is worth handing the intake over
     /// for (a hand-over costs around a microsecond).
@@ -268,10 +270,11 @@ fn report_lane_end(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-impl<T, H> Shared<T, H>
+impl<T, S, H> Shared<T, S, H>
 where
-    T: DeserializeOwned + Send + 'static,
-    H: Handler<T>,
+    T: Payload,
+    S: Send + Sync + 'static,
+    H: Handler<T, S>,
 {
     /// The next delivery from the intake (the caller's turn), and whether it is fresh from the
     /// transport (rather than back from the waiting room), or `None` once taking stops.

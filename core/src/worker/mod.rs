@@ -41,7 +41,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +48,7 @@ use tracing::error;
 
 use crate::Error;
 use crate::handler::Handler;
+use crate::payload::Payload;
 use crate::retry::{BackoffPolicy, RetryPolicy};
 use crate::transport::{ConsumeOptions, Source, Transport};
 
@@ -97,7 +97,8 @@ pub enum InvalidPayload {
 /// }
 /// ```
 #[must_use]
-pub struct WorkerBuilder {
+pub struct WorkerBuilder<S = ()> {
+    state: Arc<S>,
     transport: Arc<dyn Transport>,
     source: Source,
     concurrency: usize,
@@ -106,7 +107,28 @@ pub struct WorkerBuilder {
     shutdown_timeout: Duration,
 }
 
-impl WorkerBuilder {
+impl<S: Send + Sync + 'static> WorkerBuilder<S> {
+    /// The application state handed to every handler call ([`Context::state`]): one value,
+    /// shared, never copied per message. Default: none (`()`).
+    ///
+    /// [`Context::state`]: crate::Context::state
+    pub fn state<S2: Send + Sync + 'static>(self, state: S2) -> WorkerBuilder<S2> {
+        self.shared_state(Arc::new(state))
+    }
+
+    /// Like [`state`](WorkerBuilder::state), with a state that is already shared.
+    pub fn shared_state<S2: Send + Sync + 'static>(self, state: Arc<S2>) -> WorkerBuilder<S2> {
+        WorkerBuilder {
+            state,
+            transport: self.transport,
+            source: self.source,
+            concurrency: self.concurrency,
+            policy: self.policy,
+            invalid_payload: self.invalid_payload,
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+
     /// How many handler calls may run at once (and so how many deliveries are prefetched).
     /// Default 1.
     pub fn concurrency(mut self, concurrency: usize) -> Self {
@@ -138,8 +160,8 @@ impl WorkerBuilder {
     /// consuming (for example, the endpoint does not exist).
     pub async fn start<T, H>(self, handler: H) -> Result<Worker, Error>
     where
-        T: DeserializeOwned + Send + 'static,
-        H: Handler<T>,
+        T: Payload,
+        H: Handler<T, S>,
     {
         if self.concurrency == 0 {
             return Err(Error::config("concurrency", "must be at least 1, got 0"));
@@ -166,6 +188,7 @@ impl WorkerBuilder {
             .await?;
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            state: self.state,
             clock: self.transport.clock(),
             transport: self.transport,
             rules: Rules {
@@ -239,6 +262,7 @@ impl Worker {
     /// [`Source::dead_letters`]) from `transport`.
     pub fn builder(transport: Arc<dyn Transport>, source: impl Into<Source>) -> WorkerBuilder {
         WorkerBuilder {
+            state: Arc::new(()),
             transport,
             source: source.into(),
             concurrency: 1,
