@@ -11,7 +11,7 @@
 //! test broker's) connects without TLS.
 //!
 //! Each transport recognises and connects its own URLs through its
-//! [`Connector`](crate::transport::connector::Connector); a transport of your own joins with
+//! [`Connector`]; a transport of your own joins with
 //! [`register`]. A URL of a built-in transport whose feature is not enabled is an
 //! [`Error::Config`] that says which feature to enable.
 

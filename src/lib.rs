@@ -4,16 +4,17 @@ pub mod connect;
 
 pub use connect::{TransportKind, TransportUrl, connect, connect_from_env, connect_to};
 
-// The application's API: transports and topology, the worker and handlers, retry policies,
-// messages and errors. What transports implement lives in [`transport`].
+// The application's API: transports and topology, the host, the worker and handlers, retry
+// policies, messages and errors. What transports implement lives in [`transport`].
 pub use redeliver_core::{
-    Backoff, BackoffPolicy, BackoffPolicyBuilder, BoxError, Capabilities, Classify, Clock, Context,
-    DeadLetterInfo, Error, ErrorKind, FailedAttempt, Failure, FailureCategory, Handler, Headers,
-    IntoOutcome, InvalidPayload, Jitter, Message, MessageId, Outcome, Payload, RawBody, ResultExt,
-    RetryAfter, RetryPolicy, SecretUrl, Source, Topology, Transport, Worker, WorkerBuilder,
-    WorkerStats, outcome_for_status,
+    Backoff, BackoffPolicy, BackoffPolicyBuilder, BoxError, Capabilities, Classify, Clock,
+    Consumer, ConsumerHealth, ConsumerSettings, Context, DeadLetterInfo, Error, ErrorKind,
+    FailedAttempt, Failure, FailureCategory, Handler, Headers, Host, HostBuilder, IntoOutcome,
+    InvalidPayload, Jitter, Message, MessageId, Outcome, Payload, RawBody, ResultExt, RetryAfter,
+    RetryPolicy, SecretUrl, Source, Topology, Transport, Worker, WorkerBuilder, WorkerStats,
+    outcome_for_status,
 };
-pub use redeliver_core::{reasons, request_reply};
+pub use redeliver_core::{host, reasons, request_reply};
 
 #[cfg(feature = "mock")]
 pub use redeliver_core::MockTransport;

@@ -190,6 +190,35 @@ impl Error {
         )
     }
 
+    /// This error, saying that it happened to the consumer of `source` (a configuration field
+    /// is named under `consumers.<endpoint>`).
+    pub(crate) fn in_consumer(self, source: &crate::transport::Source) -> Self {
+        let prefix = |message: String| format!("consumer of {source}: {message}");
+        match self {
+            Error::Config { field, reason } => Error::Config {
+                field: format!("consumers.{}.{field}", source.endpoint_name()),
+                reason,
+            },
+            Error::Connection { message, source: s } => Error::Connection {
+                message: prefix(message),
+                source: s,
+            },
+            Error::AccessDenied { message, source: s } => Error::AccessDenied {
+                message: prefix(message),
+                source: s,
+            },
+            Error::Other { message, source: s } => Error::Other {
+                message: prefix(message),
+                source: s,
+            },
+            Error::Timeout { operation, after } => Error::Timeout {
+                operation: prefix(operation),
+                after,
+            },
+            other => other,
+        }
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {

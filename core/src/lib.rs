@@ -26,10 +26,11 @@
 //! - [`http`] — HTTP status + `Retry-After` → [`Outcome`].
 //! - [`retry`] — [`RetryPolicy`], [`BackoffPolicy`], [`Backoff`], [`Jitter`].
 //! - [`worker`] — [`Worker`].
+//! - [`host`] — [`Host`]: many typed consumers on one transport, started and stopped together.
 //! - [`clock`] — [`Clock`], the source of "now" (controllable in tests).
 //! - [`connector`] — [`Connector`](connector::Connector): how a transport is reached from a URL.
 //! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
-//! - [`secret`] — [`SecretUrl`](secret::SecretUrl): URLs and connection strings whose secrets never show.
+//! - [`secret`] — [`SecretUrl`]: URLs and connection strings whose secrets never show.
 //! - [`wire`] — the header names broker transports carry the framework's state in.
 
 pub mod clock;
@@ -37,6 +38,7 @@ pub mod connector;
 pub mod error;
 pub mod failure;
 pub mod handler;
+pub mod host;
 pub mod http;
 pub mod message;
 pub mod payload;
@@ -52,6 +54,7 @@ pub use clock::Clock;
 pub use error::{BoxError, Error, ErrorKind};
 pub use failure::{Classify, Failure, IntoOutcome, ResultExt};
 pub use handler::{Context, Handler, Outcome, RetryAfter};
+pub use host::{Consumer, ConsumerHealth, ConsumerSettings, Host, HostBuilder};
 pub use http::{FailureCategory, outcome_for_status};
 pub use message::{DeadLetterInfo, Headers, Message, MessageId};
 pub use payload::{Payload, RawBody};

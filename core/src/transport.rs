@@ -303,7 +303,7 @@ impl Delivery {
     }
 
     /// Marks the delivery as malformed (for example, unreadable framework headers; see
-    /// [`wire::decode_headers`](crate::wire::decode_headers)). The worker dead-letters it with
+    /// [`wire::decode_headers`]). The worker dead-letters it with
     /// reason [`MALFORMED_HEADERS`](crate::reasons::MALFORMED_HEADERS) and this description
     /// instead of calling the handler.
     #[must_use]
@@ -339,7 +339,7 @@ impl Delivery {
     }
 
     /// Schedules the next attempt (attempt + 1) not before `not_before`, recording `reason` (cut
-    /// to [`wire::MAX_REASON_BYTES`](crate::wire::MAX_REASON_BYTES)) and the chosen `delay`, then
+    /// to [`wire::MAX_REASON_BYTES`]) and the chosen `delay`, then
     /// removes this delivery.
     pub async fn retry(
         self,
@@ -360,8 +360,8 @@ impl Delivery {
     }
 
     /// Moves the message to its endpoint's dead letters, recording `reason` and `description`
-    /// (cut to [`wire::MAX_REASON_BYTES`](crate::wire::MAX_REASON_BYTES) and
-    /// [`wire::MAX_DESCRIPTION_BYTES`](crate::wire::MAX_DESCRIPTION_BYTES)).
+    /// (cut to [`wire::MAX_REASON_BYTES`] and
+    /// [`wire::MAX_DESCRIPTION_BYTES`]).
     pub async fn dead_letter(
         self,
         reason: impl Into<String>,

@@ -14,7 +14,7 @@ use super::InvalidPayload;
 use super::WorkerStats;
 use super::decide::{Disposition, Rules};
 use super::lanes::{Signal, WaitingRoom};
-use super::stats::{Counters, StatsSource, bump};
+use super::stats::{Control, Counters, StatsSource, bump};
 use crate::clock::Clock;
 use crate::handler::{Context, Handler, Outcome};
 use crate::payload::Payload;
@@ -33,6 +33,7 @@ pub(super) struct Shared<T, S, H> {
     pub(super) invalid_payload: InvalidPayload,
     pub(super) clock: Clock,
     pub(super) stats: Counters,
+    pub(super) control: Arc<Control>,
     pub(super) waiting: WaitingRoom,
     pub(super) _payload: PhantomData<fn() -> T>,
 }

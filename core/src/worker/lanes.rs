@@ -285,6 +285,13 @@ where
             if stop.is_set() {
                 return None;
             }
+            if self.control.is_paused() {
+                // Paused: take nothing; what the transport prefetched stays with it.
+                tokio::select! {
+                    _ = self.control.resumed() => continue,
+                    _ = stop.wait() => return None,
+                }
+            }
             let stream = intake.stream.as_mut()?;
             // Polled first, so that a ready delivery costs no registration with `stop`.
             let next = tokio::select! {
@@ -299,9 +306,11 @@ where
             match next {
                 Some(Ok(delivery)) => {
                     intake.backoff = FIRST_BACKOFF;
+                    self.control.set_consuming(true);
                     return Some((delivery, true));
                 }
                 Some(Err(e)) => {
+                    self.control.set_consuming(false);
                     warn!(source = %self.source, error = %e, "the transport reported a consumer error");
                     if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
                         return None;
@@ -313,13 +322,17 @@ where
                     // shut down.
                     warn!(source = %self.source, "the consumer was closed by the transport; consuming again");
                     intake.stream = None;
+                    self.control.set_consuming(false);
                     while intake.stream.is_none() {
                         if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
                             return None;
                         }
                         let options = intake.options.clone();
                         match self.transport.consume(&self.source, options).await {
-                            Ok(s) => intake.stream = Some(s),
+                            Ok(s) => {
+                                intake.stream = Some(s);
+                                self.control.set_consuming(true);
+                            }
                             Err(e) => {
                                 error!(source = %self.source, error = %e, "could not consume again")
                             }

@@ -30,6 +30,7 @@
 //! `message_id`, `endpoint`, `attempt` and `outcome`.
 //!
 //! [`INVALID_PAYLOAD`]: crate::reasons::INVALID_PAYLOAD
+//! [`Outcome`]: crate::Outcome
 //! [`MALFORMED_HEADERS`]: crate::reasons::MALFORMED_HEADERS
 
 mod decide;
@@ -55,13 +56,13 @@ use crate::transport::{ConsumeOptions, Source, Transport};
 use decide::Rules;
 use handling::Shared;
 use lanes::WaitingRoom;
-use stats::StatsSource;
+use stats::{Control, StatsSource};
 
 /// What the worker does with a message whose body cannot be decoded into the handler's type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InvalidPayload {
-    /// Dead-letter it with reason [`INVALID_PAYLOAD`] and the
+    /// Dead-letter it with reason [`INVALID_PAYLOAD`](crate::reasons::INVALID_PAYLOAD) and the
     /// decoder's error as description.
     #[default]
     DeadLetter,
@@ -142,6 +143,12 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
         self
     }
 
+    /// Like [`retry_policy`](WorkerBuilder::retry_policy), with a policy that is already shared.
+    pub fn shared_retry_policy(mut self, policy: Arc<dyn RetryPolicy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// What to do with payloads that cannot be decoded. Default: dead-letter.
     pub fn on_invalid_payload(mut self, action: InvalidPayload) -> Self {
         self.invalid_payload = action;
@@ -187,7 +194,9 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             .consume(&self.source, options.clone())
             .await?;
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let control = Arc::new(Control::new());
         let shared = Arc::new(Shared {
+            control: Arc::clone(&control),
             state: self.state,
             clock: self.transport.clock(),
             transport: self.transport,
@@ -214,11 +223,14 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             self.shutdown_timeout,
             cancel.clone(),
         ));
+        let source = Arc::clone(&shared.source);
         let stats: Arc<dyn StatsSource> = shared;
         Ok(Worker {
+            source,
             cancel,
             task,
             stats,
+            control,
         })
     }
 }
@@ -244,14 +256,17 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
 /// }
 /// ```
 pub struct Worker {
+    source: Arc<Source>,
     cancel: CancellationToken,
     task: JoinHandle<()>,
     stats: Arc<dyn StatsSource>,
+    control: Arc<Control>,
 }
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
+            .field("source", &self.source)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -275,6 +290,39 @@ impl Worker {
     /// What the worker has done so far.
     pub fn stats(&self) -> WorkerStats {
         self.stats.snapshot()
+    }
+
+    /// What the worker consumes.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Stops taking deliveries until [`resume`](Worker::resume); handlers in flight finish.
+    /// What the transport already handed over stays unhandled and unsettled meanwhile (a
+    /// broker redelivers it if the connection goes away).
+    pub fn pause(&self) {
+        self.control.set_paused(true);
+    }
+
+    /// Takes deliveries again after [`pause`](Worker::pause).
+    pub fn resume(&self) {
+        self.control.set_paused(false);
+    }
+
+    /// Whether the worker is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Whether the worker's consumer is open: false from a consumer error or close until the
+    /// worker has consumed again (for health checks).
+    pub fn is_consuming(&self) -> bool {
+        self.control.is_consuming()
+    }
+
+    /// Starts a graceful shutdown without waiting for it (used when an owner is dropped).
+    pub(crate) fn stop(&self) {
+        self.cancel.cancel();
     }
 
     /// Stops taking deliveries, waits for handlers in flight up to the shutdown timeout, then

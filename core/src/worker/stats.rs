@@ -1,6 +1,8 @@
-//! What a worker counts.
+//! What a worker counts, and the switches its owner can flip while it runs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::watch;
 
 use super::WorkerStats;
 
@@ -39,5 +41,44 @@ impl Counters {
             abandoned: get(&self.abandoned),
             settle_failures: get(&self.settle_failures),
         }
+    }
+}
+
+/// Shared by a [`Worker`](super::Worker) and its lanes: whether it is paused, and whether its
+/// consumer is open.
+pub(super) struct Control {
+    paused: watch::Sender<bool>,
+    consuming: AtomicBool,
+}
+
+impl Control {
+    pub(super) fn new() -> Self {
+        Control {
+            paused: watch::Sender::new(false),
+            consuming: AtomicBool::new(true),
+        }
+    }
+
+    pub(super) fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub(super) fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Returns once the worker is not paused.
+    pub(super) async fn resumed(&self) {
+        let mut paused = self.paused.subscribe();
+        // The sender lives in `self`, so this cannot fail.
+        let _ = paused.wait_for(|paused| !*paused).await;
+    }
+
+    pub(super) fn set_consuming(&self, consuming: bool) {
+        self.consuming.store(consuming, Ordering::Relaxed);
+    }
+
+    pub(super) fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
     }
 }

@@ -1,0 +1,268 @@
+//! The application host on the in-memory transport, with tokio's clock paused: exact figures.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use redeliver::memory::MemoryTransport;
+use redeliver::{
+    Backoff, BackoffPolicy, Consumer, Context, Error, Host, Jitter, Message, Outcome, Source,
+    Transport,
+};
+use support::{secs, within};
+
+fn setup() -> (MemoryTransport, Arc<dyn Transport>) {
+    let memory = MemoryTransport::new();
+    (memory.clone(), Arc::new(memory))
+}
+
+fn one_attempt() -> BackoffPolicy {
+    BackoffPolicy::builder()
+        .max_attempts(1)
+        .backoff(Backoff::fixed(secs(1)))
+        .jitter(Jitter::None)
+        .build()
+        .unwrap()
+}
+
+#[derive(Default)]
+struct Counts {
+    orders: AtomicU32,
+    audit: AtomicU32,
+}
+
+async fn count_order(_: serde_json::Value, ctx: Context<Counts>) -> Outcome {
+    ctx.state().orders.fetch_add(1, Ordering::SeqCst);
+    Outcome::success()
+}
+
+async fn count_audit(_: serde_json::Value, ctx: Context<Counts>) -> Outcome {
+    ctx.state().audit.fetch_add(1, Ordering::SeqCst);
+    Outcome::success()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_host_declares_what_its_consumers_need_and_runs_them_all() {
+    let (memory, transport) = setup();
+    let builder = Host::with_state(transport.clone(), Counts::default())
+        .consumer(Consumer::subscription("placed", "orders").handler(count_order))
+        .consumer(Consumer::subscription("placed", "audit").handler(count_audit));
+    assert_eq!(
+        builder
+            .topology()
+            .topics()
+            .map(|(topic, endpoints)| (topic.to_owned(), endpoints.count()))
+            .collect::<Vec<_>>(),
+        [("placed".to_owned(), 2)]
+    );
+    let host = builder.start().await.unwrap();
+
+    transport
+        .publish("placed", Message::json(&1).unwrap())
+        .await
+        .unwrap();
+    within("idle", memory.wait_until_idle()).await;
+
+    assert!(host.is_healthy());
+    let stats = host.shutdown().await;
+    let completed: Vec<(Source, u64)> = stats.into_iter().map(|(s, w)| (s, w.completed)).collect();
+    assert_eq!(
+        completed,
+        [
+            (Source::endpoint("orders"), 1),
+            (Source::endpoint("audit"), 1)
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_consumer_stops_at_one_deadline() {
+    let (memory, transport) = setup();
+    let slow = |_: serde_json::Value, _: Context| async {
+        tokio::time::sleep(secs(60)).await;
+        Outcome::success()
+    };
+    let host = Host::builder(transport.clone())
+        .shutdown_timeout(secs(5))
+        .consumer(Consumer::endpoint("a").handler(slow))
+        .consumer(Consumer::endpoint("b").handler(slow))
+        .start()
+        .await
+        .unwrap();
+    for endpoint in ["a", "b"] {
+        transport
+            .send(endpoint, Message::json(&1).unwrap())
+            .await
+            .unwrap();
+    }
+    within(
+        "both in flight",
+        memory.wait_until(|m| m.in_flight("a") == 1 && m.in_flight("b") == 1),
+    )
+    .await;
+
+    let started = tokio::time::Instant::now();
+    let stats = host.shutdown().await;
+
+    assert_eq!(
+        started.elapsed(),
+        secs(5),
+        "one deadline for both, not one after the other"
+    );
+    assert!(stats.iter().all(|(_, s)| s.abandoned == 1), "{stats:?}");
+    assert_eq!(
+        (memory.pending("a").len(), memory.pending("b").len()),
+        (1, 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_consumer_takes_nothing_until_resumed() {
+    let (memory, transport) = setup();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&calls);
+    let host = Host::builder(transport.clone())
+        .consumer(
+            Consumer::endpoint("orders").handler(move |_: serde_json::Value, _: Context| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async { Outcome::success() }
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+
+    assert!(host.pause("orders"));
+    assert!(!host.pause("nobody"));
+    assert!(host.health()[0].paused);
+    transport
+        .send("orders", Message::json(&1).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(secs(3600)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "nothing handled while paused"
+    );
+    assert_eq!(
+        memory.pending("orders").len() + memory.in_flight("orders"),
+        1
+    );
+
+    assert!(host.resume("orders"));
+    within("idle", memory.wait_until_idle()).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    host.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_over_its_time_out_is_retried_with_the_reason_named() {
+    let (memory, transport) = setup();
+    let host = Host::builder(transport.clone())
+        .consumer(
+            Consumer::endpoint("hooks")
+                .timeout(secs(3))
+                .retry_policy(one_attempt())
+                .handler(|_: serde_json::Value, _: Context| async {
+                    tokio::time::sleep(secs(10)).await;
+                    Outcome::success()
+                }),
+        )
+        .start()
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    transport
+        .send("hooks", Message::json(&1).unwrap())
+        .await
+        .unwrap();
+    within(
+        "the dead letter",
+        memory.wait_until(|m| m.dead_letters("hooks").len() == 1),
+    )
+    .await;
+
+    assert_eq!(started.elapsed(), secs(3));
+    let dead = memory.dead_letters("hooks");
+    assert_eq!(
+        dead[0].dead_letter().unwrap().reason,
+        "handler timed out after 3s"
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_host_stops_its_consumers() {
+    let (memory, transport) = setup();
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&calls);
+    let host = Host::builder(transport.clone())
+        .consumer(
+            Consumer::endpoint("orders").handler(move |_: serde_json::Value, _: Context| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async { Outcome::success() }
+            }),
+        )
+        .start()
+        .await
+        .unwrap();
+    drop(host);
+    tokio::time::sleep(secs(1)).await;
+    transport
+        .send("orders", Message::json(&1).unwrap())
+        .await
+        .unwrap();
+    tokio::time::sleep(secs(3600)).await;
+
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        memory.pending("orders").len(),
+        1,
+        "kept for the next consumer"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_that_cannot_start_is_named() {
+    let (_, transport) = setup();
+    let e = Host::builder(transport)
+        .consumer(Consumer::endpoint("fine").handler(count))
+        .consumer(Consumer::endpoint("orders").concurrency(0).handler(count))
+        .start()
+        .await
+        .unwrap_err();
+    match e {
+        Error::Config { field, .. } => assert_eq!(field, "consumers.orders.concurrency"),
+        other => panic!("unexpected {other}"),
+    }
+}
+
+async fn count(_: serde_json::Value, _: Context) -> Outcome {
+    Outcome::success()
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_reports_each_consumer() {
+    let (_, transport) = setup();
+    let host = Host::builder(transport)
+        .consumer(Consumer::endpoint("orders").handler(count))
+        .consumer(Consumer::dead_letters("orders").handler(count))
+        .start()
+        .await
+        .unwrap();
+    let health = host.health();
+    let shown: Vec<(String, bool, bool)> = health
+        .iter()
+        .map(|h| (h.source.to_string(), h.consuming, h.paused))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("orders".to_owned(), true, false),
+            ("orders (dead letters)".to_owned(), true, false)
+        ]
+    );
+    host.shutdown().await;
+}
