@@ -34,6 +34,65 @@
 //! Requests are at-least-once like every message: a responder may see a request twice, and a
 //! request that timed out may still be handled. Each try has its own correlation id, so a late
 //! reply to an earlier try is never taken for the answer to a later one.
+//!
+//! # Examples
+//!
+//! A responder and a requester on the in-memory transport (on a broker, only the transport
+//! changes):
+//!
+//! ```
+//! # mod redeliver { pub use redeliver_core::*; pub mod memory { pub use redeliver_memory::*; } }
+//! use std::sync::Arc;
+//!
+//! use redeliver::memory::MemoryTransport;
+//! use redeliver::request_reply::{RequestOptions, Requester, StatusEnvelope, reply_to};
+//! use redeliver::{Context, Outcome, Topology, Transport, Worker};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Quote {
+//!     price_cents: u32,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), redeliver::Error> {
+//! let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+//! transport
+//!     .declare(&Topology::new().endpoint("quotes").endpoint("quote-replies"))
+//!     .await?;
+//!
+//! // The responder answers each request (a product name) on the request's reply-to endpoint.
+//! let replies = Arc::clone(&transport);
+//! let responder = Worker::builder(Arc::clone(&transport), "quotes")
+//!     .start(move |product: String, ctx: Context| {
+//!         let replies = Arc::clone(&replies);
+//!         async move {
+//!             let quote = Quote { price_cents: 100 * product.len() as u32 };
+//!             let (endpoint, reply) = match reply_to(&ctx, &StatusEnvelope::new(200, "OK", quote)) {
+//!                 Ok(reply) => reply,
+//!                 // A request without reply-to cannot be answered: keep it for a person.
+//!                 Err(e) => return Outcome::dead_letter(e.to_string()),
+//!             };
+//!             match replies.send(&endpoint, reply).await {
+//!                 Ok(()) => Outcome::success(),
+//!                 Err(e) => Outcome::retry(e.to_string()),
+//!             }
+//!         }
+//!     })
+//!     .await?;
+//!
+//! // The requester waits 30 s per try, 3 tries, each with a new correlation id.
+//! let requester =
+//!     Requester::start(Arc::clone(&transport), "quote-replies", RequestOptions::default()).await?;
+//! let reply: StatusEnvelope<Quote> = requester.request("quotes", "book").await?;
+//! assert!(reply.is_success());
+//! assert_eq!(reply.body.price_cents, 400);
+//!
+//! requester.shutdown().await;
+//! responder.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
