@@ -495,3 +495,78 @@ async fn plain_amqp_requester_against_the_redeliver_responder() {
     }
     let _ = connection.close(200, "done".into()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_requester_on_direct_reply_to_gets_its_answer() {
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("quotes")).await;
+    let transport = fx.transport();
+    let responder = Worker::builder(Arc::clone(&transport), "quotes")
+        .start({
+            let transport = Arc::clone(&transport);
+            move |_: QuoteRequest, ctx: Context| {
+                let transport = Arc::clone(&transport);
+                async move {
+                    let envelope = StatusEnvelope::new(200, "OK", Quote { price: 12 });
+                    let (endpoint, reply) = match reply_to(&ctx, &envelope) {
+                        Ok(reply) => reply,
+                        Err(e) => return Outcome::dead_letter(e.to_string()),
+                    };
+                    match transport.send(&endpoint, reply).await {
+                        Ok(()) => Outcome::success(),
+                        Err(e) => Outcome::retry(e.to_string()),
+                    }
+                }
+            }
+        })
+        .await
+        .expect("start the responder");
+
+    // RabbitMQ's direct reply-to: consume the pseudo-queue without acks, publish the request on
+    // the same channel with `reply_to = amq.rabbitmq.reply-to`.
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.expect("a channel");
+    let mut replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "plain-requester".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume direct reply-to");
+    let correlation_id = "00000000-0000-4000-8000-00000000d1c7";
+    let props = BasicProperties::default()
+        .with_reply_to("amq.rabbitmq.reply-to".into())
+        .with_correlation_id(correlation_id.into())
+        .with_content_type("application/json".into());
+    channel
+        .basic_publish(
+            "".into(),
+            fx.transport.queue_name("quotes").as_str().into(),
+            BasicPublishOptions::default(),
+            br#"{"case":"direct"}"#,
+            props,
+        )
+        .await
+        .expect("publish the request");
+    let reply = next_reply(&mut replies, REPLY_WITHIN)
+        .await
+        .unwrap_or_else(|| panic!("no reply on direct reply-to within {REPLY_WITHIN:?}"));
+    assert_eq!(
+        text(reply.properties.correlation_id()),
+        Some(correlation_id)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&reply.data).expect("JSON");
+    assert_eq!(
+        body,
+        json!({"statusCode": 200, "statusMessage": "OK", "price": 12})
+    );
+    responder.shutdown().await;
+    let _ = connection.close(200, "done".into()).await;
+}
