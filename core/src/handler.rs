@@ -260,6 +260,43 @@ impl RetryAfter {
 }
 
 /// What a handler decided.
+///
+/// # Examples
+///
+/// A handler maps what happened to an outcome; the worker carries it out (completes, schedules
+/// the retry after the policy's delay, or dead-letters) and counts the attempts.
+///
+/// ```
+/// # use redeliver_core as redeliver;
+/// use std::time::Duration;
+/// use redeliver::{Outcome, RetryAfter};
+///
+/// enum Charge {
+///     Done,
+///     Busy { retry_in: Duration },
+///     CardDeclined,
+///     AlreadyRefunded,
+/// }
+///
+/// fn outcome(charge: Charge) -> Outcome {
+///     match charge {
+///         Charge::Done => Outcome::success(),
+///         // Tried again later, not before the payment service asked.
+///         Charge::Busy { retry_in } => {
+///             Outcome::retry_after("payment service busy", RetryAfter::Delay(retry_in))
+///         }
+///         // Another try would fail the same way: to the dead letters, with a reason.
+///         Charge::CardDeclined => Outcome::dead_letter_with("card declined", "issuer said no"),
+///         // Nothing to do any more: completed and logged, not dead-lettered.
+///         Charge::AlreadyRefunded => Outcome::discard("order already refunded"),
+///     }
+/// }
+///
+/// assert_eq!(outcome(Charge::Done), Outcome::Success);
+/// assert_eq!(outcome(Charge::Busy { retry_in: Duration::from_secs(30) }).kind(), "retry");
+/// assert_eq!(outcome(Charge::CardDeclined).kind(), "dead-letter");
+/// assert_eq!(outcome(Charge::AlreadyRefunded).kind(), "discard");
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Outcome {

@@ -80,6 +80,28 @@ impl fmt::Display for FailureCategory {
 /// `Retry-After` (whole seconds or an HTTP date; an unreadable value is ignored). Any other
 /// category is a dead letter with the category as reason and `HTTP <status>` as description.
 /// `Retry-After` is only read on retryable failures.
+///
+/// # Examples
+///
+/// ```
+/// # use redeliver_core as redeliver;
+/// use std::time::Duration;
+/// use redeliver::{Outcome, RetryAfter, outcome_for_status};
+///
+/// assert_eq!(outcome_for_status(204, None), Outcome::Success);
+/// // Rate-limited: retried, and not before the server's Retry-After.
+/// assert_eq!(
+///     outcome_for_status(429, Some("120")),
+///     Outcome::retry_after("rate-limited", RetryAfter::Delay(Duration::from_secs(120))),
+/// );
+/// // A server error is retried with the policy's back-off alone.
+/// assert_eq!(outcome_for_status(502, None), Outcome::retry("transient"));
+/// // Not found: a configuration problem, dead-lettered at once (Retry-After ignored).
+/// assert_eq!(
+///     outcome_for_status(404, Some("5")),
+///     Outcome::dead_letter_with("configuration", "HTTP 404"),
+/// );
+/// ```
 pub fn outcome_for_status(status: u16, retry_after: Option<&str>) -> Outcome {
     let Some(category) = FailureCategory::from_status(status) else {
         return Outcome::Success;

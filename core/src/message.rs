@@ -131,6 +131,31 @@ pub struct DeadLetterInfo {
 ///
 /// Build one with [`Message::new`] or [`Message::json`] and the `with_*` methods; read one in a
 /// handler through its [`Context`](crate::Context).
+///
+/// # Examples
+///
+/// ```
+/// # use redeliver_core as redeliver;
+/// use redeliver::Message;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct OrderShipped {
+///     order_id: u32,
+/// }
+///
+/// let message = Message::json(&OrderShipped { order_id: 1001 })?
+///     // An idempotency key: every retry and dead letter of this message keeps it.
+///     .with_id("order-1001-shipped")
+///     .with_header("tenant", "acme")
+///     .with_subject("webhook");
+/// assert_eq!(message.content_type(), Some("application/json"));
+/// assert_eq!(message.attempt(), 1, "attempts count handler calls, from 1");
+/// assert_eq!(message.decode::<OrderShipped>()?, OrderShipped { order_id: 1001 });
+/// // A body that is not the handler's type is an error, never a panic.
+/// assert!(message.decode::<Vec<String>>().is_err());
+/// # Ok::<(), redeliver::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {
     id: MessageId,

@@ -2,8 +2,24 @@
 //! a fresh correlation id, waits for the reply with a time-out and tries again a configured number
 //! of times; a responder answers with [`reply_to`], copying the correlation id.
 //!
-//! Replies carry a [`StatusEnvelope`]: `statusCode`, `statusMessage` and optional `messages`
-//! (JSON, camel case), plus the response's own fields.
+//! Replies carry a [`StatusEnvelope`]: `statusCode`, `statusMessage`, optional `httpStatus` and
+//! optional `messages` (JSON, camel case), plus the response's own fields. Each entry of
+//! `messages` needs only `key` and `severity`; `status`, `text` and `timestamp` are optional.
+//!
+//! # Partners that do not use redeliver
+//! On RabbitMQ a request carries what a plain AMQP client expects: `reply_to` is the name of the
+//! queue to publish the reply to (through the default exchange), `correlation_id` is a UUID,
+//! `app_id` is [`RequestOptions::app_id`], `content_type` is `application/json` and the delivery
+//! mode is persistent. A plain responder answers by publishing to the `reply_to` queue with the
+//! request's `correlation_id`; a plain requester sets those properties and gets its reply with
+//! the correlation id copied.
+//!
+//! With a RabbitMQ name prefix, an endpoint `replies` is the queue `{prefix}replies`: that is
+//! what `reply_to` carries, and a `reply_to` starting with the prefix is the endpoint again when a
+//! request arrives. A `reply_to` of a broker-named queue (`amq.gen-*`, direct reply-to
+//! `amq.rabbitmq.reply-to`) is answered as it is. A partner's reply queue with any other name
+//! gets the prefix added when it is answered: with a prefix, partners name their reply queues
+//! with it, or use broker-named ones.
 //!
 //! Replies the requester cannot use are handled by its reply worker, the same way on every
 //! transport:
@@ -18,6 +34,65 @@
 //! Requests are at-least-once like every message: a responder may see a request twice, and a
 //! request that timed out may still be handled. Each try has its own correlation id, so a late
 //! reply to an earlier try is never taken for the answer to a later one.
+//!
+//! # Examples
+//!
+//! A responder and a requester on the in-memory transport (on a broker, only the transport
+//! changes):
+//!
+//! ```
+//! # mod redeliver { pub use redeliver_core::*; pub mod memory { pub use redeliver_memory::*; } }
+//! use std::sync::Arc;
+//!
+//! use redeliver::memory::MemoryTransport;
+//! use redeliver::request_reply::{RequestOptions, Requester, StatusEnvelope, reply_to};
+//! use redeliver::{Context, Outcome, Topology, Transport, Worker};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Quote {
+//!     price_cents: u32,
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), redeliver::Error> {
+//! let transport: Arc<dyn Transport> = Arc::new(MemoryTransport::new());
+//! transport
+//!     .declare(&Topology::new().endpoint("quotes").endpoint("quote-replies"))
+//!     .await?;
+//!
+//! // The responder answers each request (a product name) on the request's reply-to endpoint.
+//! let replies = Arc::clone(&transport);
+//! let responder = Worker::builder(Arc::clone(&transport), "quotes")
+//!     .start(move |product: String, ctx: Context| {
+//!         let replies = Arc::clone(&replies);
+//!         async move {
+//!             let quote = Quote { price_cents: 100 * product.len() as u32 };
+//!             let (endpoint, reply) = match reply_to(&ctx, &StatusEnvelope::new(200, "OK", quote)) {
+//!                 Ok(reply) => reply,
+//!                 // A request without reply-to cannot be answered: keep it for a person.
+//!                 Err(e) => return Outcome::dead_letter(e.to_string()),
+//!             };
+//!             match replies.send(&endpoint, reply).await {
+//!                 Ok(()) => Outcome::success(),
+//!                 Err(e) => Outcome::retry(e.to_string()),
+//!             }
+//!         }
+//!     })
+//!     .await?;
+//!
+//! // The requester waits 30 s per try, 3 tries, each with a new correlation id.
+//! let requester =
+//!     Requester::start(Arc::clone(&transport), "quote-replies", RequestOptions::default()).await?;
+//! let reply: StatusEnvelope<Quote> = requester.request("quotes", "book").await?;
+//! assert!(reply.is_success());
+//! assert_eq!(reply.body.price_cents, 400);
+//!
+//! requester.shutdown().await;
+//! responder.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,7 +113,8 @@ use crate::worker::Worker;
 pub const MISSING_CORRELATION_ID: &str = "missing correlation id";
 /// Dead-letter reason of a reply whose correlation id matches no waiting request.
 pub const UNKNOWN_CORRELATION_ID: &str = "unknown correlation id";
-/// The header carrying the requesting application's id (`app_id` in AMQP terms).
+/// The header carrying the requesting application's id. The RabbitMQ transport carries it in the
+/// AMQP `app_id` property instead (both ways), so that plain AMQP clients see it where they look.
 pub const APP_ID: &str = "app-id";
 
 /// A reply's status envelope, plus the response's own fields in `body` (flattened into the same
@@ -50,6 +126,10 @@ pub struct StatusEnvelope<T = serde_json::Map<String, serde_json::Value>> {
     pub status_code: u16,
     /// A short text for the status.
     pub status_message: String,
+    /// The HTTP status the responder got or would answer with, when it differs from
+    /// `status_code` or the partner sends both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
     /// Details: validation results, warnings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<StatusMessage>>,
@@ -64,9 +144,24 @@ impl<T> StatusEnvelope<T> {
         StatusEnvelope {
             status_code,
             status_message: status_message.into(),
+            http_status: None,
             messages: None,
             body,
         }
+    }
+
+    /// Sets [`http_status`](StatusEnvelope::http_status).
+    #[must_use]
+    pub fn with_http_status(mut self, http_status: u16) -> Self {
+        self.http_status = Some(http_status);
+        self
+    }
+
+    /// Adds one entry to [`messages`](StatusEnvelope::messages).
+    #[must_use]
+    pub fn with_message(mut self, message: StatusMessage) -> Self {
+        self.messages.get_or_insert_with(Vec::new).push(message);
+        self
     }
 
     /// Whether the status code is 2xx.
@@ -75,7 +170,8 @@ impl<T> StatusEnvelope<T> {
     }
 }
 
-/// One detail of a [`StatusEnvelope`].
+/// One detail of a [`StatusEnvelope`]: `key` and `severity` are required, the rest is optional
+/// (absent fields are not serialized).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusMessage {
@@ -84,12 +180,48 @@ pub struct StatusMessage {
     /// `error`, `warning`, `info`, ...
     pub severity: String,
     /// A status code for this detail.
-    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
     /// Text for a person.
-    pub text: String,
-    /// When it was produced (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// When it was produced (RFC 3339), as the partner wrote it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<String>,
+}
+
+impl StatusMessage {
+    /// A detail with only the required fields.
+    pub fn new(key: impl Into<String>, severity: impl Into<String>) -> Self {
+        StatusMessage {
+            key: key.into(),
+            severity: severity.into(),
+            status: None,
+            text: None,
+            timestamp: None,
+        }
+    }
+
+    /// Sets [`status`](StatusMessage::status).
+    #[must_use]
+    pub fn with_status(mut self, status: impl Into<String>) -> Self {
+        self.status = Some(status.into());
+        self
+    }
+
+    /// Sets [`text`](StatusMessage::text).
+    #[must_use]
+    pub fn with_text(mut self, text: impl Into<String>) -> Self {
+        self.text = Some(text.into());
+        self
+    }
+
+    /// Sets [`timestamp`](StatusMessage::timestamp).
+    #[must_use]
+    pub fn with_timestamp(mut self, timestamp: impl Into<String>) -> Self {
+        self.timestamp = Some(timestamp.into());
+        self
+    }
 }
 
 /// Builds the reply to the request in `ctx`: `envelope` as JSON, with the request's correlation
@@ -116,7 +248,7 @@ pub struct RequestOptions {
     pub timeout: Duration,
     /// How many tries, each with a new correlation id. Default 3.
     pub attempts: u32,
-    /// Sent in the [`APP_ID`] header, if set.
+    /// Sent in the [`APP_ID`] header (the `app_id` property on RabbitMQ), if set.
     pub app_id: Option<String>,
     /// How many times a reply with an unknown correlation id is tried before it is
     /// dead-lettered. Default 3.
@@ -346,6 +478,53 @@ mod tests {
         .unwrap();
         assert!(!with_messages.is_success());
         assert_eq!(with_messages.messages.unwrap()[0].key, "vat");
+    }
+
+    #[test]
+    fn envelopes_follow_the_contract_with_every_optional_field_and_with_none() {
+        let full = serde_json::json!({
+            "statusCode": 422, "statusMessage": "Unprocessable", "httpStatus": 400,
+            "messages": [{
+                "key": "vat", "severity": "error", "status": "INVALID",
+                "text": "bad VAT number", "timestamp": "2026-12-01T10:00:00Z"
+            }],
+            "reference": "r-1"
+        });
+        let envelope: StatusEnvelope = serde_json::from_value(full.clone()).unwrap();
+        assert_eq!(envelope.http_status, Some(400));
+        assert_eq!(
+            envelope.messages.as_deref(),
+            Some(
+                &[StatusMessage::new("vat", "error")
+                    .with_status("INVALID")
+                    .with_text("bad VAT number")
+                    .with_timestamp("2026-12-01T10:00:00Z")][..]
+            )
+        );
+        assert_eq!(envelope.body.get("reference"), Some(&"r-1".into()));
+        // `httpStatus` is a field of the envelope, not left in (or lost from) the body.
+        assert_eq!(envelope.body.len(), 1);
+        assert_eq!(serde_json::to_value(&envelope).unwrap(), full);
+
+        let minimal = serde_json::json!({
+            "statusCode": 200, "statusMessage": "OK",
+            "messages": [{"key": "vat", "severity": "info"}]
+        });
+        let envelope: StatusEnvelope<serde_json::Value> =
+            serde_json::from_value(minimal.clone()).unwrap();
+        assert_eq!(envelope.http_status, None);
+        assert_eq!(
+            envelope.messages.as_deref(),
+            Some(&[StatusMessage::new("vat", "info")][..])
+        );
+        assert_eq!(
+            serde_json::to_value(
+                StatusEnvelope::new(200, "OK", serde_json::json!({}))
+                    .with_message(StatusMessage::new("vat", "info"))
+            )
+            .unwrap(),
+            minimal
+        );
     }
 
     #[test]

@@ -74,16 +74,13 @@ pub(crate) async fn run(
                         vat_cents: request.net_cents * 19 / 100,
                     },
                 )),
-                other => Some(StatusEnvelope {
-                    messages: Some(vec![StatusMessage {
-                        key: "country".into(),
-                        severity: "error".into(),
-                        status: "UNSUPPORTED".into(),
-                        text: format!("no VAT rules for `{other}`"),
-                        timestamp: None,
-                    }]),
-                    ..StatusEnvelope::new(422, "Unprocessable", Tax::default())
-                }),
+                other => Some(
+                    StatusEnvelope::new(422, "Unprocessable", Tax::default()).with_message(
+                        StatusMessage::new("country", "error")
+                            .with_status("UNSUPPORTED")
+                            .with_text(format!("no VAT rules for `{other}`")),
+                    ),
+                ),
             };
             let correlation = ctx
                 .correlation_id()

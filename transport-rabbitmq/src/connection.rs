@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
 use redeliver_core::{Error, Topology};
 use tokio::sync::watch;
@@ -146,14 +147,20 @@ impl Shared {
             .unwrap_or_else(|| "redeliver".to_owned());
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let url = self.options.redacted_url();
-        let connection =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties))
-                .await
-                .map_err(|_| Error::Timeout {
-                    operation: format!("connecting to {url}"),
-                    after: CONNECT_TIMEOUT,
-                })?
-                .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.options.ca_certificates.clone(),
+        };
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
+        let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("connecting to {url}"),
+                after: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Arc::new(Link {
             generation,

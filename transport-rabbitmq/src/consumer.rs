@@ -169,7 +169,8 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                     queue: Arc::clone(&state.queue),
                     settled: false,
                 };
-                let (message, problem) = convert::message(
+                let (message, problem) = convert::incoming(
+                    &state.transport.shared.options.prefix,
                     &delivery.properties,
                     delivery.data,
                     state.source.is_dead_letters(),

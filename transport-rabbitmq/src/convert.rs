@@ -5,10 +5,18 @@
 //! | id | `message-id` property |
 //! | content type | `content-type` property |
 //! | correlation id | `correlation-id` property |
-//! | reply-to | `reply-to` property |
+//! | reply-to | `reply-to` property: the endpoint's queue name (see below) |
+//! | the [`APP_ID`] header | `app-id` property |
 //! | subject | `type` property (and the routing key when publishing to a topic) |
 //! | headers | `headers` table, as long strings |
 //! | attempt, not-before, last failure, dead-letter reason | headers named in [`wire`] |
+//!
+//! A reply-to endpoint travels as the name of its queue (`{prefix}{endpoint}`), so that a plain
+//! AMQP responder can publish its reply to the default exchange with `reply_to` as the routing
+//! key; on the way in, a reply-to queue of this transport (one starting with the prefix) becomes
+//! its endpoint again. Any other reply-to (a partner's queue, a broker-named `amq.gen-*` queue,
+//! direct reply-to) passes through unchanged both ways: see
+//! [`RabbitMqTransport::send`](crate::RabbitMqTransport) for how it is answered.
 //!
 //! Every message is published persistent (delivery mode 2). On the way in, broker history headers
 //! (`x-death`, `x-first-death-*`, `x-last-death-*`, `x-delivery-count`, ...) are removed, so
@@ -16,7 +24,10 @@
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use redeliver_core::request_reply::APP_ID;
 use redeliver_core::{DeadLetterInfo, Error, Headers, Message, MessageId, wire};
+
+use crate::naming::Names;
 
 /// Delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
@@ -24,6 +35,67 @@ const PERSISTENT: u8 = 2;
 /// Why the broker itself dead-lettered a message (quorum `x-delivery-limit`), when the framework
 /// did not record a reason.
 const BROKER_REASON_PREFIX: &str = "dead-lettered by the broker";
+
+/// The AMQP properties carrying `message` as a plain AMQP client reads them: the reply-to
+/// endpoint as its queue name, the [`APP_ID`] header as the `app-id` property.
+pub(crate) fn outgoing(names: &Names, message: &Message) -> Result<BasicProperties, Error> {
+    let app_id = message.headers().get(APP_ID);
+    let reply_queue = message.reply_to().map(|r| destination_queue(names, r));
+    if app_id.is_none() && reply_queue.as_deref() == message.reply_to() {
+        return properties(message);
+    }
+    let mut headers = message.headers().clone();
+    headers.remove(APP_ID);
+    let mut plain = message.clone().with_headers(headers);
+    if let Some(queue) = reply_queue {
+        plain = plain.with_reply_to(queue);
+    }
+    let mut props = properties(&plain)?;
+    if let Some(app_id) = app_id {
+        props = props.with_app_id(short("app id", app_id)?);
+    }
+    Ok(props)
+}
+
+/// The queue an endpoint name (or a reply-to) stands for: the endpoint's queue, or, for a
+/// broker-named queue (`amq.`, which no endpoint's queue can be without a prefix), that queue.
+pub(crate) fn destination_queue(names: &Names, reply_to: &str) -> String {
+    if is_broker_named(reply_to) {
+        reply_to.to_owned()
+    } else {
+        names.endpoint_queue(reply_to)
+    }
+}
+
+/// Whether `queue` is named by the broker (`amq.gen-*` server-named queues, direct reply-to):
+/// clients cannot declare queues starting with `amq.`.
+pub(crate) fn is_broker_named(queue: &str) -> bool {
+    queue.starts_with("amq.")
+}
+
+/// A message rebuilt from a delivery (see [`message`]), with the `app-id` property as the
+/// [`APP_ID`] header and a reply-to queue of this transport (starting with `prefix`) as its
+/// endpoint.
+pub(crate) fn incoming(
+    prefix: &str,
+    properties: &BasicProperties,
+    body: Vec<u8>,
+    from_dead_letters: bool,
+) -> (Message, Option<String>) {
+    let (mut message, problem) = message(properties, body, from_dead_letters);
+    if let Some(app_id) = properties.app_id() {
+        message = message.with_header(APP_ID, app_id.as_str());
+    }
+    let endpoint = message
+        .reply_to()
+        .and_then(|queue| queue.strip_prefix(prefix))
+        .filter(|endpoint| !endpoint.is_empty())
+        .map(str::to_owned);
+    if let Some(endpoint) = endpoint {
+        message = message.with_reply_to(endpoint);
+    }
+    (message, problem)
+}
 
 /// The AMQP properties carrying `message`.
 pub(crate) fn properties(message: &Message) -> Result<BasicProperties, Error> {
@@ -234,6 +306,57 @@ mod tests {
         let props = BasicProperties::default().with_headers(table);
         let (_, problem) = message(&props, Vec::new(), false);
         assert!(problem.unwrap().contains(wire::ATTEMPT));
+    }
+
+    #[test]
+    fn reply_to_is_a_queue_name_and_the_app_id_a_property() {
+        let names = Names::new(&crate::RabbitMqOptions::default().with_prefix("billing."));
+        let request = Message::json(&serde_json_value())
+            .unwrap()
+            .with_reply_to("replies")
+            .with_correlation_id("c-1")
+            .with_header(APP_ID, "web-shop")
+            .with_header("tenant", "acme");
+        let props = outgoing(&names, &request).unwrap();
+        let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
+        assert_eq!(text(props.reply_to()).as_deref(), Some("billing.replies"));
+        assert_eq!(text(props.app_id()).as_deref(), Some("web-shop"));
+        assert_eq!(
+            text(props.content_type()).as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
+        let keys: Vec<&str> = props
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .map(ShortString::as_str)
+            .collect();
+        assert_eq!(keys, ["tenant"]);
+
+        let (back, problem) = incoming("billing.", &props, request.body().to_vec(), false);
+        assert_eq!(problem, None);
+        assert_eq!(back.reply_to(), Some("replies"));
+        assert_eq!(back.headers(), request.headers());
+
+        // Reply-to queues that are not this transport's pass through unchanged, both ways.
+        for foreign in ["legacy-replies", "amq.gen-Xa2", "amq.rabbitmq.reply-to.g1h"] {
+            let props = BasicProperties::default().with_reply_to(foreign.into());
+            let (m, _) = incoming("billing.", &props, Vec::new(), false);
+            assert_eq!(m.reply_to(), Some(foreign));
+        }
+        assert_eq!(destination_queue(&names, "amq.gen-Xa2"), "amq.gen-Xa2");
+        assert_eq!(destination_queue(&names, "quotes"), "billing.quotes");
+        // Without a prefix every name is its own queue.
+        let (m, _) = incoming(
+            "",
+            &BasicProperties::default().with_reply_to("replies".into()),
+            Vec::new(),
+            false,
+        );
+        assert_eq!(m.reply_to(), Some("replies"));
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl RabbitMqTransport {
 
     /// Publishes `message` straight to `queue` (through the default exchange).
     pub(crate) async fn send_now(&self, queue: &str, message: &Message) -> Result<(), Error> {
-        let properties = convert::properties(message)?;
+        let properties = convert::outgoing(&self.shared.names, message)?;
         self.shared
             .publish(
                 Target {
@@ -172,7 +172,7 @@ impl RabbitMqTransport {
                 let destination = Destination::Queue(queue);
                 check_destination(*levels, destination)?;
                 let route = cascade_route(&self.shared.names, *levels, seconds, destination);
-                let properties = convert::properties(message)?;
+                let properties = convert::outgoing(&self.shared.names, message)?;
                 self.shared
                     .publish(
                         Target {
@@ -278,8 +278,12 @@ impl Transport for RabbitMqTransport {
         self.shared.declare(topology).await
     }
 
+    /// Sends to the queue of `endpoint`, `{prefix}{endpoint}`; a broker-named queue (`amq.gen-*`,
+    /// direct reply-to `amq.rabbitmq.reply-to.*`), as a plain AMQP requester puts in `reply_to`,
+    /// is sent to as it is, so a responder can answer it with
+    /// [`request_reply::reply_to`](redeliver_core::request_reply::reply_to) whatever the prefix.
     async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
-        let queue = self.shared.names.endpoint_queue(endpoint);
+        let queue = convert::destination_queue(&self.shared.names, endpoint);
         let delayed = message
             .not_before()
             .is_some_and(|at| whole_seconds(until(Utc::now(), at)) > 0);
@@ -291,7 +295,7 @@ impl Transport for RabbitMqTransport {
 
     async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
         let exchange = self.shared.names.topic_exchange(topic);
-        let properties = convert::properties(&message)?;
+        let properties = convert::outgoing(&self.shared.names, &message)?;
         // Not mandatory: a topic nobody subscribes to drops the message, as the contract says.
         // A message with a future not-before is delivered at once and parked by each
         // subscriber's worker; see the crate documentation.

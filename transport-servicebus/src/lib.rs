@@ -336,7 +336,9 @@ impl Inner {
     /// Runs a client call, giving up a little after the client's own try time-out.
     async fn bounded<F: Future>(&self, operation: &str, future: F) -> Result<F::Output, Error> {
         let after = self.options.try_timeout + GRACE;
-        tokio::time::timeout(after, future)
+        // On the heap: with rustls, some client futures (settling a message) are large enough
+        // that keeping them inline overflows a 2 MiB thread stack in debug builds.
+        tokio::time::timeout(after, Box::pin(future))
             .await
             .map_err(|_| Error::Timeout {
                 operation: operation.to_owned(),

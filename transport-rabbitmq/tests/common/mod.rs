@@ -372,7 +372,7 @@ impl Drop for Proxy {
     }
 }
 
-fn broker_addr() -> SocketAddr {
+pub fn broker_addr() -> SocketAddr {
     let uri: lapin::uri::AMQPUri = amqp_url().parse().expect("AMQP_URL parses");
     let host = if uri.authority.host == "localhost" {
         "127.0.0.1".to_owned()
