@@ -444,6 +444,14 @@ async fn ingress_link(mut receiver: Receiver, shared: Arc<Shared>, entity: Strin
                         format!("The message of {size} bytes exceeds the limit of {max} bytes."),
                         None,
                     ),
+                    Refusal::HeadersTooLarge { size, max } => AmqpErrorFrame::new(
+                        LinkError::MessageSizeExceeded,
+                        format!(
+                            "The header sections of the message ({size} bytes) exceed the limit \
+                             of {max} bytes."
+                        ),
+                        None,
+                    ),
                     Refusal::Rejected(reason) => {
                         AmqpErrorFrame::new(AmqpError::NotAllowed, reason, None)
                     }
