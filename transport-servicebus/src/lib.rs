@@ -138,6 +138,7 @@
 //!   namespace that forbids receiving from a forwarding subscription, check with the Azure
 //!   tooling instead and skip [`Transport::declare`].
 
+mod connection_string;
 mod consumer;
 mod convert;
 mod errors;
@@ -157,6 +158,7 @@ use azservicebus::{
     ServiceBusSender, ServiceBusSenderOptions,
 };
 use chrono::Utc;
+use redeliver_core::secret::SecretUrl;
 use redeliver_core::{
     Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
 };
@@ -181,15 +183,18 @@ pub struct ServiceBusTransport {
 
 impl fmt::Debug for ServiceBusTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the connection string: it holds the key.
         f.debug_struct("ServiceBusTransport")
+            .field("connection_string", &self.inner.connection_string)
             .field("options", &self.inner.options)
             .finish_non_exhaustive()
     }
 }
 
 pub(crate) struct Inner {
-    connection_string: String,
+    /// As given; shown only redacted.
+    connection_string: SecretUrl,
+    /// What the client is given, checked.
+    checked: connection_string::Checked,
     options: ServiceBusOptions,
     /// The connection senders are made on; `None` until needed or after it failed.
     client: Mutex<Option<Client>>,
@@ -238,18 +243,29 @@ impl SenderPool {
 
 impl ServiceBusTransport {
     /// Connects to the namespace of `connection_string`
-    /// (`Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=...`).
+    /// (`Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=...`, or
+    /// `SharedAccessSignature=...` instead of the key; `UseDevelopmentEmulator=true` for the
+    /// Service Bus emulator, which needs no key and is always plain AMQP). The connection
+    /// string is checked before connecting; its key never appears in an error, a log line or
+    /// a `Debug` form.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the field if `options` are invalid or the connection string is
-    /// refused; [`Error::Connection`] if the namespace cannot be reached.
+    /// [`Error::Config`] naming the field if `options` are invalid, or naming what is wrong
+    /// with the connection string (a missing key, an `Endpoint` with a port the client would
+    /// not use, not a connection string at all); [`Error::Timeout`] naming the host if
+    /// connecting takes longer than [`ServiceBusOptions::connect_timeout`];
+    /// [`Error::AccessDenied`] if the namespace refuses the credentials;
+    /// [`Error::Connection`] if it cannot be reached.
     pub async fn connect(
-        connection_string: impl Into<String>,
+        connection_string: impl Into<SecretUrl>,
         options: ServiceBusOptions,
     ) -> Result<Self, Error> {
         options.validate()?;
+        let connection_string = connection_string.into();
+        let checked = connection_string::check(&connection_string, options.unsecured)?;
         let inner = Arc::new(Inner {
-            connection_string: connection_string.into(),
+            connection_string,
+            checked,
             options,
             client: Mutex::new(None),
             senders: StdMutex::new(HashMap::new()),
@@ -299,9 +315,16 @@ impl Inner {
             retry_options,
             ..ServiceBusClientOptions::default()
         };
-        let connection_string = self.connection_string.as_str();
+        let connection_string = self.checked.for_client.expose();
+        let unsecured = self.options.unsecured || self.checked.emulator;
+        let operation = format!(
+            "connecting to Service Bus at `{}:{}`",
+            self.checked.host,
+            self.checked.port(self.options.unsecured)
+        );
+        debug!(connection_string = %self.connection_string, unsecured, "{operation}");
         let connecting = async {
-            if self.options.unsecured {
+            if unsecured {
                 Client::unsecured()
                     .new_from_connection_string(connection_string, client_options)
                     .await
@@ -309,25 +332,19 @@ impl Inner {
                 Client::new_from_connection_string(connection_string, client_options).await
             }
         };
-        match self
-            .bounded("connecting to Service Bus", connecting)
-            .await?
-        {
-            Ok(client) => Ok(client),
-            Err(e) => {
-                let kind = e.kind().clone();
-                match kind {
-                    azure_core::error::ErrorKind::Credential
-                    | azure_core::error::ErrorKind::DataConversion => Err(Error::config(
-                        "connection_string",
-                        format!("Service Bus refused it: {e}"),
-                    )),
-                    _ if e.to_string().to_lowercase().contains("connection string") => Err(
-                        Error::config("connection_string", format!("cannot be used: {e}")),
-                    ),
-                    _ => Err(Error::connection("connecting to Service Bus failed", e)),
-                }
-            }
+        let after = self.options.connect_timeout.min(self.options.try_timeout);
+        match tokio::time::timeout(after, connecting).await {
+            Err(_) => Err(Error::Timeout { operation, after }),
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => match e.kind() {
+                // The connection string was checked: what the client still refuses is in it.
+                azure_core::error::ErrorKind::Credential
+                | azure_core::error::ErrorKind::DataConversion => Err(Error::config(
+                    "connection_string",
+                    format!("the Service Bus client refused it: {e}"),
+                )),
+                _ => Err(self.convert(e, &operation, None)),
+            },
         }
     }
 
@@ -634,8 +651,11 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_connection_string() {
+        let connection_string =
+            SecretUrl::new("Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=secret");
         let inner = Inner {
-            connection_string: "Endpoint=sb://x/;SharedAccessKey=secret".into(),
+            checked: connection_string::check(&connection_string, false).unwrap(),
+            connection_string,
             options: ServiceBusOptions::default(),
             client: Mutex::new(None),
             senders: StdMutex::new(HashMap::new()),
@@ -643,6 +663,8 @@ mod tests {
         let transport = ServiceBusTransport {
             inner: Arc::new(inner),
         };
-        assert!(!format!("{transport:?}").contains("secret"));
+        let shown = format!("{transport:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("Endpoint=sb://x/"), "{shown}");
     }
 }

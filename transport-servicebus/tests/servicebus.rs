@@ -176,7 +176,10 @@ async fn a_send_the_broker_rejects_is_an_error_not_a_silent_success() {
         .send("q", Message::new(vec![0u8; 4096]))
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::Rejected { .. }), "oversized: {e:?}");
+    assert!(
+        matches!(e, Error::InvalidMessage { .. }) && e.is_message_refused(),
+        "oversized: {e:?}"
+    );
 
     broker
         .set_reject_sends("q", Some("queue is read-only"))
