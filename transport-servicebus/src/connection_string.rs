@@ -17,6 +17,8 @@ const KEY: &str = "SharedAccessKey";
 const SIGNATURE: &str = "SharedAccessSignature";
 const EMULATOR: &str = "UseDevelopmentEmulator";
 const KNOWN: [&str; 6] = [ENDPOINT, KEY_NAME, KEY, SIGNATURE, EMULATOR, "EntityPath"];
+/// The longest key name and key the client accepts, in bytes.
+const MAX_KEY_BYTES: usize = 256;
 /// What a connection string looks like, for error messages.
 const SHAPE: &str = "a Service Bus connection string looks like \
      `Endpoint=sb://<namespace>.servicebus.windows.net/;SharedAccessKeyName=<policy>;\
@@ -86,6 +88,16 @@ pub(crate) fn check(connection_string: &SecretUrl, unsecured: bool) -> Result<Ch
         if value.is_empty() {
             // The client skips empty values: treat them as missing.
             continue;
+        }
+        if (name == KEY_NAME || name == KEY) && value.len() > MAX_KEY_BYTES {
+            return Err(Error::config(
+                FIELD,
+                format!(
+                    "its `{name}` is {} bytes long; the Service Bus client accepts at most \
+                     {MAX_KEY_BYTES}",
+                    value.len()
+                ),
+            ));
         }
         match name {
             ENDPOINT => endpoint = Some(value),
@@ -214,6 +226,12 @@ mod tests {
             r.contains("no `SharedAccessKey`"),
             "an empty key is missing: {r}"
         );
+        let long = format!(
+            "Endpoint=sb://ns/;SharedAccessKeyName=Root;SharedAccessKey={}",
+            "k".repeat(257)
+        );
+        let r = reason(&long);
+        assert!(r.contains("`SharedAccessKey` is 257 bytes"), "{r}");
     }
 
     #[test]

@@ -114,10 +114,10 @@
 //!   copy for what it is ([`Error::is_message_refused`], for example too large): then the
 //!   original is dead-lettered natively (its body kept) with reason
 //!   [`COPY_REFUSED`](redeliver_core::reasons::COPY_REFUSED), a description saying why (at most
-//!   [`wire::MAX_DESCRIPTION_BYTES`](redeliver_core::wire::MAX_DESCRIPTION_BYTES), within Service
-//!   Bus's 4096 characters for `DeadLetterErrorDescription`), its attempt, and the failure that
-//!   asked for the retry, and the settlement succeeds (the worker counts it as retried; a
-//!   warning is logged).
+//!   [`wire::MAX_DESCRIPTION_BYTES`](redeliver_core::wire::MAX_DESCRIPTION_BYTES), within the
+//!   4096 characters Microsoft's SDKs allow a `DeadLetterErrorDescription`), its attempt, and the
+//!   failure that asked for the retry, and the settlement succeeds (the worker counts it as
+//!   retried; a warning is logged).
 //! - **Dead-letter** uses Service Bus dead-lettering with `DeadLetterReason` and
 //!   `DeadLetterErrorDescription` from the message's dead-letter info, and passes the
 //!   framework's state as properties to modify. The message keeps its application properties,
@@ -187,6 +187,14 @@
 //! - The management client takes the next reply on its link as the answer, without matching
 //!   it to the request; a renewal whose reply is lost or late is reported as failed (the lock
 //!   then runs out and the message is delivered again).
+//! - A message whose application properties hold a bare list, map or array (AMQP allows only
+//!   simple and described values there) cannot be decoded by `fe2o3-amqp`: the receive call
+//!   fails, so the message is never handed out (messages received in the same batch stay
+//!   locked, unseen, until their locks run out); the consumer reports the error and the worker
+//!   consumes again.
+//!   Service Bus delivers such a message again when its lock runs out, until its maximum
+//!   delivery count dead-letters it (`MaxDeliveryCountExceeded`). Described lists and maps,
+//!   which the client can decode, are reported as malformed headers as above.
 //! - Subscriptions are checked by attaching a receiver that never asks for a message. On a
 //!   namespace that forbids receiving from a forwarding subscription, check with the Azure
 //!   tooling instead and skip [`Transport::declare`].
