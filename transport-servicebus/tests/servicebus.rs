@@ -868,7 +868,7 @@ async fn retries_and_parks_survive_duplicate_detection() {
     // A message that arrives before its not-before (another producer set it without
     // scheduling) is parked: that copy is kept too. (Up to the declared scheduling precision
     // of 1 s early is handled at once.)
-    let not_before = Utc::now() + TimeDelta::seconds(3);
+    let not_before = Utc::now() + TimeDelta::seconds(4);
     let mut early = ServiceBusMessage::new(b"{\"id\":2}".to_vec());
     early.set_message_id("order-2").unwrap();
     let mut properties = ApplicationProperties::default();
@@ -916,7 +916,9 @@ async fn a_handler_failing_with_a_one_mib_reason_retries_then_dead_letters() {
             .await
             .unwrap()
     };
-    transport.send("q", order(1)).await.unwrap();
+    let message = order(1);
+    let id = message.id().clone();
+    transport.send("q", message).await.unwrap();
     calls.wait_for(3, PROMPT).await;
     assert!(
         broker
@@ -945,6 +947,27 @@ async fn a_handler_failing_with_a_one_mib_reason_retries_then_dead_letters() {
             .is_some_and(|d| d.len() <= wire::MAX_DESCRIPTION_BYTES)
     );
     assert_eq!(broker.active_message_count("q").unwrap(), 0);
+
+    // The dead letter is the third attempt's copy: it reads back with the framework's id.
+    assert_ne!(
+        letter.message_id.as_ref(),
+        Some(&id.to_string()),
+        "a native id of its own"
+    );
+    let mut dead = transport
+        .consume(&Source::dead_letters("q"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(letter.message().id(), &id);
+    assert_eq!(letter.message().attempt(), 3);
+    assert!(
+        letter
+            .message()
+            .last_failure()
+            .is_some_and(|f| f.len() <= wire::MAX_REASON_BYTES)
+    );
+    letter.complete().await.unwrap();
 }
 
 #[tokio::test]
