@@ -672,6 +672,21 @@ mod tests {
         let r = from_amqp(&raw, 1, false);
         assert_eq!((r.message.id().as_str(), r.problem), ("order-1", None));
         assert!(r.message.headers().is_empty());
+
+        let raw = received(
+            data(b"x"),
+            Some(Properties {
+                message_id: Some(AmqpMessageId::String(native.clone())),
+                ..Properties::default()
+            }),
+            vec![(MESSAGE_ID_PROPERTY, SimpleValue::Binary(vec![1].into()))],
+        );
+        let r = from_amqp(&raw, 1, false);
+        assert_eq!(
+            r.problem,
+            Some(wire::mistyped(MESSAGE_ID_PROPERTY, "binary data"))
+        );
+        assert_eq!(r.message.id().as_str(), native, "the native id, unguessed");
     }
 
     #[test]

@@ -148,6 +148,20 @@ async fn connection_string_mistakes_are_configuration_errors_that_say_what_is_wr
         "shows the form: {reason}"
     );
 
+    // The emulator's form needs no key and is plain AMQP whatever the options say.
+    let emulator = ServiceBusTransport::connect(
+        format!("Endpoint=sb://{ip};UseDevelopmentEmulator=true;"),
+        ServiceBusOptions::default(),
+    )
+    .await
+    .expect("an emulator connection string without a key connects");
+    broker
+        .create_queue("q", QueueOptions::default())
+        .expect("queue created");
+    emulator.send("q", Message::new("x")).await.unwrap();
+    assert_eq!(broker.active_message_count("q").unwrap(), 1);
+    emulator.close().await;
+
     // The broker's own string still works.
     ServiceBusTransport::connect(broker.connection_string(), options())
         .await
