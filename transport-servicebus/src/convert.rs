@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 /// The application property that carries the framework's message id on a copy (a retry or a
 /// park), whose native `MessageId` is its own so that duplicate detection keeps it.
 pub const MESSAGE_ID_PROPERTY: &str = "redeliver-message-id";
-/// Service Bus's longest `MessageId`, in characters.
+/// The longest `MessageId` `azservicebus` sends, in bytes.
 const MAX_NATIVE_ID: usize = 128;
 
 /// The application property in which Service Bus keeps a dead letter's reason.
@@ -41,8 +41,12 @@ pub(crate) fn copy_id(sequence_number: i64, id: &str) -> String {
         let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
         format!("redeliver:{nanos}-{n}:{id}")
     };
-    if native.chars().count() > MAX_NATIVE_ID {
-        native = native.chars().take(MAX_NATIVE_ID).collect();
+    if native.len() > MAX_NATIVE_ID {
+        let mut end = MAX_NATIVE_ID;
+        while !native.is_char_boundary(end) {
+            end -= 1;
+        }
+        native.truncate(end);
     }
     native
 }
@@ -656,7 +660,9 @@ mod tests {
             copy_id(0, "order-1"),
             "unique without a number"
         );
-        assert_eq!(copy_id(7, &"x".repeat(200)).chars().count(), 128);
+        assert_eq!(copy_id(7, &"x".repeat(200)).len(), 128);
+        let cut = copy_id(7, &"é".repeat(100));
+        assert!(cut.len() <= 128 && cut.len() >= 126, "{}", cut.len());
         let copy = to_service_bus(&m, Some(&native), Utc::now()).unwrap();
         assert_eq!(copy.message_id().as_deref(), Some(native.as_str()));
 

@@ -77,7 +77,7 @@
 //!   within the window is dropped by Service Bus, as it would be without this framework.
 //! - A **copy** — the message a retry or a park sends in place of the delivery it settles — has
 //!   a native `MessageId` of its own, `redeliver:<sequence number of that delivery>:<id>` (cut to
-//!   Service Bus's 128 characters), and carries the framework's id in the application property
+//!   the 128 bytes the client allows), and carries the framework's id in the application property
 //!   [`MESSAGE_ID_PROPERTY`] (`redeliver-message-id`). Handlers, dead-letter handlers and
 //!   [`Message::id`](redeliver_core::Message::id) always see the framework's id.
 //!   So duplicate detection never drops a retry or a park, since no two deliveries make a copy
@@ -146,8 +146,9 @@
 //! [`ServiceBusOptions::send_attempts`] tries in all, with doubling pauses, only for transient
 //! errors (connection, time-out). A rejected send (`amqp:not-allowed`) is [`Error::Rejected`]
 //! at once, a message over a size limit [`Error::InvalidMessage`]; a missing entity is
-//! [`Error::NotFound`]. A send retried after a
-//! time-out may have reached the broker the first time: again, duplicates, never loss.
+//! [`Error::NotFound`]. A send retried after a time-out may have reached the broker the first
+//! time: again, duplicates, never loss (a retry's or a park's copy sent twice has the same
+//! native id, so duplicate detection, when on, drops the second).
 //!
 //! Each send waits for the broker's answer on its link, and the client's send holds the link
 //! until then, so the transport keeps up to [`ServiceBusOptions::senders_per_entity`] sender
@@ -191,10 +192,9 @@
 //!   simple and described values there) cannot be decoded by `fe2o3-amqp`: the receive call
 //!   fails, so the message is never handed out (messages received in the same batch stay
 //!   locked, unseen, until their locks run out); the consumer reports the error and the worker
-//!   consumes again.
-//!   Service Bus delivers such a message again when its lock runs out, until its maximum
-//!   delivery count dead-letters it (`MaxDeliveryCountExceeded`). Described lists and maps,
-//!   which the client can decode, are reported as malformed headers as above.
+//!   consumes again. Service Bus delivers such a message again when its lock runs out, until
+//!   its maximum delivery count dead-letters it (`MaxDeliveryCountExceeded`). Described lists
+//!   and maps, which the client can decode, are reported as malformed headers as above.
 //! - Subscriptions are checked by attaching a receiver that never asks for a message. On a
 //!   namespace that forbids receiving from a forwarding subscription, check with the Azure
 //!   tooling instead and skip [`Transport::declare`].
