@@ -19,6 +19,9 @@ use time::OffsetDateTime;
 /// The application property that carries the framework's message id on a copy (a retry or a
 /// park), whose native `MessageId` is its own so that duplicate detection keeps it.
 pub const MESSAGE_ID_PROPERTY: &str = "redeliver-message-id";
+/// The most Service Bus accepts in a message's header sections (header, annotations,
+/// properties and application properties), encoded, on every tier: 64 KiB.
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The longest `MessageId` `azservicebus` sends, in bytes.
 const MAX_NATIVE_ID: usize = 128;
 
@@ -87,7 +90,28 @@ pub(crate) fn to_service_bus(
     if let Some(at) = message.not_before().filter(|at| *at > now) {
         out.set_scheduled_enqueue_time(to_offset_date_time(at)?);
     }
+    // Service Bus answers header sections over its limit with `amqp:internal-error`, which
+    // reads as worth retrying: refuse such a message here, for what it is.
+    let size = header_size(out.raw_amqp_message());
+    if size > MAX_HEADER_BYTES {
+        return Err(Error::invalid_message(format!(
+            "message {}: its properties take {size} bytes encoded; Service Bus accepts at most \
+             {MAX_HEADER_BYTES} (64 KiB) on every tier",
+            message.id()
+        )));
+    }
     Ok(out)
+}
+
+/// The encoded size of a message's header sections, as Service Bus counts them.
+fn header_size<B>(message: &AmqpMessage<B>) -> usize {
+    fn size<T: serde_amqp::serde::Serialize>(section: Option<&T>) -> usize {
+        section.map_or(0, |s| serde_amqp::serialized_size(s).unwrap_or(usize::MAX))
+    }
+    size(message.header.as_ref())
+        .saturating_add(size(message.message_annotations.as_ref()))
+        .saturating_add(size(message.properties.as_ref()))
+        .saturating_add(size(message.application_properties.as_ref()))
 }
 
 /// The framework's headers of `message` as "properties to modify" of a settlement, so that the
@@ -417,6 +441,16 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         assert_eq!(to_utc(to_offset_date_time(exact).unwrap()), exact);
+    }
+
+    #[test]
+    fn header_sections_over_64_kib_are_an_invalid_message() {
+        let fits = Message::new("x").with_header("big", "h".repeat(60 * 1024));
+        to_service_bus(&fits, None, Utc::now()).unwrap();
+        let over = Message::new("x").with_header("big", "h".repeat(64 * 1024));
+        let e = to_service_bus(&over, None, Utc::now()).unwrap_err();
+        assert!(e.is_message_refused(), "{e:?}");
+        assert!(e.to_string().contains("65536"), "{e}");
     }
 
     #[test]

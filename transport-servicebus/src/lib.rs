@@ -87,10 +87,13 @@
 //!   to follow one message through its retries.
 //!
 //! # Size limits
-//! A standard-tier Service Bus entity accepts messages up to 256 KiB, of which at most 64 KiB of
-//! properties (premium: configurable). A send over a limit is refused with
-//! `amqp:link:message-size-exceeded`, which this transport reports as [`Error::InvalidMessage`]
-//! ([`Error::is_message_refused`]: sending it again fails the same way). The framework's
+//! A standard-tier Service Bus entity accepts messages up to 256 KiB (premium: configurable),
+//! and on every tier at most 64 KiB of header sections (properties, application properties and
+//! annotations, encoded). A message over the size limit is refused by Service Bus with
+//! `amqp:link:message-size-exceeded`; one over the header limit was reported to be refused with
+//! `amqp:internal-error` ("please retry the operation"), so the transport refuses it itself
+//! before sending. Both are [`Error::InvalidMessage`] ([`Error::is_message_refused`]: sending
+//! it again fails the same way), never retried. The framework's
 //! state adds well under 8 KiB to a copy (failure and dead-letter texts are cut to
 //! [`wire::MAX_REASON_BYTES`](redeliver_core::wire::MAX_REASON_BYTES) and
 //! [`wire::MAX_DESCRIPTION_BYTES`](redeliver_core::wire::MAX_DESCRIPTION_BYTES)), but a message

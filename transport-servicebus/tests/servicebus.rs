@@ -1043,6 +1043,58 @@ async fn a_retry_whose_copy_cannot_fit_is_dead_lettered_not_looped() {
 }
 
 #[tokio::test]
+async fn a_retry_whose_copy_has_too_many_properties_is_dead_lettered_not_looped() {
+    let (broker, transport) =
+        support::setup(&Topology::new().endpoint("q"), QueueOptions::default()).await;
+    // Service Bus answers this with `amqp:internal-error` ("please retry"); the transport
+    // refuses it itself, for what it is.
+    let e = transport
+        .send("q", order(1).with_header("big", "h".repeat(70 * 1024)))
+        .await
+        .unwrap_err();
+    assert!(e.is_message_refused() && !e.is_transient(), "{e:?}");
+    assert_eq!(broker.active_message_count("q").unwrap(), 0);
+
+    // Fits as sent, 1 KiB under the limit; the retry copy's framework state does not.
+    let header = "h".repeat(redeliver_servicebus_testbroker::STANDARD_MAX_HEADER_SIZE - 1024);
+    transport
+        .send("q", order(2).with_id("wide").with_header("big", header))
+        .await
+        .expect("the message itself fits");
+    let transport: Arc<dyn Transport> = Arc::new(transport);
+    let calls = Calls::new(transport.clock());
+    let worker = {
+        let calls = calls.clone();
+        Worker::builder(Arc::clone(&transport), "q")
+            .retry_policy(fixed(Duration::from_millis(200), 5))
+            .start(move |_: Order, ctx: Context| {
+                calls.record(&ctx);
+                async { Outcome::retry("r".repeat(1000)) }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        broker
+            .wait_until(PROMPT, |b| b.dead_letter_message_count("q").unwrap() == 1)
+            .await,
+        "dead-lettered"
+    );
+    let stats = worker.shutdown().await;
+    assert_eq!(calls.count(), 1, "handled once, not looping: {stats:?}");
+    let letter = &broker.dead_letters("q").unwrap()[0];
+    assert_eq!(letter.reason.as_deref(), Some(reasons::COPY_REFUSED));
+    assert!(
+        letter
+            .description
+            .as_deref()
+            .is_some_and(|d| d.contains("65536")),
+        "{:?}",
+        letter.description
+    );
+}
+
+#[tokio::test]
 async fn framework_properties_of_the_wrong_type_are_dead_lettered_as_malformed() {
     let (broker, transport) =
         support::setup(&Topology::new().endpoint("q"), QueueOptions::default()).await;
