@@ -27,12 +27,8 @@ impl Connector for ServiceBusConnector {
     }
 
     async fn connect(&self, url: &SecretUrl) -> Result<Arc<dyn Transport>, Error> {
-        let connection_string = url.expose().trim();
-        let unsecured = value(connection_string, "UseDevelopmentEmulator")
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let options = ServiceBusOptions::default().with_unsecured(unsecured);
         Ok(Arc::new(
-            ServiceBusTransport::connect(connection_string, options).await?,
+            ServiceBusTransport::connect(url.clone(), ServiceBusOptions::default()).await?,
         ))
     }
 }

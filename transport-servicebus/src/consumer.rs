@@ -43,8 +43,10 @@ use azservicebus::{ServiceBusReceiver, ServiceBusReceiverOptions, SubQueue};
 use chrono::Utc;
 use fe2o3_amqp_types::primitives::OrderedMap;
 use redeliver_core::clock::until;
+use redeliver_core::message::DeadLetterInfo;
 use redeliver_core::{
-    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source,
+    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source, reasons,
+    wire,
 };
 use serde_amqp::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -422,6 +424,10 @@ impl Consumer {
             return;
         };
         let received = convert::from_service_bus(&locked.message, self.source.is_dead_letters());
+        let copy_id = convert::copy_id(
+            locked.message.sequence_number(),
+            received.message.id().as_str(),
+        );
         let id = self.next_id;
         self.next_id += 1;
         self.locked.insert(id, locked);
@@ -430,6 +436,8 @@ impl Consumer {
             commands: Some(self.commands_tx.clone()),
             inner: Arc::clone(&self.inner),
             source: self.source.clone(),
+            copy_id,
+            attempt: received.message.attempt(),
         };
         let delivery = Delivery::new(received.message, self.source.clone(), settler)
             .with_problem(received.problem);
@@ -683,6 +691,10 @@ struct Settler {
     commands: Option<mpsc::UnboundedSender<Command>>,
     inner: Arc<Inner>,
     source: Source,
+    /// The native id of the copy a retry or park of this delivery sends.
+    copy_id: String,
+    /// The attempt this delivery is.
+    attempt: u32,
 }
 
 impl Drop for Settler {
@@ -744,8 +756,49 @@ impl Settle for Settler {
                 let inner = Arc::clone(&self.inner);
                 // The copy first: if it cannot be stored, the original is given back and
                 // nothing is lost.
-                match inner.send_entity(&queue, "queue", &message).await {
+                let copy_id = self.copy_id.clone();
+                match inner
+                    .send_entity(&queue, "queue", &message, Some(&copy_id))
+                    .await
+                {
                     Ok(()) => self.command(Action::Now(Final::Complete)).await,
+                    Err(e) if e.is_message_refused() => {
+                        // Sending it again would be refused again: giving the original back
+                        // would loop for ever. Dead-letter it instead (the body is kept).
+                        let attempt = self.attempt;
+                        let what = if message.attempt() > attempt {
+                            "retry"
+                        } else {
+                            "park"
+                        };
+                        let description = wire::truncate(
+                            format!(
+                                "the broker refused the copy that would have carried out the \
+                                 {what} (attempt {next}): {e}",
+                                next = message.attempt()
+                            ),
+                            wire::MAX_DESCRIPTION_BYTES,
+                        );
+                        warn!(
+                            source = %self.source,
+                            message_id = %message.id(),
+                            error = %e,
+                            "the broker refused the copy of a {what}; dead-lettering the message"
+                        );
+                        let dead =
+                            message
+                                .with_attempt(attempt)
+                                .with_dead_letter(Some(DeadLetterInfo {
+                                    reason: reasons::COPY_REFUSED.to_owned(),
+                                    description: Some(description.clone()),
+                                }));
+                        let options = DeadLetterOptions {
+                            dead_letter_reason: Some(reasons::COPY_REFUSED.to_owned()),
+                            dead_letter_error_description: Some(description),
+                            properties_to_modify: Some(framework_properties(&dead)),
+                        };
+                        self.command(Action::Now(Final::DeadLetter(options))).await
+                    }
                     Err(e) => {
                         if let Err(abandon) = self.command(Action::Now(Final::Abandon)).await {
                             warn!(error = %abandon, "could not give back a delivery whose retry could not be sent");

@@ -16,18 +16,55 @@ use redeliver_core::{Error, Headers, Message, wire};
 use serde_amqp::Value;
 use time::OffsetDateTime;
 
+/// The application property that carries the framework's message id on a copy (a retry or a
+/// park), whose native `MessageId` is its own so that duplicate detection keeps it.
+pub const MESSAGE_ID_PROPERTY: &str = "redeliver-message-id";
+/// The most Service Bus accepts in a message's header sections (header, annotations,
+/// properties and application properties), encoded, on every tier: 64 KiB.
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The longest `MessageId` `azservicebus` sends, in bytes.
+const MAX_NATIVE_ID: usize = 128;
+
 /// The application property in which Service Bus keeps a dead letter's reason.
 pub(crate) const NATIVE_DEAD_LETTER_REASON: &str = "DeadLetterReason";
 /// The application property in which Service Bus keeps a dead letter's description.
 pub(crate) const NATIVE_DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
 
+/// The native `MessageId` of the copy that settles the delivery with sequence number
+/// `sequence_number` of a message with id `id`: the same for every copy made from that one
+/// delivery (so a copy sent again after a crash or a time-out is dropped by duplicate
+/// detection), different from every other copy and from the message's own id (so it is not).
+pub(crate) fn copy_id(sequence_number: i64, id: &str) -> String {
+    let mut native = if sequence_number > 0 {
+        format!("redeliver:{sequence_number}:{id}")
+    } else {
+        // Service Bus numbers every message from 1; without a number, be unique anyway.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        format!("redeliver:{nanos}-{n}:{id}")
+    };
+    if native.len() > MAX_NATIVE_ID {
+        let mut end = MAX_NATIVE_ID;
+        while !native.is_char_boundary(end) {
+            end -= 1;
+        }
+        native.truncate(end);
+    }
+    native
+}
+
 /// The Service Bus message for `message`, scheduled at its not-before if that is after `now`.
+/// A copy (`copy_id` given) has that native id and carries the framework's id in
+/// [`MESSAGE_ID_PROPERTY`]; a first send has the framework's id as its native id, so that
+/// duplicate detection drops an application's repeated send.
 pub(crate) fn to_service_bus(
     message: &Message,
+    copy_id: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<ServiceBusMessage, Error> {
     let mut out = ServiceBusMessage::new(message.body().to_vec());
-    out.set_message_id(message.id().as_str())
+    out.set_message_id(copy_id.unwrap_or(message.id().as_str()))
         .map_err(|e| Error::InvalidMessage {
             message: format!(
                 "message id `{}` cannot be used on Service Bus",
@@ -39,15 +76,42 @@ pub(crate) fn to_service_bus(
     out.set_correlation_id(message.correlation_id().map(str::to_owned));
     out.set_reply_to(message.reply_to().map(str::to_owned));
     out.set_subject(message.subject().map(str::to_owned));
-    let properties: OrderedMap<String, SimpleValue> = wire::encode_headers(message)
+    let mut properties: OrderedMap<String, SimpleValue> = wire::encode_headers(message)
         .iter()
         .map(|(k, v)| (k.to_owned(), SimpleValue::String(v.to_owned())))
         .collect();
+    if copy_id.is_some() {
+        properties.insert(
+            MESSAGE_ID_PROPERTY.to_owned(),
+            SimpleValue::String(message.id().to_string()),
+        );
+    }
     *out.application_properties_mut() = Some(ApplicationProperties(properties));
     if let Some(at) = message.not_before().filter(|at| *at > now) {
         out.set_scheduled_enqueue_time(to_offset_date_time(at)?);
     }
+    // Service Bus answers header sections over its limit with `amqp:internal-error`, which
+    // reads as worth retrying: refuse such a message here, for what it is.
+    let size = header_size(out.raw_amqp_message());
+    if size > MAX_HEADER_BYTES {
+        return Err(Error::invalid_message(format!(
+            "message {}: its properties take {size} bytes encoded; Service Bus accepts at most \
+             {MAX_HEADER_BYTES} (64 KiB) on every tier",
+            message.id()
+        )));
+    }
     Ok(out)
+}
+
+/// The encoded size of a message's header sections, as Service Bus counts them.
+fn header_size<B>(message: &AmqpMessage<B>) -> usize {
+    fn size<T: serde_amqp::serde::Serialize>(section: Option<&T>) -> usize {
+        section.map_or(0, |s| serde_amqp::serialized_size(s).unwrap_or(usize::MAX))
+    }
+    size(message.header.as_ref())
+        .saturating_add(size(message.message_annotations.as_ref()))
+        .saturating_add(size(message.properties.as_ref()))
+        .saturating_add(size(message.application_properties.as_ref()))
 }
 
 /// The framework's headers of `message` as "properties to modify" of a settlement, so that the
@@ -138,35 +202,45 @@ pub(crate) fn from_amqp(
         Body::Empty => Vec::new(),
     };
     let properties = raw.properties.as_ref();
-    let id = properties
+    let native_id = properties
         .and_then(|p| p.message_id.as_ref())
         .map(id_text)
         .unwrap_or_else(|| format!("sequence-{sequence_number}"));
 
     let mut headers = Headers::new();
+    let mut framework_id = None;
     let mut native_reason = None;
     let mut native_description = None;
+    // Framework properties of the wrong type, reported after decoding.
+    let mut mistyped = Vec::new();
     if let Some(properties) = raw.application_properties.as_ref() {
         for (key, value) in properties.0.iter() {
-            let text = simple_value_text(value);
             match key.as_str() {
-                NATIVE_DEAD_LETTER_REASON => native_reason = text,
-                NATIVE_DEAD_LETTER_DESCRIPTION => native_description = text,
-                _ => match text {
-                    Some(text) => {
+                NATIVE_DEAD_LETTER_REASON => native_reason = simple_value_text(value),
+                NATIVE_DEAD_LETTER_DESCRIPTION => native_description = simple_value_text(value),
+                MESSAGE_ID_PROPERTY => match value {
+                    SimpleValue::String(id) => framework_id = Some(id.clone()),
+                    other => mistyped.push(wire::mistyped(key, simple_value_kind(other))),
+                },
+                framework if framework.starts_with(wire::PREFIX) => {
+                    match framework_text(framework, value) {
+                        Ok(text) => {
+                            headers.insert(key.clone(), text);
+                        }
+                        Err(found) => mistyped.push(wire::mistyped(key, found)),
+                    }
+                }
+                // Foreign non-text properties (binary, described values) have no header form.
+                _ => {
+                    if let Some(text) = simple_value_text(value) {
                         headers.insert(key.clone(), text);
                     }
-                    None if key.starts_with(wire::PREFIX) => problems.push(format!(
-                        "`{key}` is not text but {}",
-                        simple_value_kind(value)
-                    )),
-                    // Foreign non-text properties (lists, maps) have no header form.
-                    None => {}
-                },
+                }
             }
         }
     }
 
+    let id = framework_id.unwrap_or(native_id);
     let mut message = Message::new(body).with_id(id).with_headers(headers);
     if let Some(properties) = properties {
         if let Some(ct) = &properties.content_type {
@@ -182,9 +256,9 @@ pub(crate) fn from_amqp(
             message = message.with_subject(subject.as_str());
         }
     }
-    let decoded = wire::decode_headers(message);
-    if let Some(problem) = decoded.problem {
-        problems.push(problem);
+    let mut decoded = wire::decode_headers(message);
+    for problem in mistyped.into_iter().chain(problems) {
+        decoded.add_problem(problem);
     }
     let mut message = decoded.message;
     if dead_letter && message.dead_letter().is_none() {
@@ -196,7 +270,37 @@ pub(crate) fn from_amqp(
     }
     Received {
         message,
-        problem: (!problems.is_empty()).then(|| problems.join("; ")),
+        problem: decoded.problem,
+    }
+}
+
+/// The text of framework property `key`, or what it holds instead. Text is what the framework
+/// writes; a whole number is accepted where the framework writes one (the attempt, the last
+/// delay) and a timestamp for the not-before, since other producers write those natively.
+/// Anything else is a problem: the message is dead-lettered as malformed, not guessed at.
+fn framework_text(key: &str, value: &SimpleValue) -> Result<String, &'static str> {
+    let numeric = key == wire::ATTEMPT || key == wire::LAST_DELAY_MS;
+    match value {
+        SimpleValue::String(s) => Ok(s.clone()),
+        SimpleValue::Symbol(s) => Ok(s.0.clone()),
+        SimpleValue::Ubyte(_)
+        | SimpleValue::Ushort(_)
+        | SimpleValue::Uint(_)
+        | SimpleValue::Ulong(_)
+        | SimpleValue::Byte(_)
+        | SimpleValue::Short(_)
+        | SimpleValue::Int(_)
+        | SimpleValue::Long(_)
+            if numeric =>
+        {
+            simple_value_text(value).ok_or("a number")
+        }
+        SimpleValue::Timestamp(at) if key == wire::NOT_BEFORE => {
+            DateTime::from_timestamp_millis(at.milliseconds())
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .ok_or("a timestamp out of range")
+        }
+        other => Err(simple_value_kind(other)),
     }
 }
 
@@ -231,11 +335,35 @@ fn simple_value_text(value: &SimpleValue) -> Option<String> {
     })
 }
 
+/// What a property value is, for [`wire::mistyped`].
 fn simple_value_kind(value: &SimpleValue) -> &'static str {
     match value {
-        SimpleValue::Binary(_) => "binary",
+        SimpleValue::Null => "null",
+        SimpleValue::Bool(_) => "a boolean",
+        SimpleValue::Ubyte(_)
+        | SimpleValue::Ushort(_)
+        | SimpleValue::Uint(_)
+        | SimpleValue::Ulong(_)
+        | SimpleValue::Byte(_)
+        | SimpleValue::Short(_)
+        | SimpleValue::Int(_)
+        | SimpleValue::Long(_) => "a number",
+        SimpleValue::Float(_) | SimpleValue::Double(_) => "a floating-point number",
+        SimpleValue::Decimal32(_) | SimpleValue::Decimal64(_) | SimpleValue::Decimal128(_) => {
+            "a decimal"
+        }
+        SimpleValue::Char(_) => "a character",
         SimpleValue::Timestamp(_) => "a timestamp",
-        _ => "another AMQP type",
+        SimpleValue::Uuid(_) => "a UUID",
+        SimpleValue::Binary(_) => "binary data",
+        SimpleValue::String(_) | SimpleValue::Symbol(_) => "text",
+        // AMQP allows no list, map or array in application properties except described.
+        SimpleValue::Described(described) => match &described.value {
+            Value::List(_) => "a list",
+            Value::Map(_) => "a map",
+            Value::Array(_) => "an array",
+            _ => "a described value",
+        },
     }
 }
 
@@ -267,7 +395,7 @@ mod tests {
             .with_subject("webhook")
             .with_header("tenant", "a")
             .next_attempt(at, "timeout".into(), Duration::from_secs(2));
-        let sb = to_service_bus(&m, Utc::now()).unwrap();
+        let sb = to_service_bus(&m, None, Utc::now()).unwrap();
         assert_eq!(sb.message_id().as_deref(), Some("order-1"));
         assert_eq!(sb.content_type(), Some("application/json"));
         assert_eq!(sb.correlation_id().as_deref(), Some("c"));
@@ -289,7 +417,7 @@ mod tests {
     fn a_past_not_before_is_not_scheduled() {
         let now = Utc::now();
         let m = Message::new("x").with_not_before(now - chrono::TimeDelta::seconds(1));
-        let sb = to_service_bus(&m, now).unwrap();
+        let sb = to_service_bus(&m, None, now).unwrap();
         assert!(
             sb.raw_amqp_message()
                 .message_annotations
@@ -316,9 +444,19 @@ mod tests {
     }
 
     #[test]
+    fn header_sections_over_64_kib_are_an_invalid_message() {
+        let fits = Message::new("x").with_header("big", "h".repeat(60 * 1024));
+        to_service_bus(&fits, None, Utc::now()).unwrap();
+        let over = Message::new("x").with_header("big", "h".repeat(64 * 1024));
+        let e = to_service_bus(&over, None, Utc::now()).unwrap_err();
+        assert!(e.is_message_refused(), "{e:?}");
+        assert!(e.to_string().contains("65536"), "{e}");
+    }
+
+    #[test]
     fn an_over_long_message_id_is_an_invalid_message() {
         let m = Message::new("x").with_id("x".repeat(200));
-        let e = to_service_bus(&m, Utc::now()).unwrap_err();
+        let e = to_service_bus(&m, None, Utc::now()).unwrap_err();
         assert!(matches!(e, Error::InvalidMessage { .. }), "{e}");
     }
 
@@ -454,8 +592,141 @@ mod tests {
         );
         let r = from_amqp(&raw, 1, false);
         let problem = r.problem.expect("a problem");
-        assert!(problem.contains(wire::NOT_BEFORE), "{problem}");
+        assert_eq!(
+            problem,
+            wire::mistyped(wire::NOT_BEFORE, "binary data"),
+            "{problem}"
+        );
         assert_eq!(r.message.attempt(), 2, "a number is read as its text");
+
+        let described = |value: Value| {
+            SimpleValue::Described(Box::new(serde_amqp::described::Described {
+                descriptor: serde_amqp::descriptor::Descriptor::Code(0x77),
+                value,
+            }))
+        };
+        let raw = received(
+            data(b"{}"),
+            None,
+            vec![
+                (wire::ATTEMPT, described(Value::List(vec![Value::Uint(2)]))),
+                (wire::NOT_BEFORE, described(Value::Map(Default::default()))),
+                (wire::LAST_FAILURE, SimpleValue::Double(2.0.into())),
+                ("tenant", described(Value::List(vec![]))),
+            ],
+        );
+        let r = from_amqp(&raw, 1, false);
+        let problem = r.problem.expect("a problem");
+        for expected in [
+            wire::mistyped(wire::ATTEMPT, "a list"),
+            wire::mistyped(wire::NOT_BEFORE, "a map"),
+            wire::mistyped(wire::LAST_FAILURE, "a floating-point number"),
+        ] {
+            assert!(problem.contains(&expected), "{problem}");
+        }
+        assert!(
+            !problem.contains("tenant"),
+            "application properties are not checked"
+        );
+        assert_eq!(r.message.attempt(), 1);
+        assert!(r.message.headers().is_empty());
+    }
+
+    #[test]
+    fn numbers_and_timestamps_of_other_producers_are_read_where_they_fit() {
+        let at = DateTime::parse_from_rfc3339("2026-11-21T10:00:01.250Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let raw = received(
+            data(b"{}"),
+            None,
+            vec![
+                (wire::ATTEMPT, SimpleValue::Long(3)),
+                (wire::LAST_DELAY_MS, SimpleValue::Uint(1500)),
+                (
+                    wire::NOT_BEFORE,
+                    SimpleValue::Timestamp(at.timestamp_millis().into()),
+                ),
+                ("tenant", SimpleValue::Int(7)),
+            ],
+        );
+        let r = from_amqp(&raw, 1, false);
+        assert_eq!(r.problem, None);
+        assert_eq!(r.message.attempt(), 3);
+        assert_eq!(r.message.last_delay(), Some(Duration::from_millis(1500)));
+        assert_eq!(r.message.not_before(), Some(at));
+        assert_eq!(r.message.headers().get("tenant"), Some("7"));
+
+        // A number where the framework writes text, or a boolean attempt, is not guessed at.
+        let raw = received(
+            data(b"{}"),
+            None,
+            vec![
+                (wire::DEAD_LETTER_REASON, SimpleValue::Int(7)),
+                (wire::ATTEMPT, SimpleValue::Bool(true)),
+            ],
+        );
+        let problem = from_amqp(&raw, 1, false).problem.expect("a problem");
+        assert!(
+            problem.contains(&wire::mistyped(wire::DEAD_LETTER_REASON, "a number"))
+                && problem.contains(&wire::mistyped(wire::ATTEMPT, "a boolean")),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_copy_has_its_own_native_id_and_carries_the_framework_id() {
+        let m = Message::new("x").with_id("order-1");
+        let first = to_service_bus(&m, None, Utc::now()).unwrap();
+        assert_eq!(first.message_id().as_deref(), Some("order-1"));
+        assert!(
+            first
+                .application_properties()
+                .is_none_or(|p| p.0.get(MESSAGE_ID_PROPERTY).is_none()),
+            "a first send carries no extra property"
+        );
+
+        let native = copy_id(42, "order-1");
+        assert_eq!(native, copy_id(42, "order-1"), "the same for one delivery");
+        assert_ne!(native, copy_id(43, "order-1"));
+        assert_ne!(
+            copy_id(0, "order-1"),
+            copy_id(0, "order-1"),
+            "unique without a number"
+        );
+        assert_eq!(copy_id(7, &"x".repeat(200)).len(), 128);
+        let cut = copy_id(7, &"é".repeat(100));
+        assert!(cut.len() <= 128 && cut.len() >= 126, "{}", cut.len());
+        let copy = to_service_bus(&m, Some(&native), Utc::now()).unwrap();
+        assert_eq!(copy.message_id().as_deref(), Some(native.as_str()));
+
+        // Read back: the framework's id, and the property is no header.
+        let raw = received(
+            data(b"x"),
+            Some(Properties {
+                message_id: Some(AmqpMessageId::String(native.clone())),
+                ..Properties::default()
+            }),
+            vec![(MESSAGE_ID_PROPERTY, text("order-1"))],
+        );
+        let r = from_amqp(&raw, 1, false);
+        assert_eq!((r.message.id().as_str(), r.problem), ("order-1", None));
+        assert!(r.message.headers().is_empty());
+
+        let raw = received(
+            data(b"x"),
+            Some(Properties {
+                message_id: Some(AmqpMessageId::String(native.clone())),
+                ..Properties::default()
+            }),
+            vec![(MESSAGE_ID_PROPERTY, SimpleValue::Binary(vec![1].into()))],
+        );
+        let r = from_amqp(&raw, 1, false);
+        assert_eq!(
+            r.problem,
+            Some(wire::mistyped(MESSAGE_ID_PROPERTY, "binary data"))
+        );
+        assert_eq!(r.message.id().as_str(), native, "the native id, unguessed");
     }
 
     #[test]

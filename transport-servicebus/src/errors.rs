@@ -13,7 +13,10 @@ use redeliver_core::Error;
 pub(crate) enum Kind {
     /// `amqp:not-found`: the entity does not exist.
     NotFound,
-    /// The broker refused the message (rejected outcome, size limit, not allowed).
+    /// The message is larger than the entity accepts (`amqp:link:message-size-exceeded`):
+    /// sending it again fails the same way.
+    TooLarge,
+    /// The broker refused the message (rejected outcome, not allowed).
     Rejected,
     /// Unauthorized or forbidden: retrying will not help.
     Unauthorized,
@@ -42,12 +45,17 @@ pub(crate) fn classify(error: &azure_core::Error) -> Kind {
     // `NotFound`, which an I/O error (a failed name lookup) could contain too.
     if has("amqp:not-found") || has("AmqpError(NotFound)") || has("could not be found") {
         Kind::NotFound
-    } else if has("AmqpError(UnauthorizedAccess)") || has("amqp:unauthorized-access") {
+    } else if has("AmqpError(UnauthorizedAccess)")
+        || has("amqp:unauthorized-access")
+        // A CBS `put-token` answered with another status than 202.
+        || has("StatusCode(401)")
+        || has("StatusCode(403)")
+    {
         Kind::Unauthorized
+    } else if has("MessageSizeExceeded") || has("message-size-exceeded") {
+        Kind::TooLarge
     } else if has("Rejceted") // sic: the client's spelling of its `Rejected` outcome error
         || has("Rejected(")
-        || has("MessageSizeExceeded")
-        || has("message-size-exceeded")
         || has("AmqpError(NotAllowed)")
         || has("amqp:not-allowed")
     {
@@ -82,13 +90,23 @@ pub(crate) fn convert(
                 source: Some(Box::new(error)),
             },
         },
+        Kind::TooLarge => Error::InvalidMessage {
+            message: format!(
+                "{operation}: larger than the entity accepts (Service Bus standard tier: 256 KiB \
+                 per message, 64 KiB of properties): {error}"
+            ),
+            source: Some(Box::new(error)),
+        },
         Kind::Rejected => Error::Rejected {
             message: format!("{operation}: {error}"),
             source: Some(Box::new(error)),
         },
-        Kind::Unauthorized => Error::Config {
-            field: "connection_string".to_owned(),
-            reason: format!("the broker refused access while {operation}: {error}"),
+        Kind::Unauthorized => Error::AccessDenied {
+            message: format!(
+                "{operation}: {error}; check the connection string's SharedAccessKeyName and key \
+                 (or signature), and that its policy has the Send and Listen claims"
+            ),
+            source: Some(Box::new(error)),
         },
         Kind::Timeout => Error::Timeout {
             operation: operation.to_owned(),
@@ -120,6 +138,30 @@ mod tests {
     }
 
     #[test]
+    fn unauthorized_is_access_denied_and_too_large_is_a_refused_message() {
+        let error = |text: &'static str| {
+            convert(
+                azure_core::Error::new(azure_core::error::ErrorKind::Other, Text(text)),
+                "sending to queue `q`",
+                Some(("queue", "q")),
+                std::time::Duration::from_secs(1),
+            )
+        };
+        let denied = error("Remote peer closed the link with an error: amqp:unauthorized-access");
+        assert!(matches!(denied, Error::AccessDenied { .. }), "{denied:?}");
+        assert!(!denied.is_transient());
+        let large = error("Rejceted: ... condition: LinkError(MessageSizeExceeded) ...");
+        assert!(matches!(large, Error::InvalidMessage { .. }), "{large:?}");
+        assert!(large.is_message_refused() && !large.is_transient());
+        let refused = error("Rejceted: ... condition: AmqpError(NotAllowed) ...");
+        assert!(matches!(refused, Error::Rejected { .. }), "{refused:?}");
+        assert!(
+            !refused.is_message_refused(),
+            "a read-only queue may accept it later"
+        );
+    }
+
+    #[test]
     fn conditions_are_recognised() {
         assert_eq!(
             kind_of("Remote peer closed the link with an error: amqp:not-found"),
@@ -132,6 +174,18 @@ mod tests {
             Kind::Rejected
         );
         assert_eq!(kind_of("deadline has elapsed"), Kind::Timeout);
+        assert_eq!(
+            kind_of(
+                "Rejceted: Rejected { error: Some(Error { condition: LinkError(MessageSizeExceeded) }) }"
+            ),
+            Kind::TooLarge
+        );
+        assert_eq!(
+            kind_of(
+                "StatusError {code: StatusCode(401), description: Some(\"InvalidSignature\") }"
+            ),
+            Kind::Unauthorized
+        );
         assert_eq!(kind_of("Session has dropped"), Kind::Transient);
         assert_eq!(
             kind_of("Io(Custom { kind: NotFound, error: \"no such host\" })"),

@@ -22,6 +22,19 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Connecting
+//! [`ServiceBusTransport::connect`] checks the connection string before connecting: it needs
+//! an `Endpoint=sb://<namespace>/` and either `SharedAccessKeyName` with `SharedAccessKey`, or
+//! `SharedAccessSignature`; `UseDevelopmentEmulator=true` (the Service Bus emulator) needs no
+//! key and always connects over plain AMQP. A mistake is an [`Error::Config`] that names what is
+//! missing or wrong. The client connects to port 5671 (TLS) or 5672 (plain AMQP) of the host
+//! whatever the endpoint says, so an endpoint naming another port is refused rather than
+//! silently not honoured. Making a connection takes at most
+//! [`ServiceBusOptions::connect_timeout`] (default 10 s), then fails with [`Error::Timeout`]
+//! naming the host and port. Credentials the namespace refuses are [`Error::AccessDenied`].
+//! The shared access key (or signature) never appears in an error, a log line or a `Debug`
+//! form: the connection string is held as a [`SecretUrl`] and shown redacted.
+//!
 //! # Entities, and how to provision them
 //! Service Bus entities cannot be created over AMQP, so [`Transport::declare`] only **checks**
 //! that they exist and fails with [`Error::NotFound`] naming the first one missing. Provision,
@@ -35,23 +48,57 @@
 //! straight to the queue of the endpoint that failed, so the other endpoints never see it.
 //! Queue settings that matter: the lock duration (locks are renewed, see below), the maximum
 //! delivery count (deliveries that end without a settlement — a crash, a lost lock — count
-//! towards it; the framework's own retries do not, since each retry is a new message), and
-//! **duplicate detection, which must be off** on endpoint queues: a retry or a park is a copy
-//! with the same message id, and Service Bus accepts a duplicate and drops it, so the copy would
-//! be lost while the original is completed.
+//! towards it; the framework's own retries do not, since each retry is a new message), and the
+//! maximum message size (see "Size limits"). **Duplicate detection** may be on (see "Which id
+//! is which").
 //!
 //! # What goes where
-//! - Message id, content type, correlation id, reply-to and subject are the native properties
-//!   (`MessageId`, `ContentType`, `CorrelationId`, `ReplyTo`, `Subject`).
+//! - Content type, correlation id, reply-to and subject are the native properties
+//!   (`ContentType`, `CorrelationId`, `ReplyTo`, `Subject`); the message id is described below.
 //! - Application headers and the framework's state (attempt, not-before, last failure, dead-letter
 //!   reason; names in [`redeliver_core::wire`]) are application properties. A message whose
 //!   framework properties cannot be read is handed over with a problem (see
 //!   [`Delivery::with_problem`](redeliver_core::Delivery::with_problem)) and dead-lettered by the
-//!   worker.
+//!   worker with reason [`MALFORMED_HEADERS`](redeliver_core::reasons::MALFORMED_HEADERS). The
+//!   framework writes its properties as strings; from other producers it also reads a whole
+//!   number as the attempt or the last delay and an AMQP timestamp as the not-before. Any other
+//!   type in a framework property (a number where text is expected, a boolean, a float, binary
+//!   data, a UUID, a described list or map) is such a problem, never ignored or guessed at.
+//!   Application properties that are not strings become text headers (numbers, booleans,
+//!   UUIDs) or, without a text form (binary, described values), are left out.
 //! - A not-before in the future is the scheduled enqueue time (`ScheduledEnqueueTime`): the
 //!   broker holds the message. It is rounded up to the millisecond, so never early; the
 //!   declared [`scheduling_precision`](Capabilities::scheduling_precision) is 1 s to absorb
 //!   clock differences between this machine and the broker. There is no longest delay.
+//!
+//! # Which id is which
+//! - A message the application sends has the framework's message id as its native
+//!   `MessageId`. With duplicate detection on, an application's second send of the same id
+//!   within the window is dropped by Service Bus, as it would be without this framework.
+//! - A **copy** — the message a retry or a park sends in place of the delivery it settles — has
+//!   a native `MessageId` of its own, `redeliver:<sequence number of that delivery>:<id>` (cut to
+//!   the 128 bytes the client allows), and carries the framework's id in the application property
+//!   [`MESSAGE_ID_PROPERTY`] (`redeliver-message-id`). Handlers, dead-letter handlers and
+//!   [`Message::id`](redeliver_core::Message::id) always see the framework's id.
+//!   So duplicate detection never drops a retry or a park, since no two deliveries make a copy
+//!   with the same native id, while a copy sent twice for the same delivery (after a time-out, or
+//!   by a process that crashed before completing the original and got it again) is dropped
+//!   as the duplicate it is. Tools looking at a queue see the native id; match on the property
+//!   to follow one message through its retries.
+//!
+//! # Size limits
+//! A standard-tier Service Bus entity accepts messages up to 256 KiB (premium: configurable),
+//! and on every tier at most 64 KiB of header sections (properties, application properties and
+//! annotations, encoded). A message over the size limit is refused by Service Bus with
+//! `amqp:link:message-size-exceeded`; one over the header limit was reported to be refused with
+//! `amqp:internal-error` ("please retry the operation"), so the transport refuses it itself
+//! before sending. Both are [`Error::InvalidMessage`] ([`Error::is_message_refused`]: sending
+//! it again fails the same way), never retried. The framework's
+//! state adds well under 8 KiB to a copy (failure and dead-letter texts are cut to
+//! [`wire::MAX_REASON_BYTES`](redeliver_core::wire::MAX_REASON_BYTES) and
+//! [`wire::MAX_DESCRIPTION_BYTES`](redeliver_core::wire::MAX_DESCRIPTION_BYTES)), but a message
+//! close to the limit can fit while its copy does not: such a retry or park dead-letters the
+//! message (see below) instead of giving it back to be refused again for ever.
 //!
 //! # Consuming and settling
 //! Consumers receive in peek-lock mode and hand out at most [`ConsumeOptions::prefetch`]
@@ -61,11 +108,19 @@
 //! fill. Every message received is handed out or given back (abandoned), never left locked
 //! unseen. Each consumer has its own connection.
 //! - **Complete** completes the message.
-//! - **Retry / park** ([`Settlement::Reschedule`](redeliver_core::Settlement::Reschedule)) sends a copy to the same queue, scheduled at
-//!   its not-before, with the same message id and the attempt the framework gave it, **then**
-//!   completes the original. If the process stops in between, the original comes back too:
-//!   **duplicates are possible, loss is not**. If the copy cannot be sent, the original is
-//!   abandoned (delivered again at once) and the settlement reports the error.
+//! - **Retry / park** ([`Settlement::Reschedule`](redeliver_core::Settlement::Reschedule)) sends
+//!   a copy to the same queue, scheduled at its not-before, with the framework's message id
+//!   (see "Which id is which") and the attempt the framework gave it, **then** completes the
+//!   original. If the process stops in between, the original comes back too: **duplicates are
+//!   possible, loss is not**. If the copy cannot be sent, the original is abandoned (delivered
+//!   again at once) and the settlement reports the error — except when the broker refuses the
+//!   copy for what it is ([`Error::is_message_refused`], for example too large): then the
+//!   original is dead-lettered natively (its body kept) with reason
+//!   [`COPY_REFUSED`](redeliver_core::reasons::COPY_REFUSED), a description saying why (at most
+//!   [`wire::MAX_DESCRIPTION_BYTES`](redeliver_core::wire::MAX_DESCRIPTION_BYTES), within the
+//!   4096 characters Microsoft's SDKs allow a `DeadLetterErrorDescription`), its attempt, and the
+//!   failure that asked for the retry, and the settlement succeeds (the worker counts it as
+//!   retried; a warning is logged).
 //! - **Dead-letter** uses Service Bus dead-lettering with `DeadLetterReason` and
 //!   `DeadLetterErrorDescription` from the message's dead-letter info, and passes the
 //!   framework's state as properties to modify. The message keeps its application properties,
@@ -92,9 +147,11 @@
 //! `azservicebus` 0.25.1 was seen to report a send the broker *rejected* as a success when its
 //! own retries are on. This transport sets the client's `max_retries` to 0 and retries itself:
 //! [`ServiceBusOptions::send_attempts`] tries in all, with doubling pauses, only for transient
-//! errors (connection, time-out). A rejected send (`amqp:not-allowed`, size limits) is
-//! [`Error::Rejected`] at once; a missing entity is [`Error::NotFound`]. A send retried after a
-//! time-out may have reached the broker the first time: again, duplicates, never loss.
+//! errors (connection, time-out). A rejected send (`amqp:not-allowed`) is [`Error::Rejected`]
+//! at once, a message over a size limit [`Error::InvalidMessage`]; a missing entity is
+//! [`Error::NotFound`]. A send retried after a time-out may have reached the broker the first
+//! time: again, duplicates, never loss (a retry's or a park's copy sent twice has the same
+//! native id, so duplicate detection, when on, drops the second).
 //!
 //! Each send waits for the broker's answer on its link, and the client's send holds the link
 //! until then, so the transport keeps up to [`ServiceBusOptions::senders_per_entity`] sender
@@ -134,10 +191,18 @@
 //! - The management client takes the next reply on its link as the answer, without matching
 //!   it to the request; a renewal whose reply is lost or late is reported as failed (the lock
 //!   then runs out and the message is delivered again).
+//! - A message whose application properties hold a bare list, map or array (AMQP allows only
+//!   simple and described values there) cannot be decoded by `fe2o3-amqp`: the receive call
+//!   fails, so the message is never handed out (messages received in the same batch stay
+//!   locked, unseen, until their locks run out); the consumer reports the error and the worker
+//!   consumes again. Service Bus delivers such a message again when its lock runs out, until
+//!   its maximum delivery count dead-letters it (`MaxDeliveryCountExceeded`). Described lists
+//!   and maps, which the client can decode, are reported as malformed headers as above.
 //! - Subscriptions are checked by attaching a receiver that never asks for a message. On a
 //!   namespace that forbids receiving from a forwarding subscription, check with the Azure
 //!   tooling instead and skip [`Transport::declare`].
 
+mod connection_string;
 mod connector;
 mod consumer;
 mod convert;
@@ -158,6 +223,7 @@ use azservicebus::{
     ServiceBusSender, ServiceBusSenderOptions,
 };
 use chrono::Utc;
+use redeliver_core::secret::SecretUrl;
 use redeliver_core::{
     Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
 };
@@ -165,6 +231,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 pub use crate::connector::ServiceBusConnector;
+pub use crate::convert::MESSAGE_ID_PROPERTY;
 pub use crate::options::ServiceBusOptions;
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
@@ -183,15 +250,18 @@ pub struct ServiceBusTransport {
 
 impl fmt::Debug for ServiceBusTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the connection string: it holds the key.
         f.debug_struct("ServiceBusTransport")
+            .field("connection_string", &self.inner.connection_string)
             .field("options", &self.inner.options)
             .finish_non_exhaustive()
     }
 }
 
 pub(crate) struct Inner {
-    connection_string: String,
+    /// As given; shown only redacted.
+    connection_string: SecretUrl,
+    /// What the client is given, checked.
+    checked: connection_string::Checked,
     options: ServiceBusOptions,
     /// The connection senders are made on; `None` until needed or after it failed.
     client: Mutex<Option<Client>>,
@@ -240,18 +310,29 @@ impl SenderPool {
 
 impl ServiceBusTransport {
     /// Connects to the namespace of `connection_string`
-    /// (`Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=...`).
+    /// (`Endpoint=sb://<namespace>/;SharedAccessKeyName=...;SharedAccessKey=...`, or
+    /// `SharedAccessSignature=...` instead of the key; `UseDevelopmentEmulator=true` for the
+    /// Service Bus emulator, which needs no key and is always plain AMQP). The connection
+    /// string is checked before connecting; its key never appears in an error, a log line or
+    /// a `Debug` form.
     ///
     /// # Errors
-    /// [`Error::Config`] naming the field if `options` are invalid or the connection string is
-    /// refused; [`Error::Connection`] if the namespace cannot be reached.
+    /// [`Error::Config`] naming the field if `options` are invalid, or naming what is wrong
+    /// with the connection string (a missing key, an `Endpoint` with a port the client would
+    /// not use, not a connection string at all); [`Error::Timeout`] naming the host if
+    /// connecting takes longer than [`ServiceBusOptions::connect_timeout`];
+    /// [`Error::AccessDenied`] if the namespace refuses the credentials;
+    /// [`Error::Connection`] if it cannot be reached.
     pub async fn connect(
-        connection_string: impl Into<String>,
+        connection_string: impl Into<SecretUrl>,
         options: ServiceBusOptions,
     ) -> Result<Self, Error> {
         options.validate()?;
+        let connection_string = connection_string.into();
+        let checked = connection_string::check(&connection_string, options.unsecured)?;
         let inner = Arc::new(Inner {
-            connection_string: connection_string.into(),
+            connection_string,
+            checked,
             options,
             client: Mutex::new(None),
             senders: StdMutex::new(HashMap::new()),
@@ -301,9 +382,16 @@ impl Inner {
             retry_options,
             ..ServiceBusClientOptions::default()
         };
-        let connection_string = self.connection_string.as_str();
+        let connection_string = self.checked.for_client.expose();
+        let unsecured = self.options.unsecured || self.checked.emulator;
+        let operation = format!(
+            "connecting to Service Bus at `{}:{}`",
+            self.checked.host,
+            self.checked.port(self.options.unsecured)
+        );
+        debug!(connection_string = %self.connection_string, unsecured, "{operation}");
         let connecting = async {
-            if self.options.unsecured {
+            if unsecured {
                 Client::unsecured()
                     .new_from_connection_string(connection_string, client_options)
                     .await
@@ -311,25 +399,19 @@ impl Inner {
                 Client::new_from_connection_string(connection_string, client_options).await
             }
         };
-        match self
-            .bounded("connecting to Service Bus", connecting)
-            .await?
-        {
-            Ok(client) => Ok(client),
-            Err(e) => {
-                let kind = e.kind().clone();
-                match kind {
-                    azure_core::error::ErrorKind::Credential
-                    | azure_core::error::ErrorKind::DataConversion => Err(Error::config(
-                        "connection_string",
-                        format!("Service Bus refused it: {e}"),
-                    )),
-                    _ if e.to_string().to_lowercase().contains("connection string") => Err(
-                        Error::config("connection_string", format!("cannot be used: {e}")),
-                    ),
-                    _ => Err(Error::connection("connecting to Service Bus failed", e)),
-                }
-            }
+        let after = self.options.connect_timeout.min(self.options.try_timeout);
+        match tokio::time::timeout(after, connecting).await {
+            Err(_) => Err(Error::Timeout { operation, after }),
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => match e.kind() {
+                // The connection string was checked: what the client still refuses is in it.
+                azure_core::error::ErrorKind::Credential
+                | azure_core::error::ErrorKind::DataConversion => Err(Error::config(
+                    "connection_string",
+                    format!("the Service Bus client refused it: {e}"),
+                )),
+                _ => Err(self.convert(e, &operation, None)),
+            },
         }
     }
 
@@ -371,18 +453,20 @@ impl Inner {
         }
     }
 
-    /// Sends `message` to queue or topic `entity`, retrying transient failures.
+    /// Sends `message` to queue or topic `entity`, retrying transient failures; a copy (a
+    /// retry or a park) has the native id `copy_id` (see [`convert::copy_id`]).
     async fn send_entity(
         &self,
         entity: &str,
         what: &'static str,
         message: &Message,
+        copy_id: Option<&str>,
     ) -> Result<(), Error> {
         let mut pause = self.options.send_backoff;
         let mut attempt = 1;
         loop {
             // Rebuilt per attempt: whether to schedule depends on the time of sending.
-            let outgoing = convert::to_service_bus(message, Utc::now())?;
+            let outgoing = convert::to_service_bus(message, copy_id, Utc::now())?;
             match self.try_send(entity, what, outgoing).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < self.options.send_attempts => {
@@ -592,11 +676,13 @@ impl Transport for ServiceBusTransport {
     }
 
     async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
-        self.inner.send_entity(endpoint, "queue", &message).await
+        self.inner
+            .send_entity(endpoint, "queue", &message, None)
+            .await
     }
 
     async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
-        self.inner.send_entity(topic, "topic", &message).await
+        self.inner.send_entity(topic, "topic", &message, None).await
     }
 
     async fn consume(
@@ -638,8 +724,11 @@ mod tests {
 
     #[test]
     fn debug_output_hides_the_connection_string() {
+        let connection_string =
+            SecretUrl::new("Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=secret");
         let inner = Inner {
-            connection_string: "Endpoint=sb://x/;SharedAccessKey=secret".into(),
+            checked: connection_string::check(&connection_string, false).unwrap(),
+            connection_string,
             options: ServiceBusOptions::default(),
             client: Mutex::new(None),
             senders: StdMutex::new(HashMap::new()),
@@ -647,6 +736,8 @@ mod tests {
         let transport = ServiceBusTransport {
             inner: Arc::new(inner),
         };
-        assert!(!format!("{transport:?}").contains("secret"));
+        let shown = format!("{transport:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("Endpoint=sb://x/"), "{shown}");
     }
 }

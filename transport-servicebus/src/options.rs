@@ -11,8 +11,14 @@ use redeliver_core::Error;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServiceBusOptions {
-    /// Connect over plain AMQP (no TLS), for emulators and test brokers only. Default `false`.
+    /// Connect over plain AMQP (no TLS), for emulators and test brokers only. Default `false`;
+    /// a connection string with `UseDevelopmentEmulator=true` is always plain AMQP.
     pub unsecured: bool,
+    /// How long making a connection (TCP, AMQP open, authentication) may take before it fails
+    /// with [`Error::Timeout`] naming the host and port. Default 10 s; more than zero and at most
+    /// 5 minutes. The client's own bound on connecting is [`try_timeout`](Self::try_timeout):
+    /// the shorter of the two applies.
+    pub connect_timeout: Duration,
     /// How long one operation on the wire (attach, send, settle, renew) may take before it
     /// counts as failed. Default 30 s. At least 1 s: the client rejects shorter values.
     pub try_timeout: Duration,
@@ -44,6 +50,7 @@ impl Default for ServiceBusOptions {
     fn default() -> Self {
         ServiceBusOptions {
             unsecured: false,
+            connect_timeout: Duration::from_secs(10),
             try_timeout: Duration::from_secs(30),
             send_attempts: 3,
             send_backoff: Duration::from_millis(200),
@@ -60,6 +67,13 @@ impl ServiceBusOptions {
     #[must_use]
     pub fn with_unsecured(mut self, unsecured: bool) -> Self {
         self.unsecured = unsecured;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -111,6 +125,15 @@ impl ServiceBusOptions {
             return Err(Error::config(
                 "try_timeout",
                 format!("must be at least 1 s, got {:?}", self.try_timeout),
+            ));
+        }
+        if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(300) {
+            return Err(Error::config(
+                "connect_timeout",
+                format!(
+                    "must be more than zero and at most 5 minutes, got {:?}",
+                    self.connect_timeout
+                ),
             ));
         }
         if self.send_attempts == 0 {
@@ -176,6 +199,14 @@ mod tests {
         assert_eq!(
             field(base.clone().with_try_timeout(Duration::from_millis(10))),
             "try_timeout"
+        );
+        assert_eq!(
+            field(base.clone().with_connect_timeout(Duration::ZERO)),
+            "connect_timeout"
+        );
+        assert_eq!(
+            field(base.clone().with_connect_timeout(Duration::from_secs(301))),
+            "connect_timeout"
         );
         assert_eq!(field(base.clone().with_send_attempts(0)), "send_attempts");
         assert_eq!(

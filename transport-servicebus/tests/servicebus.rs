@@ -21,7 +21,7 @@ use futures::StreamExt;
 use redeliver_conformance::Calls;
 use redeliver_core::{
     Backoff, BackoffPolicy, ConsumeOptions, Context, Delivery, DeliveryStream, Error, Jitter,
-    Message, Outcome, Source, Topology, Transport, Worker, wire,
+    Message, Outcome, Source, Topology, Transport, Worker, reasons, wire,
 };
 use redeliver_servicebus_testbroker::{QueueOptions, SubscriptionOptions, TopicOptions};
 use serde::{Deserialize, Serialize};
@@ -176,7 +176,10 @@ async fn a_send_the_broker_rejects_is_an_error_not_a_silent_success() {
         .send("q", Message::new(vec![0u8; 4096]))
         .await
         .unwrap_err();
-    assert!(matches!(e, Error::Rejected { .. }), "oversized: {e:?}");
+    assert!(
+        matches!(e, Error::InvalidMessage { .. }) && e.is_message_refused(),
+        "oversized: {e:?}"
+    );
 
     broker
         .set_reject_sends("q", Some("queue is read-only"))
@@ -823,5 +826,362 @@ async fn a_batch_is_bounded_by_prefetch_and_every_message_arrives_once() {
         broker
             .wait_until(PROMPT, |b| b.active_message_count("q").unwrap() == 0)
             .await
+    );
+}
+
+#[tokio::test]
+async fn retries_and_parks_survive_duplicate_detection() {
+    let (broker, transport) = support::setup(
+        &Topology::new().endpoint("q"),
+        QueueOptions::default().with_duplicate_detection(Duration::from_secs(600)),
+    )
+    .await;
+    let transport: Arc<dyn Transport> = Arc::new(transport);
+    let calls = Calls::new(transport.clock());
+    let worker = {
+        let calls = calls.clone();
+        Worker::builder(Arc::clone(&transport), "q")
+            .retry_policy(fixed(Duration::from_millis(500), 5))
+            .start(move |_: Order, ctx: Context| {
+                calls.record(&ctx);
+                let attempt = ctx.attempt();
+                async move {
+                    if attempt < 3 {
+                        Outcome::retry(format!("failure on attempt {attempt}"))
+                    } else {
+                        Outcome::success()
+                    }
+                }
+            })
+            .await
+            .unwrap()
+    };
+    let message = order(1).with_id("order-1");
+    transport.send("q", message.clone()).await.unwrap();
+    calls.wait_for(3, PROMPT).await;
+    assert_eq!(calls.attempts(), [1, 2, 3], "each retry was kept");
+    assert!(
+        calls.all().iter().all(|c| c.message_id == "order-1"),
+        "handlers see the framework's id on every copy"
+    );
+
+    // A message that arrives before its not-before (another producer set it without
+    // scheduling) is parked: that copy is kept too. (Up to the declared scheduling precision
+    // of 1 s early is handled at once.)
+    let not_before = Utc::now() + TimeDelta::seconds(4);
+    let mut early = ServiceBusMessage::new(b"{\"id\":2}".to_vec());
+    early.set_message_id("order-2").unwrap();
+    let mut properties = ApplicationProperties::default();
+    properties.0.insert(
+        wire::NOT_BEFORE.to_owned(),
+        SimpleValue::String(not_before.to_rfc3339()),
+    );
+    properties
+        .0
+        .insert(wire::ATTEMPT.to_owned(), SimpleValue::String("3".into()));
+    *early.application_properties_mut() = Some(properties);
+    support::send_raw(&broker, "q", vec![early]).await;
+    calls.wait_for(4, PROMPT).await;
+    let parked = &calls.all()[3];
+    assert_eq!((parked.message_id.as_str(), parked.attempt), ("order-2", 3));
+
+    // The application's own second send of an id is still dropped as a duplicate.
+    transport.send("q", message).await.unwrap();
+    let stats = worker.shutdown().await;
+    assert_eq!(
+        (stats.retried, stats.parked, stats.completed),
+        (2, 1, 2),
+        "{stats:?}"
+    );
+    assert_eq!(calls.count(), 4, "the repeated send was not delivered");
+    assert_eq!(broker.active_message_count("q").unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_handler_failing_with_a_one_mib_reason_retries_then_dead_letters() {
+    let (broker, transport) =
+        support::setup(&Topology::new().endpoint("q"), QueueOptions::default()).await;
+    let transport: Arc<dyn Transport> = Arc::new(transport);
+    let calls = Calls::new(transport.clock());
+    let reason = "e".repeat(1024 * 1024);
+    let worker = {
+        let calls = calls.clone();
+        Worker::builder(Arc::clone(&transport), "q")
+            .retry_policy(fixed(Duration::from_millis(200), 3))
+            .start(move |_: Order, ctx: Context| {
+                calls.record(&ctx);
+                let reason = reason.clone();
+                async move { Outcome::retry(reason) }
+            })
+            .await
+            .unwrap()
+    };
+    let message = order(1);
+    let id = message.id().clone();
+    transport.send("q", message).await.unwrap();
+    calls.wait_for(3, PROMPT).await;
+    assert!(
+        broker
+            .wait_until(PROMPT, |b| b.dead_letter_message_count("q").unwrap() == 1)
+            .await,
+        "dead-lettered after the last attempt"
+    );
+    let stats = worker.shutdown().await;
+    assert_eq!(calls.attempts(), [1, 2, 3]);
+    assert_eq!(
+        (stats.retried, stats.dead_lettered, stats.settle_failures),
+        (2, 1, 0),
+        "{stats:?}"
+    );
+    let letter = &broker.dead_letters("q").unwrap()[0];
+    let native_reason = letter.reason.as_deref().unwrap_or_default();
+    assert!(
+        native_reason.starts_with("eee") && native_reason.len() <= wire::MAX_REASON_BYTES,
+        "cut to {} bytes",
+        native_reason.len()
+    );
+    assert!(
+        letter
+            .description
+            .as_deref()
+            .is_some_and(|d| d.len() <= wire::MAX_DESCRIPTION_BYTES)
+    );
+    assert_eq!(broker.active_message_count("q").unwrap(), 0);
+
+    // The dead letter is the third attempt's copy: it reads back with the framework's id.
+    assert_ne!(
+        letter.message_id.as_ref(),
+        Some(&id.to_string()),
+        "a native id of its own"
+    );
+    let mut dead = transport
+        .consume(&Source::dead_letters("q"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(letter.message().id(), &id);
+    assert_eq!(letter.message().attempt(), 3);
+    assert!(
+        letter
+            .message()
+            .last_failure()
+            .is_some_and(|f| f.len() <= wire::MAX_REASON_BYTES)
+    );
+    letter.complete().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_retry_whose_copy_cannot_fit_is_dead_lettered_not_looped() {
+    let (broker, transport) =
+        support::setup(&Topology::new().endpoint("q"), QueueOptions::default()).await;
+    // Fits as sent; its retry copy, with the framework's state and a 1000-byte reason, does not.
+    let size = redeliver_servicebus_testbroker::STANDARD_MAX_MESSAGE_SIZE - 512;
+    // A JSON string, for a handler of `String`.
+    let body: Vec<u8> = std::iter::once(b'"')
+        .chain(std::iter::repeat_n(b'x', size - 2))
+        .chain(std::iter::once(b'"'))
+        .collect();
+    let e = transport
+        .send("q", Message::new(vec![b'x'; 300 * 1024]))
+        .await
+        .unwrap_err();
+    assert!(e.is_message_refused() && !e.is_transient(), "{e:?}");
+    transport
+        .send("q", Message::new(body.clone()).with_id("big"))
+        .await
+        .expect("the message itself fits");
+
+    let transport: Arc<dyn Transport> = Arc::new(transport);
+    let calls = Calls::new(transport.clock());
+    let worker = {
+        let calls = calls.clone();
+        Worker::builder(Arc::clone(&transport), "q")
+            .retry_policy(fixed(Duration::from_millis(200), 5))
+            .start(move |_: String, ctx: Context| {
+                calls.record(&ctx);
+                async { Outcome::retry("r".repeat(1000)) }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        broker
+            .wait_until(PROMPT, |b| b.dead_letter_message_count("q").unwrap() == 1)
+            .await,
+        "dead-lettered"
+    );
+    let stats = worker.shutdown().await;
+    assert_eq!(calls.count(), 1, "handled once, not looping: {stats:?}");
+    assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    assert_eq!(broker.active_message_count("q").unwrap(), 0);
+    let letter = &broker.dead_letters("q").unwrap()[0];
+    assert_eq!(letter.reason.as_deref(), Some(reasons::COPY_REFUSED));
+    let description = letter.description.as_deref().unwrap_or_default();
+    assert!(
+        description.contains("refused the copy") && description.contains("retry"),
+        "{description}"
+    );
+    assert!(description.len() <= wire::MAX_DESCRIPTION_BYTES);
+    assert_eq!(letter.body, body, "the body is kept");
+
+    let mut dead = transport
+        .consume(&Source::dead_letters("q"), ConsumeOptions::default())
+        .await
+        .unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(letter.message().id().as_str(), "big");
+    assert_eq!(letter.message().attempt(), 1, "the attempt that ran");
+    assert_eq!(
+        letter.message().dead_letter().map(|d| d.reason.as_str()),
+        Some(reasons::COPY_REFUSED)
+    );
+    assert_eq!(
+        letter.message().last_failure(),
+        Some("r".repeat(1000).as_str())
+    );
+    letter.complete().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_retry_whose_copy_has_too_many_properties_is_dead_lettered_not_looped() {
+    let (broker, transport) =
+        support::setup(&Topology::new().endpoint("q"), QueueOptions::default()).await;
+    // Service Bus answers this with `amqp:internal-error` ("please retry"); the transport
+    // refuses it itself, for what it is.
+    let e = transport
+        .send("q", order(1).with_header("big", "h".repeat(70 * 1024)))
+        .await
+        .unwrap_err();
+    assert!(e.is_message_refused() && !e.is_transient(), "{e:?}");
+    assert_eq!(broker.active_message_count("q").unwrap(), 0);
+
+    // Fits as sent, 1 KiB under the limit; the retry copy's framework state does not.
+    let header = "h".repeat(redeliver_servicebus_testbroker::STANDARD_MAX_HEADER_SIZE - 1024);
+    transport
+        .send("q", order(2).with_id("wide").with_header("big", header))
+        .await
+        .expect("the message itself fits");
+    let transport: Arc<dyn Transport> = Arc::new(transport);
+    let calls = Calls::new(transport.clock());
+    let worker = {
+        let calls = calls.clone();
+        Worker::builder(Arc::clone(&transport), "q")
+            .retry_policy(fixed(Duration::from_millis(200), 5))
+            .start(move |_: Order, ctx: Context| {
+                calls.record(&ctx);
+                async { Outcome::retry("r".repeat(1000)) }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        broker
+            .wait_until(PROMPT, |b| b.dead_letter_message_count("q").unwrap() == 1)
+            .await,
+        "dead-lettered"
+    );
+    let stats = worker.shutdown().await;
+    assert_eq!(calls.count(), 1, "handled once, not looping: {stats:?}");
+    let letter = &broker.dead_letters("q").unwrap()[0];
+    assert_eq!(letter.reason.as_deref(), Some(reasons::COPY_REFUSED));
+    assert!(
+        letter
+            .description
+            .as_deref()
+            .is_some_and(|d| d.contains("65536")),
+        "{:?}",
+        letter.description
+    );
+}
+
+#[tokio::test]
+async fn framework_properties_of_the_wrong_type_are_dead_lettered_as_malformed() {
+    let (broker, transport) =
+        support::setup(&Topology::new().endpoint("q"), QueueOptions::default()).await;
+    let described = |value: serde_amqp::Value| {
+        SimpleValue::Described(Box::new(serde_amqp::described::Described {
+            descriptor: serde_amqp::descriptor::Descriptor::Code(0x7265_6465),
+            value,
+        }))
+    };
+    let foreign = |id: &str, properties: Vec<(&str, SimpleValue)>| {
+        let mut message = ServiceBusMessage::new(b"{\"id\":1}".to_vec());
+        message.set_message_id(id).unwrap();
+        let mut application = ApplicationProperties::default();
+        for (key, value) in properties {
+            application.0.insert(key.to_owned(), value);
+        }
+        *message.application_properties_mut() = Some(application);
+        message
+    };
+    support::send_raw(
+        &broker,
+        "q",
+        vec![
+            foreign(
+                "list-and-map",
+                vec![
+                    (
+                        wire::ATTEMPT,
+                        described(serde_amqp::Value::List(vec![serde_amqp::Value::Uint(2)])),
+                    ),
+                    (
+                        wire::NOT_BEFORE,
+                        described(serde_amqp::Value::Map(Default::default())),
+                    ),
+                ],
+            ),
+            foreign(
+                "float",
+                vec![(wire::ATTEMPT, SimpleValue::Double(2.0.into()))],
+            ),
+            // An integer attempt from another producer is a number, not a problem.
+            foreign("integer", vec![(wire::ATTEMPT, SimpleValue::Long(2))]),
+        ],
+    )
+    .await;
+
+    let transport: Arc<dyn Transport> = Arc::new(transport);
+    let calls = Calls::new(transport.clock());
+    let worker = {
+        let calls = calls.clone();
+        Worker::builder(Arc::clone(&transport), "q")
+            .start(move |_: Order, ctx: Context| {
+                calls.record(&ctx);
+                async { Outcome::success() }
+            })
+            .await
+            .unwrap()
+    };
+    assert!(
+        broker
+            .wait_until(PROMPT, |b| b.dead_letter_message_count("q").unwrap() == 2)
+            .await,
+        "both mistyped messages dead-lettered"
+    );
+    calls.wait_for(1, PROMPT).await;
+    let stats = worker.shutdown().await;
+    assert_eq!((stats.dead_lettered, stats.completed), (2, 1), "{stats:?}");
+    assert_eq!(
+        (calls.all()[0].message_id.as_str(), calls.attempts()),
+        ("integer", vec![2])
+    );
+    let mut letters = broker.dead_letters("q").unwrap();
+    letters.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    assert_eq!(letters[0].message_id.as_deref(), Some("float"));
+    for letter in &letters {
+        assert_eq!(letter.reason.as_deref(), Some(reasons::MALFORMED_HEADERS));
+    }
+    let description = |i: usize| letters[i].description.clone().unwrap_or_default();
+    assert!(
+        description(0).contains(&wire::mistyped(wire::ATTEMPT, "a floating-point number")),
+        "{}",
+        description(0)
+    );
+    assert!(
+        description(1).contains(&wire::mistyped(wire::ATTEMPT, "a list"))
+            && description(1).contains(&wire::mistyped(wire::NOT_BEFORE, "a map")),
+        "{}",
+        description(1)
     );
 }

@@ -187,6 +187,10 @@ fn refusal_reply(refusal: Refusal) -> Reply {
             413,
             format!("message of {size} bytes exceeds the maximum of {max} bytes"),
         ),
+        Refusal::HeadersTooLarge { size, max } => Reply::error(
+            413,
+            format!("the header sections of {size} bytes exceed the maximum of {max} bytes"),
+        ),
         Refusal::Rejected(reason) => Reply::error(403, reason),
     }
 }

@@ -28,9 +28,15 @@ impl BrokerOptions {
 pub const DEFAULT_LOCK_DURATION: Duration = Duration::from_secs(60);
 /// Default maximum delivery count of Service Bus entities.
 pub const DEFAULT_MAX_DELIVERY_COUNT: u32 = 10;
+/// The largest message a standard-tier Service Bus entity accepts: 256 KiB, header sections
+/// and body together.
+pub const STANDARD_MAX_MESSAGE_SIZE: usize = 256 * 1024;
+/// The largest header sections (header, message annotations, properties and application
+/// properties together) a Service Bus entity accepts: 64 KiB.
+pub const STANDARD_MAX_HEADER_SIZE: usize = 64 * 1024;
 
 /// Options of a queue, with Service Bus defaults (lock duration 60 s, max delivery count 10,
-/// no size limit).
+/// the standard tier's size limits: 256 KiB per message, 64 KiB of header sections).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct QueueOptions {
@@ -40,8 +46,13 @@ pub struct QueueOptions {
     /// `MaxDeliveryCountExceeded`. At least 1.
     pub max_delivery_count: u32,
     /// Sends of messages whose encoded size exceeds this many bytes are rejected with
-    /// `amqp:link:message-size-exceeded`.
+    /// `amqp:link:message-size-exceeded`. Default [`STANDARD_MAX_MESSAGE_SIZE`].
     pub max_message_size: Option<usize>,
+    /// Sends of messages whose header sections (header, message annotations, properties and
+    /// application properties), encoded, exceed this many bytes are rejected with
+    /// `amqp:internal-error`, as Service Bus was reported to. Default
+    /// [`STANDARD_MAX_HEADER_SIZE`].
+    pub max_header_size: Option<usize>,
     /// Duplicate detection: a message whose `message-id` was already sent to the entity within
     /// this window is accepted and dropped, as Service Bus does. `None` (the default) disables
     /// it.
@@ -58,7 +69,8 @@ impl Default for QueueOptions {
         Self {
             lock_duration: DEFAULT_LOCK_DURATION,
             max_delivery_count: DEFAULT_MAX_DELIVERY_COUNT,
-            max_message_size: None,
+            max_message_size: Some(STANDARD_MAX_MESSAGE_SIZE),
+            max_header_size: Some(STANDARD_MAX_HEADER_SIZE),
             duplicate_detection_window: None,
             default_message_time_to_live: None,
             dead_lettering_on_message_expiration: false,
@@ -88,6 +100,13 @@ impl QueueOptions {
         self
     }
 
+    /// Rejects sends of messages whose header sections are larger than `bytes` (encoded size).
+    #[must_use]
+    pub fn with_max_header_size(mut self, bytes: usize) -> Self {
+        self.max_header_size = Some(bytes);
+        self
+    }
+
     /// Drops messages whose `message-id` was sent within `window` before.
     #[must_use]
     pub fn with_duplicate_detection(mut self, window: Duration) -> Self {
@@ -110,15 +129,28 @@ impl QueueOptions {
     }
 }
 
-/// Options of a topic.
-#[derive(Debug, Clone, Default)]
+/// Options of a topic, with the standard tier's size limits (as for [`QueueOptions`]).
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct TopicOptions {
     /// Sends of messages whose encoded size exceeds this many bytes are rejected with
-    /// `amqp:link:message-size-exceeded`.
+    /// `amqp:link:message-size-exceeded`. Default [`STANDARD_MAX_MESSAGE_SIZE`].
     pub max_message_size: Option<usize>,
+    /// The limit of the header sections, as for [`QueueOptions::max_header_size`]. Default
+    /// [`STANDARD_MAX_HEADER_SIZE`].
+    pub max_header_size: Option<usize>,
     /// Duplicate detection window, as for [`QueueOptions::duplicate_detection_window`].
     pub duplicate_detection_window: Option<Duration>,
+}
+
+impl Default for TopicOptions {
+    fn default() -> Self {
+        Self {
+            max_message_size: Some(STANDARD_MAX_MESSAGE_SIZE),
+            max_header_size: Some(STANDARD_MAX_HEADER_SIZE),
+            duplicate_detection_window: None,
+        }
+    }
 }
 
 impl TopicOptions {
@@ -126,6 +158,13 @@ impl TopicOptions {
     #[must_use]
     pub fn with_max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = Some(bytes);
+        self
+    }
+
+    /// Rejects sends of messages whose header sections are larger than `bytes` (encoded size).
+    #[must_use]
+    pub fn with_max_header_size(mut self, bytes: usize) -> Self {
+        self.max_header_size = Some(bytes);
         self
     }
 

@@ -65,7 +65,15 @@ pub(crate) enum Settlement {
 #[derive(Debug, Clone)]
 pub(crate) enum Refusal {
     NotFound(String),
-    TooLarge { size: usize, max: usize },
+    TooLarge {
+        size: usize,
+        max: usize,
+    },
+    /// The header sections are larger than the entity accepts.
+    HeadersTooLarge {
+        size: usize,
+        max: usize,
+    },
     Rejected(String),
 }
 
@@ -163,6 +171,7 @@ struct Scheduled {
 struct Entity {
     kind: EntityKind,
     max_message_size: Option<usize>,
+    max_header_size: Option<usize>,
     reject_sends: Option<String>,
     scheduled: BTreeMap<i64, Scheduled>,
     duplicate_detection_window: Option<Duration>,
@@ -171,10 +180,15 @@ struct Entity {
 }
 
 impl Entity {
-    fn new(kind: EntityKind, max_message_size: Option<usize>, window: Option<Duration>) -> Self {
+    fn new(
+        kind: EntityKind,
+        (max_message_size, max_header_size): (Option<usize>, Option<usize>),
+        window: Option<Duration>,
+    ) -> Self {
         Self {
             kind,
             max_message_size,
+            max_header_size,
             reject_sends: None,
             scheduled: BTreeMap::new(),
             duplicate_detection_window: window,
@@ -274,6 +288,18 @@ fn encoded_size(message: &Msg) -> usize {
     serde_amqp::to_vec(&Serializable(message)).map_or(usize::MAX, |bytes| bytes.len())
 }
 
+/// The encoded size of the sections Service Bus counts as headers: header, message
+/// annotations, properties and application properties.
+fn encoded_header_size(message: &Msg) -> usize {
+    fn size<T: serde_amqp::serde::Serialize>(section: Option<&T>) -> usize {
+        section.map_or(0, |s| serde_amqp::serialized_size(s).unwrap_or(usize::MAX))
+    }
+    size(message.header.as_ref())
+        .saturating_add(size(message.message_annotations.as_ref()))
+        .saturating_add(size(message.properties.as_ref()))
+        .saturating_add(size(message.application_properties.as_ref()))
+}
+
 fn set_annotation(message: &mut Msg, key: &str, value: Value) {
     message
         .message_annotations
@@ -347,7 +373,7 @@ impl State {
             key,
             Entity::new(
                 EntityKind::Queue,
-                options.max_message_size,
+                (options.max_message_size, options.max_header_size),
                 options.duplicate_detection_window,
             ),
         );
@@ -362,7 +388,7 @@ impl State {
                 EntityKind::Topic {
                     subscriptions: BTreeMap::new(),
                 },
-                options.max_message_size,
+                (options.max_message_size, options.max_header_size),
                 options.duplicate_detection_window,
             ),
         );
@@ -473,11 +499,17 @@ impl State {
         if let Some(reason) = &target.reject_sends {
             return Err(Refusal::Rejected(reason.clone()));
         }
-        if let Some(max) = target.max_message_size {
-            for message in &messages {
+        for message in &messages {
+            if let Some(max) = target.max_message_size {
                 let size = encoded_size(message);
                 if size > max {
                     return Err(Refusal::TooLarge { size, max });
+                }
+            }
+            if let Some(max) = target.max_header_size {
+                let size = encoded_header_size(message);
+                if size > max {
+                    return Err(Refusal::HeadersTooLarge { size, max });
                 }
             }
         }
@@ -1111,6 +1143,7 @@ mod tests {
     use fe2o3_amqp_types::primitives::Binary;
 
     use super::*;
+    use crate::options::{STANDARD_MAX_HEADER_SIZE, STANDARD_MAX_MESSAGE_SIZE};
 
     const LOCK: Duration = Duration::from_secs(5);
 
@@ -1240,6 +1273,45 @@ mod tests {
             state.send("nope", vec![data(b"x")], now, 0),
             Err(Refusal::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn the_standard_tier_limits_apply_by_default() {
+        let mut state = State::default();
+        state.create_queue("q", &QueueOptions::default()).unwrap();
+        let now = Instant::now();
+        let fits = data(&vec![0; STANDARD_MAX_MESSAGE_SIZE - 1024]);
+        state.send("q", vec![fits], now, 0).unwrap();
+        let too_large = data(&vec![0; STANDARD_MAX_MESSAGE_SIZE]);
+        assert!(matches!(
+            state.send("q", vec![too_large], now, 0),
+            Err(Refusal::TooLarge {
+                max: STANDARD_MAX_MESSAGE_SIZE,
+                ..
+            })
+        ));
+
+        // Header sections over 64 KiB are refused even when the whole message fits.
+        let with_property = |bytes: usize| {
+            let mut message = data(b"x");
+            message.application_properties = Some(ApplicationProperties(
+                [("reason".to_owned(), SimpleValue::String("r".repeat(bytes)))]
+                    .into_iter()
+                    .collect(),
+            ));
+            message
+        };
+        state
+            .send("q", vec![with_property(60 * 1024)], now, 0)
+            .unwrap();
+        assert!(matches!(
+            state.send("q", vec![with_property(STANDARD_MAX_HEADER_SIZE)], now, 0),
+            Err(Refusal::HeadersTooLarge {
+                max: STANDARD_MAX_HEADER_SIZE,
+                ..
+            })
+        ));
+        assert_eq!(state.active_count("q").unwrap(), 2);
     }
 
     fn with_id(id: &str) -> Msg {

@@ -69,3 +69,71 @@ pub async fn setup(
         .expect("the provisioned topology exists");
     (broker, transport)
 }
+
+/// A listener on a free loopback address's port 5672 (the port the client dials) that accepts
+/// connections and never answers, and its address. It stops when the returned task is aborted
+/// or the runtime ends.
+pub async fn silent_listener() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = free_loopback_listener().await;
+    let address = listener.local_addr().expect("a bound address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            // Held open, never read from or written to.
+            held.push(socket);
+        }
+    });
+    (address, task)
+}
+
+/// A listener on the first loopback address from 127.0.0.2 whose port 5672 is free.
+pub async fn free_loopback_listener() -> tokio::net::TcpListener {
+    for last in 2..=254u8 {
+        let address = std::net::SocketAddr::from(([127, 0, 0, last], 5672));
+        if let Ok(listener) = tokio::net::TcpListener::bind(address).await {
+            return listener;
+        }
+    }
+    panic!("no loopback address with port 5672 free (see the test broker's crate docs)");
+}
+
+/// A raw `azservicebus` client on `broker`, with its own retries off, for sending what the
+/// transport would not.
+pub async fn raw_client(
+    broker: &BrokerHandle,
+) -> azservicebus::ServiceBusClient<azservicebus::core::BasicRetryPolicy> {
+    azservicebus::ServiceBusClient::<azservicebus::core::BasicRetryPolicy>::unsecured()
+        .new_from_connection_string(
+            broker.connection_string(),
+            azservicebus::ServiceBusClientOptions {
+                retry_options: azservicebus::ServiceBusRetryOptions {
+                    max_retries: 0,
+                    ..azservicebus::ServiceBusRetryOptions::default()
+                },
+                ..azservicebus::ServiceBusClientOptions::default()
+            },
+        )
+        .await
+        .expect("a raw client connects")
+}
+
+/// Sends `messages` to queue `queue` of `broker` with a raw client.
+pub async fn send_raw(
+    broker: &BrokerHandle,
+    queue: &str,
+    messages: Vec<azservicebus::ServiceBusMessage>,
+) {
+    let mut client = raw_client(broker).await;
+    let mut sender = client
+        .create_sender(queue, azservicebus::ServiceBusSenderOptions::default())
+        .await
+        .expect("a raw sender attaches");
+    for message in messages {
+        sender
+            .send_message(message)
+            .await
+            .expect("the raw send is accepted");
+    }
+    sender.dispose().await.expect("the raw sender closes");
+    client.dispose().await.expect("the raw client closes");
+}
