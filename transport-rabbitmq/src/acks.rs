@@ -62,10 +62,14 @@ pub(crate) struct Acks {
 }
 
 impl Acks {
-    /// Starts the task on the current tokio runtime.
-    pub(crate) fn start(channel: Channel) -> Self {
+    /// Starts the task on the current tokio runtime. It holds `keep_alive` (the consumer's
+    /// connection) until it ends.
+    pub(crate) fn start(channel: Channel, keep_alive: impl Send + 'static) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, channel));
+        tokio::spawn(async move {
+            run(rx, channel).await;
+            drop(keep_alive);
+        });
         Acks { tx }
     }
 

@@ -1,7 +1,7 @@
 //! `lapin` errors into the framework's [`Error`], keeping them as sources.
 
 use lapin::ErrorKind;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use redeliver_core::Error;
 
 /// Whether the broker answered "not found" (a missing queue or exchange).
@@ -19,9 +19,35 @@ fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
+/// Whether the broker refused access for good: wrong credentials (`ACCESS_REFUSED`), a user
+/// without permission, or an unknown virtual host (`NOT_ALLOWED`).
+fn refusal(error: &lapin::Error) -> Option<&str> {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Some(amqp.get_message().as_str()),
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Some(amqp.get_message().as_str()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether lapin could not parse what the broker sent (a delivery whose properties it cannot
+/// read, typically), which ends the whole connection.
+pub(crate) fn is_parse_failure(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ParsingError(_))
+}
+
 /// Maps `error`, which happened while doing `doing` (`declaring queue \`orders\``).
 pub(crate) fn map(error: lapin::Error, doing: impl Into<String>) -> Error {
     let doing = doing.into();
+    if let Some(said) = refusal(&error) {
+        let message = format!(
+            "{doing}: {said} (check the user name, password, virtual host and the user's \
+             permissions)"
+        );
+        return Error::access_denied(message, error);
+    }
     match soft_error(&error) {
         Some(AMQPSoftError::PRECONDITIONFAILED) => Error::Config {
             field: "topology".to_owned(),
@@ -29,10 +55,6 @@ pub(crate) fn map(error: lapin::Error, doing: impl Into<String>) -> Error {
                 "{doing}: the broker refused ({error}); an existing queue or exchange has \
                  different settings — delete it or align the options"
             ),
-        },
-        Some(AMQPSoftError::ACCESSREFUSED) => Error::Other {
-            message: format!("{doing}: access refused by the broker"),
-            source: Some(Box::new(error)),
         },
         Some(_) => Error::Other {
             message: format!("{doing}: the broker refused"),

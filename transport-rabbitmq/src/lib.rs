@@ -156,6 +156,7 @@ mod topology;
 mod transport;
 
 pub use options::{
-    DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS, QueueType, RabbitMqOptions, TopologyMode,
+    DEFAULT_DELIVERY_LIMIT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS,
+    QueueType, RabbitMqOptions, TopologyMode,
 };
 pub use transport::RabbitMqTransport;

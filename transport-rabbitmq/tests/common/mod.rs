@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,6 +173,7 @@ impl Fixture {
             _ => None,
         };
         for endpoint in self.endpoints.lock().unwrap().iter() {
+            queues.push(self.transport.quarantine_queue_name(endpoint));
             for q in [
                 self.transport.queue_name(endpoint),
                 self.transport.dead_letter_queue_name(endpoint),
@@ -372,7 +375,7 @@ impl Drop for Proxy {
     }
 }
 
-fn broker_addr() -> SocketAddr {
+pub fn broker_addr() -> SocketAddr {
     let uri: lapin::uri::AMQPUri = amqp_url().parse().expect("AMQP_URL parses");
     let host = if uri.authority.host == "localhost" {
         "127.0.0.1".to_owned()
