@@ -302,6 +302,19 @@ impl Shared {
                 }
                 Ok(Err(e)) => return Err(errors::map(e, format!("opening a channel for {doing}"))),
             };
+            crate::convert::check_fits(
+                properties,
+                body.len(),
+                link.connection.configuration().frame_max(),
+                self.options.max_message_size,
+            )
+            .map_err(|e| match e {
+                Error::InvalidMessage { message, source } => Error::InvalidMessage {
+                    message: format!("{doing}: {message}"),
+                    source,
+                },
+                other => other,
+            })?;
             let options = BasicPublishOptions {
                 mandatory: target.mandatory,
                 ..BasicPublishOptions::default()

@@ -8,7 +8,10 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Consumer};
-use redeliver_core::{Delivery, DeliveryStream, Error, Settle, Settlement, Source};
+use redeliver_core::{
+    DeadLetterInfo, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source, reasons,
+    wire,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -226,9 +229,9 @@ impl State {
         warn!(
             queue = %self.queue,
             error = %error,
-            "a delivery could not be read (for example properties that are not valid AMQP, \
-             such as a content type that is not UTF-8), which closed the consumer's \
-             connection; {fate}. Meanwhile this consumer takes one delivery at a time. \
+            "a delivery could not be read (properties that are not valid AMQP, such as a \
+             content type that is not UTF-8, or headers too large for a frame), which closed \
+             the consumer's connection; {fate}. Meanwhile this consumer takes one delivery at a time. \
              Further returns of it are logged at debug level."
         );
     }
@@ -304,6 +307,11 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
         match received {
             Some(Ok(delivery)) => {
                 open.acks.delivered(delivery.delivery_tag);
+                let (message, problem) = convert::message(
+                    &delivery.properties,
+                    delivery.data,
+                    state.source.is_dead_letters(),
+                );
                 let settler = RabbitSettler {
                     transport: state.transport.clone(),
                     acks: open.acks.clone(),
@@ -311,13 +319,9 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                     acker: delivery.acker.clone(),
                     source: Arc::clone(&state.source),
                     queue: Arc::clone(&state.queue),
+                    original: message.clone(),
                     settled: false,
                 };
-                let (message, problem) = convert::message(
-                    &delivery.properties,
-                    delivery.data,
-                    state.source.is_dead_letters(),
-                );
                 let delivery = Delivery::new(message, Arc::clone(&state.source), settler)
                     .with_problem(problem);
                 return Some((Ok(delivery), state));
@@ -336,7 +340,7 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                 // cancellation by the broker (the queue was deleted): open a new consumer, on a
                 // new connection if needed.
                 match ended {
-                    Some(Err(e)) if errors::is_parse_failure(&e) => state.unreadable(&e),
+                    Some(Err(e)) if errors::is_unreadable(&e) => state.unreadable(&e),
                     Some(Err(e)) => warn!(queue = %state.queue, error = %e, "the consumer failed"),
                     _ => warn!(queue = %state.queue, "the consumer was cancelled"),
                 }
@@ -363,10 +367,93 @@ struct RabbitSettler {
     acker: Acker,
     source: Arc<Source>,
     queue: Arc<str>,
+    /// The message as delivered, for a dead-letter copy when its retry copy is refused.
+    original: Message,
     settled: bool,
 }
 
 impl RabbitSettler {
+    /// The retry (or park) copy `next` was refused for what it is (too large, unroutable):
+    /// trying again would fail the same way and deliver the original again at the same attempt
+    /// for ever, so the message is dead-lettered with [`reasons::COPY_REFUSED`] instead.
+    async fn copy_refused(&self, next: &Message, error: Error) -> Result<(), Error> {
+        let description = wire::truncate(
+            format!(
+                "the broker would not take the copy for the next attempt ({error}); \
+                 dead-lettered instead of being delivered again at the same attempt"
+            ),
+            wire::MAX_DESCRIPTION_BYTES,
+        );
+        warn!(
+            queue = %self.queue,
+            message_id = %self.original.id(),
+            error = %error,
+            "the copy for the next attempt was refused; dead-lettering the message with reason \
+             `copy refused`"
+        );
+        let dead = self
+            .original
+            .clone()
+            .with_last_failure(next.last_failure().map(str::to_owned), next.last_delay())
+            .with_dead_letter(Some(DeadLetterInfo {
+                reason: reasons::COPY_REFUSED.to_owned(),
+                description: Some(description),
+            }));
+        self.dead_letter(&dead).await
+    }
+
+    /// Stores the dead-letter copy `dead`, or, if even that is refused for its size, lets the
+    /// broker dead-letter the original.
+    async fn dead_letter(&self, dead: &Message) -> Result<(), Error> {
+        let names = &self.transport.shared.names;
+        let queue = names.dead_letter_queue(self.source.endpoint_name());
+        match self.transport.send_now(&queue, dead).await {
+            Ok(()) => self.ack().await,
+            Err(e @ Error::InvalidMessage { .. }) => self.reject(e).await,
+            Err(e) => {
+                let _ = self.requeue().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Rejects the delivery without requeue: its queue dead-letters it (broker side) into the
+    /// dead-letter queue, or from the dead-letter queue into the quarantine, keeping it whole.
+    async fn reject(&self, error: Error) -> Result<(), Error> {
+        let names = &self.transport.shared.names;
+        let endpoint = self.source.endpoint_name();
+        let target = if self.source.is_dead_letters() {
+            names.quarantine_queue(endpoint)
+        } else {
+            names.dead_letter_queue(endpoint)
+        };
+        warn!(
+            queue = %self.queue,
+            message_id = %self.original.id(),
+            error = %error,
+            "the dead-letter copy was refused too; rejecting the delivery so that the broker \
+             moves the original into `{target}`"
+        );
+        let after = self.transport.shared.options.publish_timeout;
+        let rejected = tokio::time::timeout(after, self.acks.reject(self.tag, self.acker.clone()))
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("rejecting a delivery from `{}`", self.queue),
+                after,
+            })?;
+        match rejected {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(lost_channel(&self.queue)),
+            Err(e) => Err(errors::map(
+                e,
+                format!(
+                    "rejecting a delivery from `{}`; the broker will deliver it again",
+                    self.queue
+                ),
+            )),
+        }
+    }
+
     async fn ack(&self) -> Result<(), Error> {
         let after = self.transport.shared.options.publish_timeout;
         let acked = tokio::time::timeout(after, self.acks.ack(self.tag, self.acker.clone()))
@@ -442,26 +529,14 @@ impl Settle for RabbitSettler {
                 // between duplicates the message, never loses it.
                 match self.transport.schedule(&self.queue, &message, true).await {
                     Ok(()) => self.ack().await,
+                    Err(e) if e.is_message_refused() => self.copy_refused(&message, e).await,
                     Err(e) => {
                         let _ = self.requeue().await;
                         Err(e)
                     }
                 }
             }
-            Settlement::DeadLetter(message) => {
-                let dead = self
-                    .transport
-                    .shared
-                    .names
-                    .dead_letter_queue(self.source.endpoint_name());
-                match self.transport.send_now(&dead, &message).await {
-                    Ok(()) => self.ack().await,
-                    Err(e) => {
-                        let _ = self.requeue().await;
-                        Err(e)
-                    }
-                }
-            }
+            Settlement::DeadLetter(message) => self.dead_letter(&message).await,
             other => {
                 let _ = self.requeue().await;
                 Err(Error::Other {

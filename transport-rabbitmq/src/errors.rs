@@ -32,10 +32,18 @@ fn refusal(error: &lapin::Error) -> Option<&str> {
     }
 }
 
-/// Whether lapin could not parse what the broker sent (a delivery whose properties it cannot
-/// read, typically), which ends the whole connection.
-pub(crate) fn is_parse_failure(error: &lapin::Error) -> bool {
-    matches!(error.kind(), ErrorKind::ParsingError(_))
+/// Whether lapin could not read what the broker sent, which ends the whole connection: a
+/// delivery whose properties it cannot parse (a content type that is not UTF-8), or a frame
+/// larger than the negotiated `frame_max` (the broker does not split a content header, so a
+/// message whose headers grew on the way, by `x-death` for one, can exceed it).
+pub(crate) fn is_unreadable(error: &lapin::Error) -> bool {
+    match error.kind() {
+        ErrorKind::ParsingError(_) => true,
+        ErrorKind::ProtocolError(amqp) => {
+            matches!(amqp.kind(), AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
+        }
+        _ => false,
+    }
 }
 
 /// Maps `error`, which happened while doing `doing` (`declaring queue \`orders\``).

@@ -429,3 +429,272 @@ async fn queues_from_before_the_delivery_limit_are_accepted_with_a_warning() {
     assert!(matches!(e, Error::Config { .. }), "{e:?}");
     classic.close().await;
 }
+
+fn policy(max_attempts: u32) -> redeliver_core::BackoffPolicy {
+    redeliver_core::BackoffPolicy::builder()
+        .max_attempts(max_attempts)
+        .backoff(redeliver_core::Backoff::fixed(Duration::from_secs(1)))
+        .build()
+        .expect("a valid policy")
+}
+
+/// A handler failing with a 1 MiB reason: the retry copies fit the broker's limits, the
+/// attempts advance, and the message ends dead-lettered after the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_failure_reason_retries_and_ends_dead_lettered() {
+    logs();
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("verbose")).await;
+    let transport = fx.transport();
+    let attempts: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let worker = Worker::builder(Arc::clone(&transport), "verbose")
+        .retry_policy(policy(3))
+        .start({
+            let attempts = Arc::clone(&attempts);
+            move |_job: Job, ctx: Context| {
+                let attempts = Arc::clone(&attempts);
+                async move {
+                    attempts.lock().unwrap().push(ctx.attempt());
+                    Outcome::retry("e".repeat(1 << 20))
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("verbose", Message::json(&Job { n: 1 }).unwrap())
+        .await
+        .unwrap();
+    let mut dead = transport
+        .consume(
+            &Source::dead_letters("verbose"),
+            redeliver_core::ConsumeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(20), futures::StreamExt::next(&mut dead))
+            .await
+            .expect("dead-lettered within 20 s")
+            .unwrap()
+            .unwrap();
+    let info = delivery.message().dead_letter().cloned().expect("a reason");
+    delivery.complete().await.unwrap();
+    let stats = worker.stats();
+    worker.shutdown().await;
+    assert_eq!(attempts.lock().unwrap().as_slice(), [1, 2, 3]);
+    assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    assert_eq!(stats.retried, 2, "{stats:?}");
+    assert!(
+        info.reason.len() <= redeliver_core::wire::MAX_REASON_BYTES,
+        "{}",
+        info.reason.len()
+    );
+    assert!(info.reason.starts_with("eee"), "{}", &info.reason[..20]);
+}
+
+/// A message whose body is so near the broker's maximum that neither its retry copy nor its
+/// dead-letter copy fits: the transport refuses them before publishing, and the broker's own
+/// dead-lettering keeps the message, which ends on the dead letters after one handler call
+/// instead of coming back at attempt 1 for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_copies_cannot_fit_is_dead_lettered_not_looped() {
+    logs();
+    const MAX: usize = 64 * 1024;
+    let Some(fx) = Fixture::new(|o| o.with_max_message_size(MAX)).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("bulky")).await;
+    let transport = fx.transport();
+    // Too large to send with this transport's limit once headers are added...
+    let body = vec![b' '; MAX - 100];
+    let mut padded = br#"{"n":7}"#.to_vec();
+    padded.extend_from_slice(&body[padded.len()..]);
+    let e = transport
+        .send(
+            "bulky",
+            Message::new(padded.clone()).with_header("pad", "x".repeat(200)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidMessage { .. }), "{e:?}");
+    assert!(e.to_string().contains("with_max_message_size"), "{e}");
+    // ...but another producer can store it without any.
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            fx.transport.queue_name("bulky").as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &padded,
+            lapin::BasicProperties::default()
+                .with_message_id("bulky-1".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let calls: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let worker = Worker::builder(Arc::clone(&transport), "bulky")
+        .retry_policy(policy(5))
+        .start({
+            let calls = Arc::clone(&calls);
+            move |_job: Job, ctx: Context| {
+                let calls = Arc::clone(&calls);
+                async move {
+                    calls.lock().unwrap().push(ctx.attempt());
+                    Outcome::retry("HTTP 503 from the backend")
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let mut dead = transport
+        .consume(
+            &Source::dead_letters("bulky"),
+            redeliver_core::ConsumeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut dead))
+            .await
+            .expect("dead-lettered within 10 s")
+            .unwrap()
+            .unwrap();
+    let message = delivery.message().clone();
+    delivery.complete().await.unwrap();
+    let stats = worker.stats();
+    worker.shutdown().await;
+    assert_eq!(message.id().as_str(), "bulky-1");
+    assert_eq!(message.body().as_ref(), padded.as_slice(), "kept whole");
+    let info = message.dead_letter().expect("a reason");
+    assert!(info.reason.contains("rejected"), "{info:?}");
+    assert_eq!(
+        calls.lock().unwrap().as_slice(),
+        [1],
+        "handled once, not looping"
+    );
+    assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    let warned = logged("bulky-1");
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("copy for the next attempt was refused")),
+        "{warned:#?}"
+    );
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("dead-letter copy was refused too")),
+        "{warned:#?}"
+    );
+}
+
+/// A message whose headers nearly fill the broker's frame (`frame_max`, 128 KiB by default):
+/// the framework's retry headers would overflow it, which made the broker close the
+/// connection and deliver the original again at attempt 1 for ever. Now the copies are
+/// refused before publishing and the broker dead-letters the original. Its `x-death` headers
+/// then push it over the frame size on the dead letters, where no client can read it: the
+/// dead letters' delivery limit moves it on to the quarantine, kept whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_headers_outgrow_the_frame_is_dead_lettered_not_looped() {
+    logs();
+    let Some(fx) = Fixture::new(|o| o.with_delivery_limit(2)).await else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("wide")).await;
+    let transport = fx.transport();
+    let connection = raw_connection().await;
+    let frame_max = connection.configuration().frame_max() as usize;
+    // Frame (8), class to flags (14), message id (1 + 6), delivery mode (1), headers table
+    // (4, then 1 + 3 + 1 + 4 + the value): 60 bytes to spare.
+    let pad = frame_max - 8 - 14 - 7 - 1 - 4 - 9 - 60;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "pad".into(),
+        lapin::types::AMQPValue::LongString("p".repeat(pad).into()),
+    );
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            fx.transport.queue_name("wide").as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            br#"{"n":8}"#,
+            lapin::BasicProperties::default()
+                .with_message_id("wide-1".into())
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let calls: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let worker = Worker::builder(Arc::clone(&transport), "wide")
+        .retry_policy(policy(5))
+        .start({
+            let calls = Arc::clone(&calls);
+            move |_job: Job, ctx: Context| {
+                let calls = Arc::clone(&calls);
+                async move {
+                    calls.lock().unwrap().push(ctx.attempt());
+                    Outcome::retry("HTTP 503 from the backend")
+                }
+            }
+        })
+        .await
+        .unwrap();
+    let dead_worker = Worker::builder(Arc::clone(&transport), Source::dead_letters("wide"))
+        .start(|_job: Job, _ctx: Context| async { Outcome::success() })
+        .await
+        .unwrap();
+    let quarantine = fx.transport.quarantine_queue_name("wide");
+    let started = Instant::now();
+    while depth(&quarantine).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not quarantined within 20 s: {:#?}",
+            logged("wide")
+                .iter()
+                .map(|l| &l[..l.len().min(300)])
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = worker.stats();
+    worker.shutdown().await;
+    dead_worker.shutdown().await;
+    assert_eq!(
+        calls.lock().unwrap().as_slice(),
+        [1],
+        "handled once, not looping"
+    );
+    assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    let mut raw = RawClient::connect().await;
+    let kept = raw.get(&quarantine).await.expect("the quarantined message");
+    raw.close().await;
+    assert_eq!(kept.body, br#"{"n":8}"#);
+    let header = String::from_utf8_lossy(&kept.header);
+    assert!(header.contains(&"p".repeat(pad)), "the headers kept whole");
+    assert!(
+        header.contains("wide-1") && header.contains("rejected"),
+        "{}",
+        &header[..200]
+    );
+    let warned = logged("wide-1");
+    assert!(
+        warned.iter().any(|l| l.contains("frame_max")),
+        "{warned:#?}"
+    );
+    let dead = fx.transport.dead_letter_queue_name("wide");
+    let unreadable: Vec<String> = logged("could not be read")
+        .into_iter()
+        .filter(|line| line.contains(&format!("queue={dead} ")))
+        .collect();
+    assert_eq!(unreadable.len(), 1, "{unreadable:#?}");
+}
