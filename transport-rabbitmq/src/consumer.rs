@@ -88,6 +88,9 @@ struct State {
     leaving_careful: bool,
     /// Whether an unreadable delivery was reported (once per stream, not at every return).
     poison_reported: bool,
+    /// The pause after the last unreadable delivery in a row, growing when the queue has no
+    /// delivery limit (the same message comes back for ever: no reconnection storm).
+    unreadable_pause: Option<Duration>,
 }
 
 /// Opens a consumer on `queue`; see [`RabbitMqTransport`]'s `consume`.
@@ -115,6 +118,7 @@ pub(crate) async fn consume(
         careful_until: None,
         leaving_careful: false,
         poison_reported: false,
+        unreadable_pause: None,
     };
     Ok(futures::stream::unfold(state, next).boxed())
 }
@@ -306,6 +310,7 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
         };
         match received {
             Some(Ok(delivery)) => {
+                state.unreadable_pause = None;
                 open.acks.delivered(delivery.delivery_tag);
                 let (message, problem) = convert::message(
                     &delivery.properties,
@@ -339,14 +344,24 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                 // An error (lost connection, closed channel, a delivery lapin cannot read) or a
                 // cancellation by the broker (the queue was deleted): open a new consumer, on a
                 // new connection if needed.
+                let mut pause = next_pause(state.pause, &shared.options);
                 match ended {
-                    Some(Err(e)) if errors::is_unreadable(&e) => state.unreadable(&e),
+                    Some(Err(e)) if errors::is_unreadable(&e) => {
+                        state.unreadable(&e);
+                        // With a delivery limit, every return brings the broker closer to
+                        // moving the message on: come back soon. Without one it returns for
+                        // ever, so back off up to the longest reconnect delay.
+                        if shared.options.delivery_limit().is_none() {
+                            pause = next_pause(state.unreadable_pause, &shared.options);
+                            state.unreadable_pause = Some(pause);
+                        }
+                    }
                     Some(Err(e)) => warn!(queue = %state.queue, error = %e, "the consumer failed"),
                     _ => warn!(queue = %state.queue, "the consumer was cancelled"),
                 }
                 state.leaving_careful = false;
                 state.current = None;
-                state.pause = Some(next_pause(state.pause, &shared.options));
+                state.pause = Some(pause);
             }
         }
     }

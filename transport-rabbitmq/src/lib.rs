@@ -128,9 +128,12 @@
 //! it are handled once the broker has moved it on, after at most 21 deliveries of it, about one
 //! per reconnect delay (1 s by default). lapin itself logs each failed read at error level.
 //!
-//! Classic queues have no delivery limit (a RabbitMQ restriction): there an unreadable message is
-//! delivered again for ever, once per reconnect delay, and must be removed by hand (the warning
-//! says so). Use quorum queues where foreign producers write. The count of RabbitMQ 4 may not
+//! Classic queues have no delivery limit (a RabbitMQ restriction), and neither has a quorum queue
+//! with [`without_delivery_limit`](RabbitMqOptions::without_delivery_limit): there an unreadable
+//! message is delivered again for ever and blocks its consumer; it must be removed by hand (the
+//! warning says so). Meanwhile the consumer backs off between reconnections like after any
+//! lost connection (the reconnect delay, doubling up to its maximum), so it does not reconnect in
+//! a storm. Use quorum queues where foreign producers write. The count of RabbitMQ 4 may not
 //! count returns after a lost connection the way 3.x does (measured on 3.10.8 here).
 //!
 

@@ -698,3 +698,60 @@ async fn a_retry_whose_headers_outgrow_the_frame_is_dead_lettered_not_looped() {
         .collect();
     assert_eq!(unreadable.len(), 1, "{unreadable:#?}");
 }
+
+/// On a classic queue (no delivery limit) an unreadable message comes back for ever: the
+/// consumer backs off between reconnections instead of reconnecting at once each time, and
+/// the warning says the message must be removed by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_delivery_limit_an_unreadable_delivery_backs_off() {
+    logs();
+    let Some(fx) =
+        Fixture::new(|o| o.with_queue_type(redeliver_rabbitmq::QueueType::Classic)).await
+    else {
+        return;
+    };
+    let transport = fx.transport();
+    fx.declare(&Topology::new().endpoint("stuck")).await;
+    let queue = fx.transport.queue_name("stuck");
+    let mut raw = RawClient::connect().await;
+    raw.publish_with_content_type(&queue, b"text/\xc3\x28", b"{}")
+        .await;
+    raw.close().await;
+    let worker = Worker::builder(Arc::clone(&transport), "stuck")
+        .start(|_job: Job, _ctx: Context| async { Outcome::success() })
+        .await
+        .unwrap();
+    let again = || {
+        logged("an unreadable delivery again")
+            .into_iter()
+            .filter(|line| line.contains(&format!("queue={queue} ")))
+            .collect::<Vec<_>>()
+    };
+    // Test options: reconnect delay 200 ms, doubling up to 1 s.
+    eventually(
+        Duration::from_secs(15),
+        "four returns of the message",
+        || again().len() >= 4,
+    )
+    .await;
+    worker.shutdown().await;
+    let at: Vec<chrono::DateTime<chrono::Utc>> = again()
+        .iter()
+        .map(|line| line.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    let gaps: Vec<i64> = at
+        .windows(2)
+        .map(|w| (w[1] - w[0]).num_milliseconds())
+        .collect();
+    // 400, 800, 1000 ms of pause plus the time to reconnect: never the 200 ms of a fixed delay.
+    assert!(
+        gaps[0] >= 390 && gaps[1] >= 790 && gaps[2] >= 990,
+        "{gaps:?}"
+    );
+    let warned: Vec<String> = logged("could not be read")
+        .into_iter()
+        .filter(|line| line.contains(&format!("queue={queue} ")))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(warned[0].contains("remove it by hand"), "{}", warned[0]);
+}
