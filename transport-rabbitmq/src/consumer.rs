@@ -22,10 +22,11 @@ use crate::connection::{Link, Shared, bounded, close_link};
 use crate::convert;
 use crate::errors;
 
-/// How long a consumer takes one delivery at a time after lapin could not read one, so that
-/// the messages behind an unreadable one are not handed out (and returned, counting towards
-/// their delivery limit) each time it closes the connection.
-const CAREFUL_PERIOD: Duration = Duration::from_secs(30);
+/// For how many reconnect delays a consumer takes one delivery at a time after lapin could not
+/// read one, so that the messages behind an unreadable one are not handed out (and returned,
+/// counting towards their delivery limit) each time it closes the connection. The unreadable
+/// message comes back about once per reconnect delay: quiet for this many, it is gone.
+const CAREFUL_DELAYS: u32 = 30;
 
 /// A consumer's own connection: a delivery lapin cannot read ends the connection it came on,
 /// and must not take the transport's publishing or other consumers down with it. Closed once
@@ -213,7 +214,8 @@ impl State {
     /// lapin could not read a delivery, which ended the connection: say so once, and take one
     /// delivery at a time for a while.
     fn unreadable(&mut self, error: &lapin::Error) {
-        self.careful_until = Some(Instant::now() + CAREFUL_PERIOD);
+        let period = self.transport.shared.options.reconnect_delay * CAREFUL_DELAYS;
+        self.careful_until = Some(Instant::now() + period);
         if self.poison_reported {
             debug!(queue = %self.queue, error = %error, "an unreadable delivery again");
             return;

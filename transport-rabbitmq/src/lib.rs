@@ -122,8 +122,8 @@
 //! consumer therefore has its **own connection** (named after the connection name with
 //! `(consumer of Q)`), so publishing, settling and other endpoints go on. The consumer logs a
 //! warning once (naming the queue, what lapin said and where the broker will move the message),
-//! later returns at debug level, reconnects after the reconnect delay, and for 30 s takes one
-//! delivery at a time, so that the messages behind the unreadable one are not handed out and
+//! later returns at debug level, reconnects after the reconnect delay, and for 30 reconnect delays (30 s by default) after the
+//! last unreadable delivery takes one delivery at a time, so that the messages behind the unreadable one are not handed out and
 //! returned with it each time (which would count towards their own limit). The messages behind
 //! it are handled once the broker has moved it on, after at most 21 deliveries of it, about one
 //! per reconnect delay (1 s by default). lapin itself logs each failed read at error level.

@@ -62,16 +62,35 @@ fn logged(needle: &str) -> Vec<String> {
 
 /// The number of messages in `queue`, by a passive declaration.
 async fn depth(queue: &str) -> u32 {
-    let channel = raw_connection().await.create_channel().await.unwrap();
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.unwrap();
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    channel
+    let count = channel
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await
         .unwrap_or_else(|e| panic!("queue `{queue}`: {e}"))
-        .message_count()
+        .message_count();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        connection.close(200, "counted".into()),
+    )
+    .await;
+    count
+}
+
+/// Waits until `queue` holds a message, failing the test after `within`.
+async fn until_not_empty(queue: &str, within: Duration) {
+    let started = Instant::now();
+    while depth(queue).await == 0 {
+        assert!(
+            started.elapsed() < within,
+            "nothing reached `{queue}` within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A foreign producer stores a message whose content type is not UTF-8, which lapin cannot
@@ -156,16 +175,7 @@ async fn an_unreadable_delivery_is_quarantined_and_the_endpoints_go_on() {
         || !dead_handled.lock().unwrap().is_empty(),
     )
     .await;
-    let started = Instant::now();
-    while depth(&quarantine).await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the unreadable message never reached the quarantine"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    worker.shutdown().await;
-    dead_worker.shutdown().await;
+    until_not_empty(&quarantine, Duration::from_secs(30)).await;
     assert_eq!(
         dead_handled.lock().unwrap().as_slice(),
         [(2, "rejected by the test".to_owned())]
@@ -186,6 +196,27 @@ async fn an_unreadable_delivery_is_quarantined_and_the_endpoints_go_on() {
     assert!(header.contains("x-death"), "{header}");
     assert!(header.contains("delivery_limit"), "{header}");
     assert!(header.contains(&queue), "{header}");
+
+    // 30 reconnect delays (6 s with the test options) after the last unreadable delivery, the
+    // endpoint takes its full prefetch again, and goes on.
+    let resumed = || {
+        logged("taking the full prefetch again")
+            .into_iter()
+            .any(|line| line.contains(&format!("queue={queue} ")))
+    };
+    eventually(Duration::from_secs(15), "the full prefetch again", resumed).await;
+    transport
+        .send("unreadable", Message::json(&Job { n: 3 }).unwrap())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a message after the careful period",
+        || handled.lock().unwrap().contains(&3),
+    )
+    .await;
+    worker.shutdown().await;
+    dead_worker.shutdown().await;
 
     // Said once per queue, naming the queue, what lapin said and where it goes.
     for (read, goes_to) in [
@@ -654,18 +685,7 @@ async fn a_retry_whose_headers_outgrow_the_frame_is_dead_lettered_not_looped() {
         .await
         .unwrap();
     let quarantine = fx.transport.quarantine_queue_name("wide");
-    let started = Instant::now();
-    while depth(&quarantine).await == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "not quarantined within 20 s: {:#?}",
-            logged("wide")
-                .iter()
-                .map(|l| &l[..l.len().min(300)])
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_not_empty(&quarantine, Duration::from_secs(20)).await;
     let stats = worker.stats();
     worker.shutdown().await;
     dead_worker.shutdown().await;
