@@ -32,6 +32,20 @@ fn refusal(error: &lapin::Error) -> Option<&str> {
     }
 }
 
+/// Whether the broker refused a published message for its size (`PRECONDITION_FAILED -
+/// message size N is larger than max size M`).
+fn is_too_large(error: &lapin::Error) -> bool {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => {
+            matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) && amqp.get_message().as_str().contains("larger than max size")
+        }
+        _ => false,
+    }
+}
+
 /// Whether lapin could not read what the broker sent, which ends the whole connection: a
 /// delivery whose properties it cannot parse (a content type that is not UTF-8), or a frame
 /// larger than the negotiated `frame_max` (the broker does not split a content header, so a
@@ -56,6 +70,17 @@ pub(crate) fn map(error: lapin::Error, doing: impl Into<String>) -> Error {
         );
         return Error::access_denied(message, error);
     }
+    if is_too_large(&error) {
+        // The broker's max_message_size is below the configured one: the same message is
+        // refused the same way every time.
+        return Error::InvalidMessage {
+            message: format!(
+                "{doing}: the broker refused the message as too large; its max_message_size is \
+                 smaller than RabbitMqOptions::with_max_message_size"
+            ),
+            source: Some(Box::new(error)),
+        };
+    }
     match soft_error(&error) {
         Some(AMQPSoftError::PRECONDITIONFAILED) => Error::Config {
             field: "topology".to_owned(),
@@ -72,5 +97,60 @@ pub(crate) fn map(error: lapin::Error, doing: impl Into<String>) -> Error {
             message: format!("{doing}: {error}"),
             source: Some(Box::new(error)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::AMQPError;
+
+    use super::*;
+
+    fn protocol(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        ErrorKind::ProtocolError(AMQPError::new(kind, text.into())).into()
+    }
+
+    #[test]
+    fn refusals_are_classified_by_what_the_broker_said() {
+        let e = map(
+            protocol(
+                AMQPSoftError::ACCESSREFUSED.into(),
+                "ACCESS_REFUSED - Login was refused",
+            ),
+            "connecting",
+        );
+        assert!(matches!(e, Error::AccessDenied { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("ACCESS_REFUSED - Login was refused"),
+            "{e}"
+        );
+        let e = map(
+            protocol(
+                AMQPHardError::NOTALLOWED.into(),
+                "NOT_ALLOWED - vhost x not found",
+            ),
+            "connecting",
+        );
+        assert!(matches!(e, Error::AccessDenied { .. }), "{e:?}");
+        let e = map(
+            protocol(
+                AMQPSoftError::PRECONDITIONFAILED.into(),
+                "PRECONDITION_FAILED - message size 20 is larger than max size 10",
+            ),
+            "publishing",
+        );
+        assert!(e.is_message_refused(), "{e:?}");
+        let e = map(
+            protocol(
+                AMQPSoftError::PRECONDITIONFAILED.into(),
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'",
+            ),
+            "declaring",
+        );
+        assert!(matches!(e, Error::Config { .. }), "{e:?}");
+        assert!(is_unreadable(&protocol(
+            AMQPHardError::FRAMEERROR.into(),
+            "frame too large"
+        )));
     }
 }
