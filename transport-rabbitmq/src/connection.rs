@@ -302,7 +302,7 @@ impl Shared {
                 }
                 Ok(Err(e)) => return Err(errors::map(e, format!("opening a channel for {doing}"))),
             };
-            crate::convert::check_fits(
+            crate::limits::check_fits(
                 properties,
                 body.len(),
                 link.connection.configuration().frame_max(),

@@ -221,6 +221,7 @@ mod connection;
 mod consumer;
 mod convert;
 mod errors;
+mod limits;
 mod naming;
 mod options;
 mod topology;
