@@ -775,3 +775,88 @@ async fn without_a_delivery_limit_an_unreadable_delivery_backs_off() {
     assert_eq!(warned.len(), 1, "{warned:#?}");
     assert!(warned[0].contains("remove it by hand"), "{}", warned[0]);
 }
+
+/// A retry copy that can be routed nowhere (here: the fixed-TTL retry queue was deleted) is
+/// refused the same way every time: the message is dead-lettered with reason `copy refused`
+/// and a description that says why, after one handler call, instead of coming back for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_retry_copy_dead_letters_the_message_with_the_reason() {
+    logs();
+    let Some(fx) =
+        Fixture::new(|o| o.with_fixed_ttl_retry_queue("-retry", Duration::from_secs(1))).await
+    else {
+        return;
+    };
+    fx.declare(&Topology::new().endpoint("routeless")).await;
+    let transport = fx.transport();
+    let retry_queue = format!("{}-retry", fx.transport.queue_name("routeless"));
+    let connection = raw_connection().await;
+    connection
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_delete(
+            retry_queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        connection.close(200, "deleted".into()),
+    )
+    .await;
+    let calls: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let worker = Worker::builder(Arc::clone(&transport), "routeless")
+        .retry_policy(policy(5))
+        .start({
+            let calls = Arc::clone(&calls);
+            move |_job: Job, ctx: Context| {
+                let calls = Arc::clone(&calls);
+                async move {
+                    calls.lock().unwrap().push(ctx.attempt());
+                    Outcome::retry("HTTP 503 from the backend")
+                }
+            }
+        })
+        .await
+        .unwrap();
+    transport
+        .send("routeless", Message::json(&Job { n: 4 }).unwrap())
+        .await
+        .unwrap();
+    let mut dead = transport
+        .consume(
+            &Source::dead_letters("routeless"),
+            redeliver_core::ConsumeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut dead))
+            .await
+            .expect("dead-lettered within 10 s")
+            .unwrap()
+            .unwrap();
+    let message = delivery.message().clone();
+    delivery.complete().await.unwrap();
+    let stats = worker.stats();
+    worker.shutdown().await;
+    assert_eq!(
+        calls.lock().unwrap().as_slice(),
+        [1],
+        "handled once, not looping"
+    );
+    assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    let info = message.dead_letter().expect("a reason");
+    assert_eq!(info.reason, redeliver_core::reasons::COPY_REFUSED);
+    let description = info.description.as_deref().unwrap();
+    assert!(description.contains("could not be routed"), "{description}");
+    assert!(description.contains(&retry_queue), "{description}");
+    assert_eq!(message.attempt(), 1, "the attempt that failed");
+    assert_eq!(message.last_failure(), Some("HTTP 503 from the backend"));
+    assert!(
+        message.not_before().is_none(),
+        "no retry time on the dead letter"
+    );
+}
