@@ -233,6 +233,7 @@ impl Bench {
         for (transport, endpoint) in &endpoints {
             queues.push(transport.queue_name(endpoint));
             queues.push(transport.dead_letter_queue_name(endpoint));
+            queues.push(transport.quarantine_queue_name(endpoint));
         }
         let (infrastructure, exchanges) = self.quorum.infrastructure_names();
         queues.extend(infrastructure);

@@ -44,6 +44,8 @@ enum Request {
         tag: u64,
         acker: Acker,
         reply: Option<Reply>,
+        /// `false`: rejected, for the broker to dead-letter it.
+        requeue: bool,
     },
 }
 
@@ -62,10 +64,14 @@ pub(crate) struct Acks {
 }
 
 impl Acks {
-    /// Starts the task on the current tokio runtime.
-    pub(crate) fn start(channel: Channel) -> Self {
+    /// Starts the task on the current tokio runtime. It holds `keep_alive` (the consumer's
+    /// connection) until it ends.
+    pub(crate) fn start(channel: Channel, keep_alive: impl Send + 'static) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, channel));
+        tokio::spawn(async move {
+            run(rx, channel).await;
+            drop(keep_alive);
+        });
         Acks { tx }
     }
 
@@ -90,6 +96,23 @@ impl Acks {
             tag,
             acker,
             reply: Some(reply),
+            requeue: true,
+        };
+        if self.tx.send(request).is_err() {
+            return Ok(false);
+        }
+        answer.await.unwrap_or(Ok(false))
+    }
+
+    /// Rejects delivery `tag` (`basic.nack` without requeue): the broker dead-letters it into
+    /// the queue's dead-letter target.
+    pub(crate) async fn reject(&self, tag: u64, acker: Acker) -> Result<bool, lapin::Error> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Requeue {
+            tag,
+            acker,
+            reply: Some(reply),
+            requeue: false,
         };
         if self.tx.send(request).is_err() {
             return Ok(false);
@@ -103,6 +126,7 @@ impl Acks {
             tag,
             acker,
             reply: None,
+            requeue: true,
         });
     }
 }
@@ -169,7 +193,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Request>, channel: Channel) {
 /// A request sent on its own.
 enum Alone {
     Ack(Acker, Reply),
-    Requeue(Acker, Option<Reply>),
+    Requeue(Acker, Option<Reply>, bool),
 }
 
 fn take(outstanding: &mut Outstanding, first_out: &mut Vec<Alone>, request: Request) {
@@ -189,7 +213,12 @@ fn take(outstanding: &mut Outstanding, first_out: &mut Vec<Alone>, request: Requ
             // refuses a second use of an acker).
             _ => first_out.push(Alone::Ack(acker, reply)),
         },
-        Request::Requeue { tag, acker, reply } => {
+        Request::Requeue {
+            tag,
+            acker,
+            reply,
+            requeue,
+        } => {
             if let Some(Some(waiting)) = outstanding.remove(&tag) {
                 // Settled twice (the settler prevents it): the earlier ack stands.
                 outstanding.insert(tag, Some(waiting));
@@ -198,7 +227,7 @@ fn take(outstanding: &mut Outstanding, first_out: &mut Vec<Alone>, request: Requ
                 }
                 return;
             }
-            first_out.push(Alone::Requeue(acker, reply));
+            first_out.push(Alone::Requeue(acker, reply, requeue));
         }
     }
 }
@@ -208,10 +237,10 @@ async fn send_alone(request: Alone) {
         Alone::Ack(acker, reply) => {
             let _ = reply.send(acker.ack(BasicAckOptions::default()).await);
         }
-        Alone::Requeue(acker, reply) => {
+        Alone::Requeue(acker, reply, requeue) => {
             let options = BasicNackOptions {
                 multiple: false,
-                requeue: true,
+                requeue,
             };
             let result = acker.nack(options).await;
             if let Some(reply) = reply {

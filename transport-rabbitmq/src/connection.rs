@@ -25,8 +25,6 @@ use crate::naming::Names;
 use crate::options::{RabbitMqOptions, TopologyMode};
 use crate::topology;
 
-/// How long one attempt to open a connection may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the supervisor looks at the connection's state besides listening to its events.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -101,28 +99,53 @@ impl Shared {
             declared: Mutex::new(Vec::new()),
         });
         let attempts = shared.options.connect_attempts;
+        let bound = shared.options.connect_timeout;
+        let deadline = Instant::now() + bound;
+        let url = shared.options.redacted_url();
         let mut attempt = 1;
         let link = loop {
-            match shared.open().await {
+            let result = match tokio::time::timeout_at(deadline, shared.open(None)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    operation: format!(
+                        "connecting to {url} (RabbitMqOptions::with_connect_timeout, attempt \
+                         {attempt} of {attempts})"
+                    ),
+                    after: bound,
+                }),
+            };
+            match result {
                 Ok(link) => break link,
-                Err(e) if attempt >= attempts => {
+                // The same credentials are refused the same way: no point in trying again.
+                Err(e @ Error::AccessDenied { .. }) => {
+                    error!(url = %url, error = %e, "the broker refused access; giving up");
+                    return Err(e);
+                }
+                Err(e @ Error::Timeout { .. }) => {
+                    error!(url = %url, error = %e, "could not connect to the broker in time; giving up");
+                    return Err(e);
+                }
+                Err(e)
+                    if attempt >= attempts
+                        || Instant::now() + shared.options.connect_retry_delay >= deadline =>
+                {
                     error!(
-                        url = %shared.options.redacted_url(),
-                        attempts,
+                        url = %url,
+                        attempts = attempt,
                         error = %e,
                         "could not connect to the broker; giving up"
                     );
                     return Err(Error::Connection {
                         message: format!(
-                            "could not connect to {} after {attempts} attempt(s); giving up",
-                            shared.options.redacted_url()
+                            "could not connect to {url} after {attempt} attempt(s) within \
+                             {bound:?} ({e}); giving up"
                         ),
                         source: Some(Box::new(e)),
                     });
                 }
                 Err(e) => {
                     warn!(
-                        url = %shared.options.redacted_url(),
+                        url = %url,
                         attempt,
                         attempts,
                         error = %e,
@@ -138,13 +161,18 @@ impl Shared {
         Ok(shared)
     }
 
-    async fn open(&self) -> Result<Arc<Link>, Error> {
+    /// Opens a connection, within the connect timeout; `purpose` is added to its name (the
+    /// shared connection has none).
+    pub(crate) async fn open(&self, purpose: Option<&str>) -> Result<Arc<Link>, Error> {
         let uri = self.options.parsed_url()?;
-        let name = self
+        let mut name = self
             .options
             .connection_name
             .clone()
             .unwrap_or_else(|| "redeliver".to_owned());
+        if let Some(purpose) = purpose {
+            name = format!("{name} ({purpose})");
+        }
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let url = self.options.redacted_url();
         let tls = OwnedTLSConfig {
@@ -153,12 +181,13 @@ impl Shared {
         };
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
+        let bound = self.options.connect_timeout;
         let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let connection = tokio::time::timeout(bound, connect)
             .await
             .map_err(|_| Error::Timeout {
-                operation: format!("connecting to {url}"),
-                after: CONNECT_TIMEOUT,
+                operation: format!("connecting to {url} (RabbitMqOptions::with_connect_timeout)"),
+                after: bound,
             })?
             .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -168,6 +197,11 @@ impl Shared {
             publisher: tokio::sync::Mutex::new(None),
             infrastructure_ready: AtomicBool::new(false),
         }))
+    }
+
+    /// The token cancelled when the transport is closed.
+    pub(crate) fn closed_token(&self) -> &CancellationToken {
+        &self.closed
     }
 
     /// Closes the connection; everything waiting for it fails with [`Error::Closed`].
@@ -276,6 +310,19 @@ impl Shared {
                 }
                 Ok(Err(e)) => return Err(errors::map(e, format!("opening a channel for {doing}"))),
             };
+            crate::limits::check_fits(
+                properties,
+                body.len(),
+                link.connection.configuration().frame_max(),
+                self.options.max_message_size,
+            )
+            .map_err(|e| match e {
+                Error::InvalidMessage { message, source } => Error::InvalidMessage {
+                    message: format!("{doing}: {message}"),
+                    source,
+                },
+                other => other,
+            })?;
             let options = BasicPublishOptions {
                 mandatory: target.mandatory,
                 ..BasicPublishOptions::default()
@@ -471,7 +518,7 @@ async fn supervise(shared: Arc<Shared>) {
         let mut delay = shared.options.reconnect_delay;
         let mut attempt = 1u32;
         loop {
-            let result = match shared.open().await {
+            let result = match shared.open(None).await {
                 Ok(link) => shared.redeclare(&link).await.map(|()| link),
                 Err(e) => Err(e),
             };
@@ -513,7 +560,7 @@ async fn supervise(shared: Arc<Shared>) {
 /// (or network) that has gone silent without closing the socket, or a request lapin never sends,
 /// leaves it pending forever, and with it whoever closes the transport (a worker's owner, a
 /// test's clean-up). After the timeout the connection is given up on and dropped.
-async fn close_link(link: &Link, timeout: Duration) {
+pub(crate) async fn close_link(link: &Link, timeout: Duration) {
     if !link.is_up() {
         return;
     }

@@ -5,21 +5,67 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Acker, Consumer};
-use redeliver_core::{Delivery, DeliveryStream, Error, Settle, Settlement, Source};
+use lapin::{Acker, Channel, Consumer};
+use redeliver_core::{
+    DeadLetterInfo, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source, reasons,
+    wire,
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::RabbitMqTransport;
 use crate::acks::Acks;
-use crate::connection::{Link, bounded};
+use crate::connection::{Link, Shared, bounded, close_link};
 use crate::convert;
 use crate::errors;
 
-/// A consumer on one connection.
-struct Open {
+/// For how many reconnect delays a consumer takes one delivery at a time after lapin could not
+/// read one, so that the messages behind an unreadable one are not handed out (and returned,
+/// counting towards their delivery limit) each time it closes the connection. The unreadable
+/// message comes back about once per reconnect delay: quiet for this many, it is gone.
+const CAREFUL_DELAYS: u32 = 30;
+
+/// A consumer's own connection: a delivery lapin cannot read ends the connection it came on,
+/// and must not take the transport's publishing or other consumers down with it. Closed once
+/// the consumer and every channel on it are done, or when the transport is closed.
+struct Own {
     link: Arc<Link>,
+    done: CancellationToken,
+}
+
+impl Own {
+    fn start(shared: &Shared, link: Arc<Link>) -> Arc<Own> {
+        let done = CancellationToken::new();
+        let closed = shared.closed_token().clone();
+        let timeout = shared.options.publish_timeout;
+        tokio::spawn({
+            let link = Arc::clone(&link);
+            let done = done.clone();
+            async move {
+                tokio::select! {
+                    _ = closed.cancelled() => {}
+                    _ = done.cancelled() => {}
+                }
+                close_link(&link, timeout).await;
+            }
+        });
+        Arc::new(Own { link, done })
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        self.done.cancel();
+    }
+}
+
+/// A consumer on one channel of the consumer's connection.
+struct Open {
+    own: Arc<Own>,
+    channel: Channel,
     consumer: Consumer,
     /// Sends the acks and nacks of the channel, which it keeps open until all are settled.
     acks: Acks,
@@ -32,10 +78,20 @@ struct State {
     queue: Arc<str>,
     prefetch: u16,
     current: Option<Open>,
-    /// A connection known to be lost, not to be used again.
-    stale: Option<u64>,
+    /// The consumer's connection, reused for a new channel while it is up.
+    connection: Option<Arc<Own>>,
     /// Back-off before opening a consumer again after it ended or failed.
     pause: Option<Duration>,
+    /// Taking one delivery at a time until then, after lapin could not read one.
+    careful_until: Option<Instant>,
+    /// The careful period is over: the consumer was cancelled, to be opened again with the
+    /// full prefetch.
+    leaving_careful: bool,
+    /// Whether an unreadable delivery was reported (once per stream, not at every return).
+    poison_reported: bool,
+    /// The pause after the last unreadable delivery in a row, growing when the queue has no
+    /// delivery limit (the same message comes back for ever: no reconnection storm).
+    unreadable_pause: Option<Duration>,
 }
 
 /// Opens a consumer on `queue`; see [`RabbitMqTransport`]'s `consume`.
@@ -46,42 +102,56 @@ pub(crate) async fn consume(
 ) -> Result<DeliveryStream, Error> {
     let shared = Arc::clone(&transport.shared);
     let queue = shared.names.source_queue(&source);
-    let deadline = tokio::time::Instant::now() + shared.options.publish_timeout;
-    let link = shared
+    let deadline = Instant::now() + shared.options.publish_timeout;
+    // Once the transport's connection is up, the topology is declared.
+    shared
         .link(deadline, None, &format!("consuming queue `{queue}`"))
         .await?;
-    let first = open(link, &queue, prefetch, &shared.options).await?;
+    let first = open(&shared, None, &queue, prefetch).await?;
     let state = State {
         transport,
         source: Arc::new(source),
         queue: queue.into(),
         prefetch,
+        connection: Some(Arc::clone(&first.own)),
         current: Some(first),
-        stale: None,
         pause: None,
+        careful_until: None,
+        leaving_careful: false,
+        poison_reported: false,
+        unreadable_pause: None,
     };
     Ok(futures::stream::unfold(state, next).boxed())
 }
 
+/// Opens a consumer, on `connection` if it is still up, else on a new connection.
 async fn open(
-    link: Arc<Link>,
+    shared: &Shared,
+    connection: Option<Arc<Own>>,
     queue: &str,
     prefetch: u16,
-    options: &crate::RabbitMqOptions,
 ) -> Result<Open, Error> {
-    let after = options.publish_timeout;
-    let deadline = tokio::time::Instant::now() + after;
+    let after = shared.options.publish_timeout;
+    let deadline = Instant::now() + after;
+    let own = match connection.filter(|own| own.link.is_up()) {
+        Some(own) => own,
+        None => {
+            let link = shared.open(Some(&format!("consumer of {queue}"))).await?;
+            Own::start(shared, link)
+        }
+    };
     bounded(
         deadline,
         after,
         || format!("opening a consumer on `{queue}`"),
-        open_unbounded(link, queue, prefetch),
+        open_unbounded(own, queue, prefetch),
     )
     .await
 }
 
-async fn open_unbounded(link: Arc<Link>, queue: &str, prefetch: u16) -> Result<Open, Error> {
-    let channel = link
+async fn open_unbounded(own: Arc<Own>, queue: &str, prefetch: u16) -> Result<Open, Error> {
+    let channel = own
+        .link
         .connection
         .create_channel()
         .await
@@ -111,10 +181,66 @@ async fn open_unbounded(link: Arc<Link>, queue: &str, prefetch: u16) -> Result<O
             }
         })?;
     Ok(Open {
-        link,
+        acks: Acks::start(channel.clone(), Arc::clone(&own)),
+        own,
+        channel,
         consumer,
-        acks: Acks::start(channel),
     })
+}
+
+impl State {
+    fn careful(&self) -> bool {
+        self.careful_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Where the broker moves a message of this queue that reaches the delivery limit.
+    fn limit_destination(&self) -> String {
+        let names = &self.transport.shared.names;
+        let endpoint = self.source.endpoint_name();
+        if self.source.is_dead_letters() {
+            format!(
+                "the quarantine queue `{}`",
+                names.quarantine_queue(endpoint)
+            )
+        } else {
+            format!(
+                "the dead-letter queue `{}`",
+                names.dead_letter_queue(endpoint)
+            )
+        }
+    }
+
+    /// lapin could not read a delivery, which ended the connection: say so once, and take one
+    /// delivery at a time for a while.
+    fn unreadable(&mut self, error: &lapin::Error) {
+        let period = self.transport.shared.options.reconnect_delay * CAREFUL_DELAYS;
+        self.careful_until = Some(Instant::now() + period);
+        if self.poison_reported {
+            debug!(queue = %self.queue, error = %error, "an unreadable delivery again");
+            return;
+        }
+        self.poison_reported = true;
+        let options = &self.transport.shared.options;
+        let fate = match options.delivery_limit() {
+            Some(limit) => format!(
+                "the broker delivers it again and, once it has come back {limit} times, \
+                 dead-letters it into {} (reason `delivery_limit` in its `x-death` header)",
+                self.limit_destination()
+            ),
+            None => "the queue has no delivery limit, so the broker delivers it again for \
+                     ever: remove it by hand (or set a delivery limit)"
+                .to_owned(),
+        };
+        warn!(
+            queue = %self.queue,
+            error = %error,
+            "a delivery could not be read (properties that are not valid AMQP, such as a \
+             content type that is not UTF-8, or headers too large for a frame), which closed \
+             the consumer's connection; {fate}. Meanwhile this consumer takes one delivery at a time. \
+             Further returns of it are logged at debug level."
+        );
+    }
 }
 
 async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
@@ -129,26 +255,25 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
             {
                 return None;
             }
-            let link = shared.link_eventually(state.stale).await.ok()?;
-            let generation = link.generation;
-            match open(
-                Arc::clone(&link),
-                &state.queue,
-                state.prefetch,
-                &shared.options,
-            )
-            .await
-            {
+            // Wait for the transport's connection, which is up only once the topology is
+            // declared again after a reconnection.
+            shared.link_eventually(None).await.ok()?;
+            let prefetch = if state.careful() { 1 } else { state.prefetch };
+            match open(&shared, state.connection.take(), &state.queue, prefetch).await {
                 Ok(open) => {
-                    info!(queue = %state.queue, "consuming again");
+                    if state.poison_reported && state.careful() {
+                        debug!(queue = %state.queue, "consuming again, one delivery at a time");
+                    } else {
+                        info!(queue = %state.queue, prefetch, "consuming again");
+                    }
+                    state.connection = Some(Arc::clone(&open.own));
                     state.current = Some(open);
                     state.pause = None;
                 }
                 Err(e) => {
                     state.pause = Some(next_pause(state.pause, &shared.options));
-                    if !link.is_up() {
-                        shared.report_broken();
-                        state.stale = Some(generation);
+                    if matches!(e, Error::Connection { .. } | Error::Timeout { .. }) {
+                        debug!(queue = %state.queue, error = %e, "could not open a consumer yet");
                         continue;
                     }
                     // For example the queue was deleted: tell the consumer, keep trying.
@@ -156,10 +281,45 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                 }
             }
         }
+        let careful_until = state.careful_until.filter(|_| !state.leaving_careful);
         let open = state.current.as_mut().expect("opened above");
-        match open.consumer.next().await {
+        let received = match careful_until {
+            Some(until) => {
+                tokio::select! {
+                    received = open.consumer.next() => Some(received),
+                    _ = tokio::time::sleep_until(until) => None,
+                }
+            }
+            None => Some(open.consumer.next().await),
+        };
+        let Some(received) = received else {
+            // The careful period is over: cancel this consumer (what it already received is
+            // still handed out) and open one with the full prefetch.
+            state.careful_until = None;
+            state.leaving_careful = true;
+            let tag = open.consumer.tag();
+            let cancel = open
+                .channel
+                .basic_cancel(tag, BasicCancelOptions::default());
+            if tokio::time::timeout(shared.options.publish_timeout, cancel)
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                state.current = None;
+                state.leaving_careful = false;
+            }
+            continue;
+        };
+        match received {
             Some(Ok(delivery)) => {
+                state.unreadable_pause = None;
                 open.acks.delivered(delivery.delivery_tag);
+                let (message, problem) = convert::incoming(
+                    &state.transport.shared.options.prefix,
+                    &delivery.properties,
+                    delivery.data,
+                    state.source.is_dead_letters(),
+                );
                 let settler = RabbitSettler {
                     transport: state.transport.clone(),
                     acks: open.acks.clone(),
@@ -167,31 +327,44 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                     acker: delivery.acker.clone(),
                     source: Arc::clone(&state.source),
                     queue: Arc::clone(&state.queue),
+                    original: message.clone(),
                     settled: false,
                 };
-                let (message, problem) = convert::incoming(
-                    &state.transport.shared.options.prefix,
-                    &delivery.properties,
-                    delivery.data,
-                    state.source.is_dead_letters(),
-                );
                 let delivery = Delivery::new(message, Arc::clone(&state.source), settler)
                     .with_problem(problem);
                 return Some((Ok(delivery), state));
             }
+            None if state.leaving_careful => {
+                state.leaving_careful = false;
+                state.current = None;
+                info!(
+                    queue = %state.queue,
+                    prefetch = state.prefetch,
+                    "no unreadable delivery for a while; taking the full prefetch again"
+                );
+            }
             ended => {
-                // An error (lost connection, closed channel) or a cancellation by the broker
-                // (the queue was deleted): open a new consumer, on a new connection if needed.
+                // An error (lost connection, closed channel, a delivery lapin cannot read) or a
+                // cancellation by the broker (the queue was deleted): open a new consumer, on a
+                // new connection if needed.
+                let mut pause = next_pause(state.pause, &shared.options);
                 match ended {
+                    Some(Err(e)) if errors::is_unreadable(&e) => {
+                        state.unreadable(&e);
+                        // With a delivery limit, every return brings the broker closer to
+                        // moving the message on: come back soon. Without one it returns for
+                        // ever, so back off up to the longest reconnect delay.
+                        if shared.options.delivery_limit().is_none() {
+                            pause = next_pause(state.unreadable_pause, &shared.options);
+                            state.unreadable_pause = Some(pause);
+                        }
+                    }
                     Some(Err(e)) => warn!(queue = %state.queue, error = %e, "the consumer failed"),
                     _ => warn!(queue = %state.queue, "the consumer was cancelled"),
                 }
-                if !open.link.is_up() {
-                    shared.report_broken();
-                    state.stale = Some(open.link.generation);
-                }
+                state.leaving_careful = false;
                 state.current = None;
-                state.pause = Some(next_pause(state.pause, &shared.options));
+                state.pause = Some(pause);
             }
         }
     }
@@ -212,10 +385,93 @@ struct RabbitSettler {
     acker: Acker,
     source: Arc<Source>,
     queue: Arc<str>,
+    /// The message as delivered, for a dead-letter copy when its retry copy is refused.
+    original: Message,
     settled: bool,
 }
 
 impl RabbitSettler {
+    /// The retry (or park) copy `next` was refused for what it is (too large, unroutable):
+    /// trying again would fail the same way and deliver the original again at the same attempt
+    /// for ever, so the message is dead-lettered with [`reasons::COPY_REFUSED`] instead.
+    async fn copy_refused(&self, next: &Message, error: Error) -> Result<(), Error> {
+        let description = wire::truncate(
+            format!(
+                "the broker would not take the copy for the next attempt ({error}); \
+                 dead-lettered instead of being delivered again at the same attempt"
+            ),
+            wire::MAX_DESCRIPTION_BYTES,
+        );
+        warn!(
+            queue = %self.queue,
+            message_id = %self.original.id(),
+            error = %error,
+            "the copy for the next attempt was refused; dead-lettering the message with reason \
+             `copy refused`"
+        );
+        let dead = self
+            .original
+            .clone()
+            .with_last_failure(next.last_failure().map(str::to_owned), next.last_delay())
+            .with_dead_letter(Some(DeadLetterInfo {
+                reason: reasons::COPY_REFUSED.to_owned(),
+                description: Some(description),
+            }));
+        self.dead_letter(&dead).await
+    }
+
+    /// Stores the dead-letter copy `dead`, or, if even that is refused for its size, lets the
+    /// broker dead-letter the original.
+    async fn dead_letter(&self, dead: &Message) -> Result<(), Error> {
+        let names = &self.transport.shared.names;
+        let queue = names.dead_letter_queue(self.source.endpoint_name());
+        match self.transport.send_now(&queue, dead).await {
+            Ok(()) => self.ack().await,
+            Err(e @ Error::InvalidMessage { .. }) => self.reject(e).await,
+            Err(e) => {
+                let _ = self.requeue().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Rejects the delivery without requeue: its queue dead-letters it (broker side) into the
+    /// dead-letter queue, or from the dead-letter queue into the quarantine, keeping it whole.
+    async fn reject(&self, error: Error) -> Result<(), Error> {
+        let names = &self.transport.shared.names;
+        let endpoint = self.source.endpoint_name();
+        let target = if self.source.is_dead_letters() {
+            names.quarantine_queue(endpoint)
+        } else {
+            names.dead_letter_queue(endpoint)
+        };
+        warn!(
+            queue = %self.queue,
+            message_id = %self.original.id(),
+            error = %error,
+            "the dead-letter copy was refused too; rejecting the delivery so that the broker \
+             moves the original into `{target}`"
+        );
+        let after = self.transport.shared.options.publish_timeout;
+        let rejected = tokio::time::timeout(after, self.acks.reject(self.tag, self.acker.clone()))
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("rejecting a delivery from `{}`", self.queue),
+                after,
+            })?;
+        match rejected {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(lost_channel(&self.queue)),
+            Err(e) => Err(errors::map(
+                e,
+                format!(
+                    "rejecting a delivery from `{}`; the broker will deliver it again",
+                    self.queue
+                ),
+            )),
+        }
+    }
+
     async fn ack(&self) -> Result<(), Error> {
         let after = self.transport.shared.options.publish_timeout;
         let acked = tokio::time::timeout(after, self.acks.ack(self.tag, self.acker.clone()))
@@ -291,26 +547,14 @@ impl Settle for RabbitSettler {
                 // between duplicates the message, never loses it.
                 match self.transport.schedule(&self.queue, &message, true).await {
                     Ok(()) => self.ack().await,
+                    Err(e) if e.is_message_refused() => self.copy_refused(&message, e).await,
                     Err(e) => {
                         let _ = self.requeue().await;
                         Err(e)
                     }
                 }
             }
-            Settlement::DeadLetter(message) => {
-                let dead = self
-                    .transport
-                    .shared
-                    .names
-                    .dead_letter_queue(self.source.endpoint_name());
-                match self.transport.send_now(&dead, &message).await {
-                    Ok(()) => self.ack().await,
-                    Err(e) => {
-                        let _ = self.requeue().await;
-                        Err(e)
-                    }
-                }
-            }
+            Settlement::DeadLetter(message) => self.dead_letter(&message).await,
             other => {
                 let _ = self.requeue().await;
                 Err(Error::Other {

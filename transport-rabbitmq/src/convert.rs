@@ -137,6 +137,7 @@ pub(crate) fn message(
 ) -> (Message, Option<String>) {
     let mut headers = Headers::new();
     let mut broker_reason = None;
+    let mut mistyped = Vec::new();
     if let Some(table) = properties.headers() {
         for (key, value) in table {
             let key = key.as_str();
@@ -146,8 +147,16 @@ pub(crate) fn message(
             if is_broker_history(key) {
                 continue;
             }
-            if let Some(value) = text(value) {
-                headers.insert(key, value);
+            match text(value) {
+                Some(value) => {
+                    headers.insert(key, value);
+                }
+                // The framework writes its headers as text: any other type is as unreadable
+                // as a malformed text, and ignoring it would run the handler at attempt 1.
+                None if key.starts_with(wire::PREFIX) => {
+                    mistyped.push(wire::mistyped(key, type_name(value)));
+                }
+                None => {}
             }
         }
     }
@@ -170,18 +179,25 @@ pub(crate) fn message(
     if let Some(subject) = properties.kind() {
         message = message.with_subject(subject.as_str());
     }
-    let decoded = wire::decode_headers(message);
+    let mut decoded = wire::decode_headers(message);
+    for problem in mistyped {
+        decoded.add_problem(problem);
+    }
     let mut message = decoded.message;
     if from_dead_letters && message.dead_letter().is_none() {
         // Put there by the broker (delivery limit), not by the framework: say so.
         if let Some(reason) = broker_reason {
+            let description = if reason == "rejected" {
+                "the transport rejected the delivery because neither its retry copy nor its \
+                 dead-letter copy fit the broker's limits (RabbitMqOptions::with_max_message_size, \
+                 frame_max); the broker moved the original here"
+            } else {
+                "the broker dead-lettered the message itself, for example because the queue's \
+                 x-delivery-limit was reached"
+            };
             message = message.with_dead_letter(Some(DeadLetterInfo {
                 reason: format!("{BROKER_REASON_PREFIX} ({reason})"),
-                description: Some(
-                    "the broker dead-lettered the message itself, for example because the \
-                     queue's x-delivery-limit was reached"
-                        .to_owned(),
-                ),
+                description: Some(description.to_owned()),
             }));
         }
     }
@@ -218,6 +234,17 @@ fn text(value: &AMQPValue) -> Option<String> {
         | AMQPValue::FieldTable(_)
         | AMQPValue::Void => return None,
     })
+}
+
+/// What a header value that [`text`] cannot show is, for problem reports.
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::FieldArray(_) => "an array",
+        AMQPValue::FieldTable(_) => "a table",
+        AMQPValue::DecimalValue(_) => "a decimal",
+        AMQPValue::Void => "no value (void)",
+        _ => "a value of another type",
+    }
 }
 
 /// A short string (at most 255 bytes), or an error naming the field that is too long.
@@ -357,6 +384,34 @@ mod tests {
             false,
         );
         assert_eq!(m.reply_to(), Some("replies"));
+    }
+
+    #[test]
+    fn mistyped_framework_headers_are_reported() {
+        let mut table = FieldTable::default();
+        table.insert(
+            wire::ATTEMPT.into(),
+            AMQPValue::FieldArray(Default::default()),
+        );
+        table.insert(
+            wire::NOT_BEFORE.into(),
+            AMQPValue::FieldTable(Default::default()),
+        );
+        table.insert("tenant".into(), AMQPValue::FieldArray(Default::default()));
+        let props = BasicProperties::default().with_headers(table);
+        let (m, problem) = message(&props, Vec::new(), false);
+        let problem = problem.expect("a problem");
+        assert!(
+            problem.contains(&wire::mistyped(wire::ATTEMPT, "an array")),
+            "{problem}"
+        );
+        assert!(
+            problem.contains(&wire::mistyped(wire::NOT_BEFORE, "a table")),
+            "{problem}"
+        );
+        // An application header of another type is the application's business.
+        assert!(!problem.contains("tenant"), "{problem}");
+        assert_eq!(m.attempt(), 1);
     }
 
     #[test]

@@ -36,8 +36,9 @@
 //!
 //! | what | name | kind |
 //! |---|---|---|
-//! | endpoint `E` | `{prefix}E` | durable quorum (or classic) queue; dead-letters (broker side, e.g. `x-delivery-limit`) into the dead-letter queue |
-//! | dead letters of `E` | `{prefix}E.dead-letters` | durable queue (suffix configurable) |
+//! | endpoint `E` | `{prefix}E` | durable quorum (or classic) queue, `x-delivery-limit` 20 (quorum); dead-letters (broker side) into the dead-letter queue |
+//! | dead letters of `E` | `{prefix}E.dead-letters` | durable queue (suffix configurable), `x-delivery-limit` 20 (quorum); dead-letters (broker side) into the quarantine |
+//! | quarantine of `E` | `{prefix}E.quarantine` | durable queue that no reader of the framework consumes: what the dead-letter queue's readers could not settle, for an operator |
 //! | topic `T` | `{prefix}T` | durable **fanout** exchange, bound to every subscribed endpoint's queue |
 //! | delay level `L` (cascade of `N` levels) | `{prefix}redeliver.delay.n{N}.l{LL}` | topic exchange + quorum queue with a TTL of 2^L s |
 //! | end of the cascade | `{prefix}redeliver.delay.n{N}.deliver` | topic exchange bound to every endpoint and dead-letter queue |
@@ -46,7 +47,12 @@
 //!
 //! The prefix is empty by default ([`RabbitMqOptions::with_prefix`]). In declare mode the topology
 //! is declared again after every reconnection. Changing queue options (type, delivery limit) of
-//! queues that already exist is refused by the broker; the error says which one.
+//! queues that already exist is refused by the broker; the error says which one. One exception,
+//! so that an upgrade does not stop at `declare`: endpoint and dead-letter queues declared by
+//! versions without the default delivery limit and quarantine are accepted as they are, with a
+//! warning naming each (they lack the poison-message protection below until they are deleted
+//! and declared again, or given a `delivery-limit` and dead-letter policy). Check-only mode does
+//! not check the quarantine.
 //!
 //! # Delays: the binary cascade
 //! A message with a not-before in the future is delayed by the broker, with nothing but core
@@ -92,7 +98,45 @@
 //! ([`Capabilities::scheduling_precision`](redeliver_core::Capabilities)) the worker waits out
 //! the rest itself. A consumer other than the worker sees these early returns.
 //!
-//! # At-least-once, and where duplicates come from
+//! # Poison messages
+//! A message that can never be settled must not stop its endpoint. The broker's delivery count
+//! is the back-stop: quorum endpoint and dead-letter queues get `x-delivery-limit`
+//! [`DEFAULT_DELIVERY_LIMIT`] (20, RabbitMQ 4's default;
+//! [`with_delivery_limit`](RabbitMqOptions::with_delivery_limit),
+//! [`without_delivery_limit`](RabbitMqOptions::without_delivery_limit)). A message handed out
+//! 21 times without being settled is dead-lettered by the broker: from the endpoint queue into
+//! the dead-letter queue, from there into the quarantine queue, which no reader of the framework
+//! consumes, so it cannot poison anything further. It arrives there whole, with the broker's
+//! `x-death` header (reason `delivery_limit`, the queues it went through). On the dead letters,
+//! a message the broker moved arrives with the reason `dead-lettered by the broker (...)`.
+//!
+//! **How the count relates to attempts.** The broker counts returns of one message: every
+//! delivery that ends without a settlement (a crash, a lost connection, a delivery abandoned at
+//! shutdown). A retry or a park is a new message whose count starts at zero, so the limit bounds
+//! the unsettled returns of each attempt, and `max_attempts` of the retry policy still bounds the
+//! attempts. A message in flight when its consumer's connection is lost counts one return.
+//!
+//! **A delivery lapin cannot read** — properties that are not valid AMQP, such as a content type
+//! that is not UTF-8 from a foreign producer (the broker stores it), or headers that grew beyond
+//! the negotiated `frame_max` — ends the connection it arrives on: lapin cannot skip it. Each
+//! consumer therefore has its **own connection** (named after the connection name with
+//! `(consumer of Q)`), so publishing, settling and other endpoints go on. The consumer logs a
+//! warning once (naming the queue, what lapin said and where the broker will move the message),
+//! later returns at debug level, reconnects after the reconnect delay, and for 30 reconnect delays (30 s by default) after the
+//! last unreadable delivery takes one delivery at a time, so that the messages behind the unreadable one are not handed out and
+//! returned with it each time (which would count towards their own limit). The messages behind
+//! it are handled once the broker has moved it on, after at most 21 deliveries of it, about one
+//! per reconnect delay (1 s by default). lapin itself logs each failed read at error level.
+//!
+//! Classic queues have no delivery limit (a RabbitMQ restriction), and neither has a quorum queue
+//! with [`without_delivery_limit`](RabbitMqOptions::without_delivery_limit): there an unreadable
+//! message is delivered again for ever and blocks its consumer; it must be removed by hand (the
+//! warning says so). Meanwhile the consumer backs off between reconnections like after any
+//! lost connection (the reconnect delay, doubling up to its maximum), so it does not reconnect in
+//! a storm. Use quorum queues where foreign producers write. The count of RabbitMQ 4 may not
+//! count returns after a lost connection the way 3.x does (measured on 3.10.8 here).
+//!
+
 //! - Every publish is persistent (delivery mode 2), `mandatory` (except to topics, where no
 //!   subscriber is not an error), and waits for the broker's confirm: `Ok` means the broker has
 //!   the message. A negative confirm is [`Error::Rejected`](redeliver_core::Error::Rejected), a
@@ -100,6 +144,19 @@
 //!   missing exchange [`Error::NotFound`](redeliver_core::Error::NotFound).
 //! - Deliveries use manual acknowledgements. A retry, park or dead letter is a new copy that is
 //!   confirmed **before** the original is acknowledged.
+//! - Sizes are checked before publishing: a content header (properties and headers) larger than
+//!   the negotiated `frame_max` (128 KiB by default), or body and properties together larger than
+//!   [`with_max_message_size`](RabbitMqOptions::with_max_message_size) (128 MiB, RabbitMQ's
+//!   default), is [`Error::InvalidMessage`](redeliver_core::Error::InvalidMessage) and is not
+//!   sent. The framework's own texts are bounded (see [`redeliver_core::wire`]).
+//! - A retry or park copy the broker would never take (too large, unroutable:
+//!   [`Error::is_message_refused`](redeliver_core::Error::is_message_refused)) is not tried again
+//!   at the same attempt for ever: the message is dead-lettered with reason
+//!   [`copy refused`](redeliver_core::reasons::COPY_REFUSED) and a description saying why. If the
+//!   dead-letter copy does not fit either, the delivery is rejected without requeue and the
+//!   broker dead-letters the original itself (reason `rejected` in `x-death`), so it is kept. If
+//!   its headers then no longer fit a frame, its readers cannot read it and the delivery limit
+//!   moves it on to the quarantine (see [Poison messages](#poison-messages)).
 //! - Acknowledgements are coalesced per consumer channel: settlements that arrive together
 //!   become one `basic.ack` with `multiple` for the deliveries with no unsettled one before
 //!   them; an ack behind a delivery still being handled waits for it at most 10 ms, then goes
@@ -123,20 +180,34 @@
 //! framework's state (attempt, not-before, last failure, dead-letter reason) travels in the
 //! headers named in [`redeliver_core::wire`]; broker history (`x-death`, `x-first-death-*`,
 //! `x-last-death-*`, `x-delivery-count`) is removed before handlers see the headers. A message
-//! with unreadable framework headers is handed over with a problem, and the worker dead-letters
-//! it. A message the broker dead-lettered by itself (quorum `x-delivery-limit`) arrives on the
+//! with unreadable framework headers (a malformed text, or a value of another AMQP type than
+//! the text the framework writes: an array, a table) is handed over with a problem, and the
+//! worker dead-letters it. A message the broker dead-lettered by itself (quorum `x-delivery-limit`) arrives on the
 //! dead letters with the reason `dead-lettered by the broker (delivery_limit)`.
 //!
 //! # Recovery
 //! - Start-up tries the first connection
-//!   [`with_connect_attempts`](RabbitMqOptions::with_connect_attempts) times, then fails with
-//!   [`Error::Connection`](redeliver_core::Error::Connection) naming the URL (password hidden).
+//!   [`with_connect_attempts`](RabbitMqOptions::with_connect_attempts) times, all within
+//!   [`with_connect_timeout`](RabbitMqOptions::with_connect_timeout) (10 s), then fails with
+//!   [`Error::Connection`](redeliver_core::Error::Connection) naming the URL (password hidden),
+//!   or [`Error::Timeout`](redeliver_core::Error::Timeout) naming the URL and the bound when the
+//!   broker never answered (a host that accepts TCP and stays silent). Each reconnection attempt
+//!   is bounded by the same timeout.
+//! - A refusal — wrong user or password (`ACCESS_REFUSED`), an unknown virtual host or a user
+//!   without access to it (`NOT_ALLOWED`) — fails at once with
+//!   [`Error::AccessDenied`](redeliver_core::Error::AccessDenied), which is not transient and
+//!   quotes the broker. A URL parameter lapin would reject (`?heartbeat=abc`) is an
+//!   [`Error::Config`](redeliver_core::Error::Config) naming it.
+//! - The URL is held as a [`SecretUrl`](redeliver_core::secret::SecretUrl): no `Debug`,
+//!   `Display`, error or log line of this crate shows its password.
 //! - A lost connection is replaced by a supervisor task, backing off from 1 s to 30 s
 //!   ([`with_reconnect_delay`](RabbitMqOptions::with_reconnect_delay)) until it succeeds or the
 //!   transport is closed; the topology is declared again before the new connection is used.
-//! - Consumer streams survive: they open a new consumer on the new connection. Deliveries taken
-//!   before the loss cannot be settled any more (their settlement fails); the broker delivers
-//!   them again.
+//! - Consumer streams survive: each consumer has its own connection (see
+//!   [Poison messages](#poison-messages)) and opens a new one when it is lost, once the
+//!   transport's connection is up (so that the topology is declared again first). Deliveries
+//!   taken before the loss cannot be settled any more (their settlement fails); the broker
+//!   delivers them again. A transport with `n` consumers holds `n + 1` connections.
 //! - Sends and settlements while disconnected wait for the new connection up to
 //!   [`with_publish_timeout`](RabbitMqOptions::with_publish_timeout) (30 s), then fail with
 //!   [`Error::Timeout`](redeliver_core::Error::Timeout).
@@ -151,6 +222,7 @@ mod connector;
 mod consumer;
 mod convert;
 mod errors;
+mod limits;
 mod naming;
 mod options;
 mod topology;
@@ -158,6 +230,7 @@ mod transport;
 
 pub use connector::RabbitMqConnector;
 pub use options::{
-    DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS, QueueType, RabbitMqOptions, TopologyMode,
+    DEFAULT_DELIVERY_LIMIT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS,
+    QueueType, RabbitMqOptions, TopologyMode,
 };
 pub use transport::RabbitMqTransport;

@@ -11,6 +11,9 @@ use crate::options::{DelayMode, RabbitMqOptions};
 /// The longest routing key RabbitMQ accepts, in bytes.
 const MAX_ROUTING_KEY: usize = 255;
 
+/// Appended to an endpoint's name to name its quarantine queue.
+pub(crate) const QUARANTINE_SUFFIX: &str = ".quarantine";
+
 /// Where a delayed message is headed once its delay is over.
 ///
 /// In the routing key the destination follows the bits after a marker word (`q` for a queue),
@@ -73,6 +76,12 @@ impl Names {
     /// The dead-letter queue of `endpoint`: `{prefix}{endpoint}{dead_letter_suffix}`.
     pub(crate) fn dead_letter_queue(&self, endpoint: &str) -> String {
         format!("{}{endpoint}{}", self.prefix, self.dead_letter_suffix)
+    }
+
+    /// The quarantine queue of `endpoint`: `{prefix}{endpoint}.quarantine`, where the broker
+    /// dead-letters what the dead-letter queue's readers could not settle.
+    pub(crate) fn quarantine_queue(&self, endpoint: &str) -> String {
+        format!("{}{endpoint}{QUARANTINE_SUFFIX}", self.prefix)
     }
 
     /// The queue a source is consumed from.

@@ -4,12 +4,33 @@ use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 use redeliver_core::Error;
+use redeliver_core::secret::SecretUrl;
 
 /// The URL used when none is given: the local broker's default virtual host.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The most delay levels the cascade may have (2^28 - 1 s, about 8.5 years).
 pub const MAX_DELAY_LEVELS: u8 = 28;
+
+/// The `x-delivery-limit` of quorum endpoint and dead-letter queues unless configured
+/// otherwise (the default RabbitMQ 4 gives quorum queues); see
+/// [`with_delivery_limit`](RabbitMqOptions::with_delivery_limit).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+/// The largest message RabbitMQ accepts unless configured otherwise (`max_message_size`,
+/// 128 MiB); see [`with_max_message_size`](RabbitMqOptions::with_max_message_size).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
+
+/// Whether endpoint queues have a delivery limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DeliveryLimit {
+    /// [`DEFAULT_DELIVERY_LIMIT`] on quorum queues, none on classic queues.
+    Default,
+    /// This limit (quorum queues only).
+    Limit(u32),
+    /// None.
+    Off,
+}
 
 /// Whether the transport creates its topology or only checks that it exists.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,15 +114,18 @@ impl Default for DelayMode {
 /// ```
 #[derive(Clone, Debug)]
 pub struct RabbitMqOptions {
-    pub(crate) url: String,
+    /// Shown redacted by `Debug`.
+    pub(crate) url: SecretUrl,
     pub(crate) prefix: String,
     pub(crate) dead_letter_suffix: String,
     pub(crate) topology: TopologyMode,
     pub(crate) delays: DelayMode,
     pub(crate) queue_type: QueueType,
-    pub(crate) delivery_limit: Option<u32>,
+    pub(crate) delivery_limit: DeliveryLimit,
     pub(crate) connect_attempts: u32,
     pub(crate) connect_retry_delay: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_message_size: usize,
     pub(crate) reconnect_delay: Duration,
     pub(crate) reconnect_max_delay: Duration,
     pub(crate) publish_timeout: Duration,
@@ -113,15 +137,17 @@ pub struct RabbitMqOptions {
 impl Default for RabbitMqOptions {
     fn default() -> Self {
         RabbitMqOptions {
-            url: DEFAULT_URL.to_owned(),
+            url: SecretUrl::new(DEFAULT_URL),
             prefix: String::new(),
             dead_letter_suffix: ".dead-letters".to_owned(),
             topology: TopologyMode::default(),
             delays: DelayMode::default(),
             queue_type: QueueType::default(),
-            delivery_limit: None,
+            delivery_limit: DeliveryLimit::Default,
             connect_attempts: 5,
             connect_retry_delay: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(10),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             reconnect_delay: Duration::from_secs(1),
             reconnect_max_delay: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(30),
@@ -142,7 +168,7 @@ impl RabbitMqOptions {
     /// Sets the broker URL.
     #[must_use]
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
-        self.url = url.into();
+        self.url = SecretUrl::new(url);
         self
     }
 
@@ -201,15 +227,65 @@ impl RabbitMqOptions {
         self
     }
 
-    /// Sets the quorum-queue `x-delivery-limit` of endpoint queues: a message that came back
-    /// unsettled more than `limit` times (so was handed out `limit + 1` times) is dead-lettered
-    /// by the broker into the endpoint's dead-letter queue — a back-stop for a message that
-    /// crashes the process before it can be settled. Every unsettled return counts: a crash, a
-    /// lost connection, a delivery abandoned at shutdown. Retries do not count, since each is a
-    /// new message. Quorum queues only. Default: none.
+    /// Sets the quorum-queue `x-delivery-limit` of endpoint queues and their dead-letter queues:
+    /// a message that came back unsettled more than `limit` times (so was handed out
+    /// `limit + 1` times) is dead-lettered by the broker — from an endpoint queue into its
+    /// dead-letter queue, from a dead-letter queue into the endpoint's quarantine queue. It is
+    /// the back-stop for a message that never gets settled: one that crashes the process, or one
+    /// the client cannot even read (see the [crate documentation](crate#poison-messages)).
+    ///
+    /// Every unsettled return counts: a crash, a lost connection, a delivery abandoned at
+    /// shutdown. Retries and parking do not, since each is a new message whose count starts at
+    /// zero: the limit bounds the returns of one attempt, not the attempts (that is the retry
+    /// policy's `max_attempts`). Quorum queues only. Default [`DEFAULT_DELIVERY_LIMIT`] on quorum
+    /// queues; classic queues have none.
     #[must_use]
     pub fn with_delivery_limit(mut self, limit: u32) -> Self {
-        self.delivery_limit = Some(limit);
+        self.delivery_limit = DeliveryLimit::Limit(limit);
+        self
+    }
+
+    /// No `x-delivery-limit` on endpoint and dead-letter queues: a message that can never be
+    /// settled (one the client cannot read) is then delivered again for ever.
+    #[must_use]
+    pub fn without_delivery_limit(mut self) -> Self {
+        self.delivery_limit = DeliveryLimit::Off;
+        self
+    }
+
+    /// The delivery limit of endpoint and dead-letter queues, if any.
+    pub fn delivery_limit(&self) -> Option<u32> {
+        match (self.delivery_limit, self.queue_type) {
+            (DeliveryLimit::Limit(limit), _) => Some(limit),
+            (DeliveryLimit::Default, QueueType::Quorum) => Some(DEFAULT_DELIVERY_LIMIT),
+            (DeliveryLimit::Default, QueueType::Classic) | (DeliveryLimit::Off, _) => None,
+        }
+    }
+
+    /// Whether the delivery limit is the default one (not configured).
+    pub(crate) fn delivery_limit_is_default(&self) -> bool {
+        self.delivery_limit == DeliveryLimit::Default
+    }
+
+    /// The largest message, body and properties together, the broker accepts: RabbitMQ's
+    /// `max_message_size`, 128 MiB ([`DEFAULT_MAX_MESSAGE_SIZE`]) unless the broker is configured
+    /// otherwise (it is a broker setting AMQP 0-9-1 cannot ask for, so set it here when the
+    /// broker's differs). A send, retry or dead-letter copy that would not fit fails with
+    /// [`Error::InvalidMessage`] before anything is published.
+    #[must_use]
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// How long [`connect`](crate::RabbitMqTransport::connect) may take in all, its
+    /// [attempts](RabbitMqOptions::with_connect_attempts) and the pauses between them included,
+    /// and how long each attempt to reconnect may take. A broker that accepts the TCP connection
+    /// but never answers fails the start-up after this with [`Error::Timeout`] naming the URL
+    /// (password hidden) and the bound. Default 10 s.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -299,7 +375,12 @@ impl RabbitMqOptions {
 
     /// The broker URL, with any password replaced by `***`, for messages and logs.
     pub fn redacted_url(&self) -> String {
-        redact(&self.url)
+        self.url.redacted()
+    }
+
+    /// The broker URL; `Debug` and `Display` show it redacted.
+    pub fn url(&self) -> &SecretUrl {
+        &self.url
     }
 
     /// The longest delay the configured [`DelayMode`] can hold a message for, if limited.
@@ -334,7 +415,7 @@ impl RabbitMqOptions {
                 }
             }
         }
-        if let Some(limit) = self.delivery_limit {
+        if let DeliveryLimit::Limit(limit) = self.delivery_limit {
             if self.queue_type != QueueType::Quorum {
                 return Err(Error::config(
                     "delivery_limit",
@@ -366,6 +447,18 @@ impl RabbitMqOptions {
         if self.publish_timeout.is_zero() {
             return Err(Error::config("publish_timeout", "must be more than zero"));
         }
+        if self.connect_timeout.is_zero() {
+            return Err(Error::config("connect_timeout", "must be more than zero"));
+        }
+        if self.max_message_size < MIN_MESSAGE_SIZE {
+            return Err(Error::config(
+                "max_message_size",
+                format!(
+                    "must be at least {MIN_MESSAGE_SIZE} bytes, got {}",
+                    self.max_message_size
+                ),
+            ));
+        }
         if self.prefetch_limit == 0 {
             return Err(Error::config("prefetch_limit", "must be at least 1, got 0"));
         }
@@ -382,11 +475,19 @@ impl RabbitMqOptions {
     }
 
     pub(crate) fn parsed_url(&self) -> Result<AMQPUri, Error> {
-        let uri: AMQPUri = self.url.parse().map_err(|e: String| {
-            Error::config(
+        if !self.url.expose().contains("://") {
+            // Not echoed: without `//` nothing marks where a password would be.
+            return Err(Error::config(
                 "url",
-                format!("`{}` is not an AMQP URL: {e}", self.redacted_url()),
-            )
+                "must start with `amqp://` or `amqps://`",
+            ));
+        }
+        let shown = self.redacted_url();
+        check_query(self.url.expose(), &shown)?;
+        let uri: AMQPUri = self.url.expose().parse().map_err(|e: String| {
+            // The parser's message may quote the URL as given, password and all.
+            let e = e.replace(self.url.expose(), &shown);
+            Error::config("url", format!("`{shown}` is not an AMQP URL: {e}"))
         })?;
         match uri.scheme {
             AMQPScheme::AMQP | AMQPScheme::AMQPS => Ok(uri),
@@ -414,6 +515,45 @@ fn check_ca_certificates(pem: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The smallest [`max_message_size`](RabbitMqOptions::with_max_message_size) accepted: room for
+/// the framework's headers and a small body.
+const MIN_MESSAGE_SIZE: usize = 16 * 1024;
+
+/// Checks the numeric query parameters lapin reads from the URL, naming the one that is wrong
+/// (lapin's own message only says "invalid digit found in string").
+fn check_query(url: &str, shown: &str) -> Result<(), Error> {
+    const NUMERIC: [(&str, &str); 4] = [
+        ("heartbeat", "seconds, 0 to 65535"),
+        ("frame_max", "bytes, 0 to 4294967295"),
+        ("channel_max", "channels, 0 to 65535"),
+        ("connection_timeout", "milliseconds"),
+    ];
+    let Some((_, query)) = url.split_once('?') else {
+        return Ok(());
+    };
+    let query = query.split('#').next().unwrap_or("");
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some((_, unit)) = NUMERIC.iter().find(|(name, _)| *name == key) else {
+            continue;
+        };
+        let ok = match key {
+            "heartbeat" | "channel_max" => value.parse::<u16>().is_ok(),
+            "frame_max" => value.parse::<u32>().is_ok(),
+            _ => value.parse::<u64>().is_ok(),
+        };
+        if !ok {
+            return Err(Error::config(
+                format!("url.{key}"),
+                format!(
+                    "the query parameter `{key}` of `{shown}` is `{value}`, not a number ({unit})"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_name_part(field: &str, value: &str, may_be_empty: bool) -> Result<(), Error> {
     if value.is_empty() && !may_be_empty {
         return Err(Error::config(field, "must not be empty"));
@@ -431,22 +571,6 @@ fn check_name_part(field: &str, value: &str, may_be_empty: bool) -> Result<(), E
         ));
     }
     Ok(())
-}
-
-/// `amqp://user:secret@host` → `amqp://user:***@host`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 #[cfg(test)]
@@ -521,6 +645,14 @@ mod tests {
                 RabbitMqOptions::default().with_dead_letter_suffix(""),
                 "dead_letter_suffix",
             ),
+            (
+                RabbitMqOptions::default().with_connect_timeout(Duration::ZERO),
+                "connect_timeout",
+            ),
+            (
+                RabbitMqOptions::default().with_max_message_size(100),
+                "max_message_size",
+            ),
         ];
         for (options, field) in bad {
             assert_eq!(field_of(options.validate().unwrap_err()), field);
@@ -529,14 +661,58 @@ mod tests {
 
     #[test]
     fn passwords_never_appear_in_messages() {
+        let options = RabbitMqOptions::new("amqps://app:s3cret@mq.example:5671/prod");
         assert_eq!(
-            redact("amqps://app:s3cret@mq.example:5671/prod"),
+            options.redacted_url(),
             "amqps://app:***@mq.example:5671/prod"
         );
-        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
-        let e = RabbitMqOptions::new("amqp://u:pw@[bad")
+        let shown = format!("{options:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("app:***@mq.example"), "{shown}");
+        for url in [
+            "amqp://u:pw-secret@[bad",
+            "amqp:u:pw-secret@host",
+            "amqp://u:pw-secret@host/%2f?heartbeat=abc",
+        ] {
+            let e = RabbitMqOptions::new(url).validate().unwrap_err();
+            assert!(!e.to_string().contains("pw-secret"), "{e}");
+            assert!(!format!("{e:?}").contains("pw-secret"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_bad_query_parameter_is_named() {
+        let e = RabbitMqOptions::new("amqp://guest:guest@localhost/%2f?heartbeat=abc")
             .validate()
             .unwrap_err();
-        assert!(!e.to_string().contains("pw@"), "{e}");
+        assert!(e.to_string().contains("`heartbeat`"), "{e}");
+        assert!(e.to_string().contains("`abc`"), "{e}");
+        assert_eq!(field_of(e), "url.heartbeat");
+        RabbitMqOptions::new("amqp://guest:guest@localhost/%2f?heartbeat=30&frame_max=131072")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_delivery_limit_defaults_on_quorum_queues_only() {
+        assert_eq!(
+            RabbitMqOptions::default().delivery_limit(),
+            Some(DEFAULT_DELIVERY_LIMIT)
+        );
+        let classic = RabbitMqOptions::default().with_queue_type(QueueType::Classic);
+        assert_eq!(classic.delivery_limit(), None);
+        classic.validate().unwrap();
+        assert_eq!(
+            RabbitMqOptions::default()
+                .without_delivery_limit()
+                .delivery_limit(),
+            None
+        );
+        assert_eq!(
+            RabbitMqOptions::default()
+                .with_delivery_limit(3)
+                .delivery_limit(),
+            Some(3)
+        );
     }
 }

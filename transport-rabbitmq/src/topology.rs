@@ -9,6 +9,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 use redeliver_core::{Error, Topology};
+use tracing::warn;
 
 use crate::connection::{Link, Shared};
 use crate::errors;
@@ -68,25 +69,46 @@ impl Declarer<'_> {
                 .store(true, Ordering::Relaxed);
         }
 
+        let limit = options
+            .delivery_limit()
+            .map(|limit| ("x-delivery-limit", AMQPValue::LongLongInt(limit.into())));
         for endpoint in topology.endpoints() {
             let queue = names.endpoint_queue(endpoint);
             let dead = names.dead_letter_queue(endpoint);
+            let quarantine = names.quarantine_queue(endpoint);
             let mut args = self.queue_args(options.queue_type);
             args.insert("x-dead-letter-exchange".into(), text(""));
             args.insert("x-dead-letter-routing-key".into(), text(&dead));
             if options.queue_type == QueueType::Quorum {
                 at_least_once(&mut args);
             }
-            if let Some(limit) = options.delivery_limit {
-                args.insert(
-                    "x-delivery-limit".into(),
-                    AMQPValue::LongLongInt(limit.into()),
-                );
+            // What versions without a default delivery limit declared: still accepted (with a
+            // warning) when only the defaults differ, so that an upgrade does not stop on
+            // queues that already exist.
+            let legacy = options.delivery_limit_is_default().then(|| args.clone());
+            if let Some((key, value)) = &limit {
+                args.insert((*key).into(), value.clone());
             }
             // The endpoint's queue first: check-only mode names the one users know.
-            self.queue(&queue, args).await?;
-            self.queue(&dead, self.queue_args(options.queue_type))
-                .await?;
+            self.queue_or_legacy(&queue, args, legacy).await?;
+            let mut dead_args = self.queue_args(options.queue_type);
+            dead_args.insert("x-dead-letter-exchange".into(), text(""));
+            dead_args.insert("x-dead-letter-routing-key".into(), text(&quarantine));
+            if options.queue_type == QueueType::Quorum {
+                at_least_once(&mut dead_args);
+            }
+            if let Some((key, value)) = &limit {
+                dead_args.insert((*key).into(), value.clone());
+            }
+            let legacy = Some(self.queue_args(options.queue_type));
+            self.queue_or_legacy(&dead, dead_args, legacy).await?;
+            // Read by none of the framework's readers: a message that poisoned the dead-letter
+            // queue's readers ends here, for an operator. Not checked in check-only mode,
+            // where topologies provisioned before it existed must still pass.
+            if !self.check_only {
+                self.queue(&quarantine, self.queue_args(options.queue_type))
+                    .await?;
+            }
             for q in [&queue, &dead] {
                 match &options.delays {
                     DelayMode::Cascade { levels } => {
@@ -164,6 +186,47 @@ impl Declarer<'_> {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), text(queue_type.as_str()));
         args
+    }
+
+    /// Declares queue `name` with `args`, or, if the broker refuses because the queue exists
+    /// with other arguments, with `legacy` (the arguments earlier versions gave it), warning
+    /// that it lacks the poison-message protection.
+    async fn queue_or_legacy(
+        &mut self,
+        name: &str,
+        args: FieldTable,
+        legacy: Option<FieldTable>,
+    ) -> Result<(), Error> {
+        let error = match self.queue(name, args).await {
+            Err(error @ Error::Config { .. }) => error,
+            other => return other,
+        };
+        let Some(legacy) = legacy.filter(|_| !self.check_only) else {
+            return Err(error);
+        };
+        // The refusal closed the channel.
+        self.channel = self
+            .link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| errors::map(e, "opening a channel to declare the topology"))?;
+        if self.queue(name, legacy).await.is_err() {
+            return Err(error);
+        }
+        warn!(
+            queue = name,
+            "the queue exists without the delivery limit or the dead-lettering into quarantine \
+             this version declares, so a message no client can read is delivered again for \
+             ever; delete and declare the queue again (or add them with a policy)"
+        );
+        self.channel = self
+            .link
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| errors::map(e, "opening a channel to declare the topology"))?;
+        Ok(())
     }
 
     async fn queue(&mut self, name: &str, args: FieldTable) -> Result<(), Error> {

@@ -85,6 +85,13 @@ impl RabbitMqTransport {
         self.shared.names.dead_letter_queue(endpoint)
     }
 
+    /// The quarantine queue of `endpoint`, where the broker moves a message that its dead-letter
+    /// queue's readers could not settle within the delivery limit (see the
+    /// [crate documentation](crate#poison-messages)). No reader of the framework consumes it.
+    pub fn quarantine_queue_name(&self, endpoint: &str) -> String {
+        self.shared.names.quarantine_queue(endpoint)
+    }
+
     /// The exchange of `topic`.
     pub fn topic_exchange_name(&self, topic: &str) -> String {
         self.shared.names.topic_exchange(topic)

@@ -527,32 +527,52 @@ async fn malformed_framework_headers_are_dead_lettered() {
         })
         .await
         .unwrap();
-    // Another producer's message with an unreadable attempt header.
+    // Another producer's messages with unreadable framework headers: a malformed text, and
+    // values of a type the framework never writes.
     let channel = raw_connection().await.create_channel().await.unwrap();
-    let mut headers = FieldTable::default();
-    headers.insert(wire::ATTEMPT.into(), AMQPValue::LongString("zero".into()));
-    channel
-        .basic_publish(
-            "".into(),
-            fx.transport.queue_name("strict").as_str().into(),
-            BasicPublishOptions::default(),
-            br#"{"n":1}"#,
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .unwrap();
+    let mut array = lapin::types::FieldArray::default();
+    array.push(AMQPValue::LongString("3".into()));
+    let mistyped = [
+        (wire::ATTEMPT, AMQPValue::LongString("zero".into())),
+        (wire::ATTEMPT, AMQPValue::FieldArray(array)),
+        (
+            wire::NOT_BEFORE,
+            AMQPValue::FieldTable(FieldTable::default()),
+        ),
+    ];
+    for (n, (key, value)) in mistyped.iter().enumerate() {
+        let mut headers = FieldTable::default();
+        headers.insert((*key).into(), value.clone());
+        channel
+            .basic_publish(
+                "".into(),
+                fx.transport.queue_name("strict").as_str().into(),
+                BasicPublishOptions::default(),
+                format!(r#"{{"n":{n}}}"#).as_bytes(),
+                BasicProperties::default()
+                    .with_message_id(format!("bad-{n}").into())
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap();
+    }
     let dead = take(
         transport.as_ref(),
         Source::dead_letters("strict"),
-        1,
+        mistyped.len(),
         Duration::from_secs(10),
     )
     .await;
-    let info = dead[0].0.dead_letter().expect("a reason");
-    assert_eq!(info.reason, "malformed headers");
-    assert!(info.description.as_deref().unwrap().contains(wire::ATTEMPT));
+    for (message, _) in &dead {
+        let n: usize = message.id().as_str()["bad-".len()..].parse().unwrap();
+        let key = mistyped[n].0;
+        let info = message.dead_letter().expect("a reason");
+        assert_eq!(info.reason, "malformed headers", "{n}");
+        let description = info.description.as_deref().unwrap();
+        assert!(description.contains(key), "{n}: {description}");
+    }
     worker.shutdown().await;
-    assert_eq!(calls.len(), 0, "the handler never saw it");
+    assert_eq!(calls.len(), 0, "the handler never saw them");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,7 @@ impl Factory for RabbitMq {
         for endpoint in topology.endpoints() {
             queues.push(transport.queue_name(endpoint));
             queues.push(transport.dead_letter_queue_name(endpoint));
+            queues.push(transport.quarantine_queue_name(endpoint));
         }
         exchanges.extend(
             topology

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,6 +173,7 @@ impl Fixture {
             _ => None,
         };
         for endpoint in self.endpoints.lock().unwrap().iter() {
+            queues.push(self.transport.quarantine_queue_name(endpoint));
             for q in [
                 self.transport.queue_name(endpoint),
                 self.transport.dead_letter_queue_name(endpoint),
