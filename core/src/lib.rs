@@ -32,6 +32,10 @@
 //! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
 //! - [`secret`] — [`SecretUrl`]: URLs and connection strings whose secrets never show.
 //! - [`wire`] — the header names broker transports carry the framework's state in.
+//!
+//! # Feature flags
+#![doc = document_features::document_features!()]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod clock;
 pub mod connector;
