@@ -5,6 +5,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use redeliver::host::middleware::{BoxOutcome, Middleware, Next};
 use redeliver::memory::MemoryTransport;
 use redeliver::{
     Backoff, BackoffPolicy, Consumer, Context, Error, Host, Jitter, Message, Outcome, Source,
@@ -265,4 +266,123 @@ async fn health_reports_each_consumer() {
         ]
     );
     host.shutdown().await;
+}
+
+/// Records the order layers run in, and turns messages marked `poison` into dead letters
+/// without calling the handler.
+struct Tag {
+    name: &'static str,
+    seen: Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl<S: Send + Sync + 'static> Middleware<S> for Tag {
+    fn handle<'a>(&'a self, context: &'a Context<S>, next: Next<'a>) -> BoxOutcome<'a> {
+        Box::pin(async move {
+            self.seen.lock().unwrap().push(self.name);
+            if context.headers().get("poison").is_some() {
+                return Outcome::dead_letter("poison");
+            }
+            next.run().await
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn layers_run_around_handlers_outermost_first_and_may_decide() {
+    let (memory, transport) = setup();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&calls);
+    let host = Host::builder(transport.clone())
+        .layer(Tag {
+            name: "host",
+            seen: Arc::clone(&seen),
+        })
+        .consumer(
+            Consumer::endpoint("orders")
+                .handler(move |_: serde_json::Value, _: Context| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async { Outcome::success() }
+                })
+                .layer(Tag {
+                    name: "consumer",
+                    seen: Arc::clone(&seen),
+                }),
+        )
+        .start()
+        .await
+        .unwrap();
+    transport
+        .send("orders", Message::json(&1).unwrap())
+        .await
+        .unwrap();
+    within("idle", memory.wait_until_idle()).await;
+    transport
+        .send(
+            "orders",
+            Message::json(&2).unwrap().with_header("poison", "1"),
+        )
+        .await
+        .unwrap();
+    within("idle", memory.wait_until_idle()).await;
+    host.shutdown().await;
+
+    assert_eq!(*seen.lock().unwrap(), ["host", "consumer", "host"]);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the poison never reached the handler"
+    );
+    assert_eq!(
+        memory.dead_letters("orders")[0]
+            .dead_letter()
+            .unwrap()
+            .reason,
+        "poison"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_concurrency_bounds_handler_calls_across_consumers() {
+    let (memory, transport) = setup();
+    let running = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+        move |_: serde_json::Value, _: Context| {
+            let (running, peak) = (Arc::clone(&running), Arc::clone(&peak));
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(secs(1)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Outcome::success()
+            }
+        }
+    };
+    let host = Host::builder(transport.clone())
+        .max_concurrency(3)
+        .consumer(
+            Consumer::endpoint("a")
+                .concurrency(4)
+                .handler(handler.clone()),
+        )
+        .consumer(Consumer::endpoint("b").concurrency(4).handler(handler))
+        .start()
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    for n in 0..6 {
+        for endpoint in ["a", "b"] {
+            transport
+                .send(endpoint, Message::json(&n).unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    within("idle", memory.wait_until_idle()).await;
+    host.shutdown().await;
+
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+    assert_eq!(started.elapsed(), secs(4), "12 calls of 1 s, 3 at a time");
 }

@@ -43,6 +43,8 @@
 //! }
 //! ```
 
+pub mod middleware;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -52,18 +54,22 @@ use std::time::Duration;
 use tracing::info;
 
 use crate::Error;
-use crate::handler::{Context, Handler, Outcome};
+use crate::handler::Handler;
 use crate::payload::Payload;
 use crate::retry::RetryPolicy;
 use crate::transport::{Source, Topology, Transport};
 use crate::worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
 
+use middleware::{ConcurrencyLimit, Layered, Middleware, Timeout};
+
 type Starting = Pin<Box<dyn Future<Output = Result<Worker, Error>> + Send>>;
-type Start<S> = Box<dyn FnOnce(WorkerBuilder<S>) -> Starting + Send>;
+/// Starts a consumer's worker, given the builder and the host's layers.
+type Start<S> = Box<dyn FnOnce(WorkerBuilder<S>, Vec<Arc<dyn Middleware<S>>>) -> Starting + Send>;
 
 /// One consumer of a [`Host`]: what it consumes, how, and its handler.
 pub struct Consumer<S = ()> {
     settings: ConsumerSettings,
+    layers: Vec<Arc<dyn Middleware<S>>>,
     start: Start<S>,
 }
 
@@ -129,7 +135,8 @@ impl ConsumerSettings {
     }
 
     /// A handler call that takes longer than `timeout` is stopped and the message retried with
-    /// the reason `handler timed out after ...`. Default: no time-out.
+    /// the reason `handler timed out after ...` (the [`Timeout`] layer, innermost). Default: no
+    /// time-out.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -148,36 +155,30 @@ impl ConsumerSettings {
         S: Send + Sync + 'static,
         H: Handler<T, S>,
     {
-        let timeout = self.timeout;
-        let start: Start<S> = Box::new(move |builder: WorkerBuilder<S>| {
+        let start: Start<S> = Box::new(move |builder: WorkerBuilder<S>, layers| {
             Box::pin(async move {
-                match timeout {
-                    Some(limit) => builder.start(TimeLimited { handler, limit }).await,
-                    None => builder.start(handler).await,
+                if layers.is_empty() {
+                    builder.start(handler).await
+                } else {
+                    let layers = layers.into();
+                    builder.start(Layered { handler, layers }).await
                 }
             }) as Starting
         });
         Consumer {
             settings: self,
+            layers: Vec::new(),
             start,
         }
     }
 }
 
-/// A handler whose calls are stopped after `limit`, as a retry.
-struct TimeLimited<H> {
-    handler: H,
-    limit: Duration,
-}
-
-impl<T: Send + 'static, S: Send + Sync + 'static, H: Handler<T, S>> Handler<T, S>
-    for TimeLimited<H>
-{
-    async fn handle(&self, message: T, context: Context<S>) -> Outcome {
-        match tokio::time::timeout(self.limit, self.handler.handle(message, context)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::retry(format!("handler timed out after {:?}", self.limit)),
-        }
+impl<S: Send + Sync + 'static> Consumer<S> {
+    /// Runs `layer` around this consumer's handler calls, inside the host's layers.
+    #[must_use]
+    pub fn layer(mut self, layer: impl Middleware<S>) -> Self {
+        self.layers.push(Arc::new(layer));
+        self
     }
 }
 
@@ -187,6 +188,7 @@ pub struct HostBuilder<S = ()> {
     transport: Arc<dyn Transport>,
     state: Arc<S>,
     consumers: Vec<Consumer<S>>,
+    layers: Vec<Arc<dyn Middleware<S>>>,
     shutdown_timeout: Duration,
 }
 
@@ -204,6 +206,19 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
     pub fn consumer(mut self, consumer: Consumer<S>) -> Self {
         self.consumers.push(consumer);
         self
+    }
+
+    /// Runs `layer` around the handler calls of every consumer (outside each consumer's own
+    /// layers).
+    pub fn layer(mut self, layer: impl Middleware<S>) -> Self {
+        self.layers.push(Arc::new(layer));
+        self
+    }
+
+    /// At most `limit` handler calls at once across every consumer of the host, whatever their
+    /// own concurrency (a [`ConcurrencyLimit`] layer).
+    pub fn max_concurrency(self, limit: usize) -> Self {
+        self.layer(ConcurrencyLimit::new(limit))
     }
 
     /// How long [`Host::shutdown`] lets handlers in flight finish, for every consumer at once.
@@ -238,7 +253,12 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
             if let Some(policy) = settings.policy {
                 builder = builder.shared_retry_policy(policy);
             }
-            match (consumer.start)(builder).await {
+            let mut layers = self.layers.clone();
+            layers.extend(consumer.layers);
+            if let Some(limit) = settings.timeout {
+                layers.push(Arc::new(Timeout::new(limit)));
+            }
+            match (consumer.start)(builder, layers).await {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
                     let _ = Host::stop_all(&mut workers).await;
@@ -287,6 +307,7 @@ impl Host {
             transport,
             state: Arc::new(state),
             consumers: Vec::new(),
+            layers: Vec::new(),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
