@@ -5,6 +5,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use redeliver::host::Routes;
 use redeliver::host::middleware::{BoxOutcome, Middleware, Next};
 use redeliver::memory::MemoryTransport;
 use redeliver::{
@@ -385,4 +386,76 @@ async fn max_concurrency_bounds_handler_calls_across_consumers() {
 
     assert_eq!(peak.load(Ordering::SeqCst), 3);
     assert_eq!(started.elapsed(), secs(4), "12 calls of 1 s, 3 at a time");
+}
+
+#[derive(serde::Deserialize)]
+struct Placed {
+    order_id: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Cancelled {
+    order_id: u64,
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_message_types_on_one_endpoint_go_to_their_handlers() {
+    let (memory, transport) = setup();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (on_placed, on_cancelled) = (Arc::clone(&seen), Arc::clone(&seen));
+    let routes = Routes::new()
+        .route("order-placed", move |m: Placed, _: Context| {
+            on_placed
+                .lock()
+                .unwrap()
+                .push(format!("placed {}", m.order_id));
+            async { Outcome::success() }
+        })
+        .route("order-cancelled", move |m: Cancelled, _: Context| {
+            on_cancelled
+                .lock()
+                .unwrap()
+                .push(format!("cancelled {}", m.order_id));
+            async { Outcome::success() }
+        });
+    let host = Host::builder(transport.clone())
+        .consumer(Consumer::endpoint("orders").routes(routes))
+        .start()
+        .await
+        .unwrap();
+    let typed = |t: &str, json: &str| Message::new(json.to_owned()).with_message_type(t);
+    for message in [
+        typed("order-placed", r#"{"order_id":1}"#),
+        typed("order-cancelled", r#"{"order_id":1}"#),
+        typed("order-shipped", r#"{"order_id":1}"#),
+        Message::new(r#"{"order_id":2}"#),
+        typed("order-placed", "not json"),
+    ] {
+        transport.send("orders", message).await.unwrap();
+    }
+    within("idle", memory.wait_until_idle()).await;
+    host.shutdown().await;
+
+    assert_eq!(*seen.lock().unwrap(), ["placed 1", "cancelled 1"]);
+    let dead: Vec<(String, String)> = memory
+        .dead_letters("orders")
+        .iter()
+        .map(|m| {
+            let info = m.dead_letter().unwrap();
+            (info.reason.clone(), info.description.clone().unwrap())
+        })
+        .collect();
+    assert_eq!(dead[0].0, "unknown message type");
+    assert_eq!(
+        dead[0].1,
+        "message type `order-shipped`; this endpoint takes `order-cancelled`, `order-placed`"
+    );
+    assert_eq!(dead[1].0, "unknown message type");
+    assert!(
+        dead[1].1.starts_with("no `message-type` header"),
+        "{}",
+        dead[1].1
+    );
+    assert_eq!(dead[2].0, "invalid payload");
+    assert_eq!(dead.len(), 3);
 }

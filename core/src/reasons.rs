@@ -11,3 +11,7 @@ pub const MALFORMED_HEADERS: &str = "malformed headers";
 /// larger than the broker accepts), so the message is dead-lettered instead of being delivered
 /// again at the same attempt for ever.
 pub const COPY_REFUSED: &str = "copy refused";
+
+/// A message on an endpoint that routes by message type had no type, or one no handler takes
+/// (see [`Routes`](crate::host::Routes)).
+pub const UNKNOWN_MESSAGE_TYPE: &str = "unknown message type";

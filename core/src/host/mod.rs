@@ -44,6 +44,7 @@
 //! ```
 
 pub mod middleware;
+mod routes;
 
 use std::fmt;
 use std::future::Future;
@@ -61,6 +62,7 @@ use crate::transport::{Source, Topology, Transport};
 use crate::worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
 
 use middleware::{ConcurrencyLimit, Layered, Middleware, Timeout};
+pub use routes::Routes;
 
 type Starting = Pin<Box<dyn Future<Output = Result<Worker, Error>> + Send>>;
 /// Starts a consumer's worker, given the builder and the host's layers.
@@ -170,6 +172,13 @@ impl ConsumerSettings {
             layers: Vec::new(),
             start,
         }
+    }
+}
+
+impl ConsumerSettings {
+    /// The consumer, handing each message to the route of its message type.
+    pub fn routes<S: Send + Sync + 'static>(self, routes: Routes<S>) -> Consumer<S> {
+        self.handler::<crate::payload::RawBody, S, Routes<S>>(routes)
     }
 }
 
