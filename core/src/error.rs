@@ -190,13 +190,13 @@ impl Error {
         )
     }
 
-    /// This error, saying that it happened to the consumer of `source` (a configuration field
-    /// is named under `consumers.<endpoint>`).
-    pub(crate) fn in_consumer(self, source: &crate::transport::Source) -> Self {
-        let prefix = |message: String| format!("consumer of {source}: {message}");
+    /// This error, saying that it happened to the consumer named `name` (a configuration field
+    /// is named under `consumers.<name>`).
+    pub(crate) fn in_consumer(self, name: &str) -> Self {
+        let prefix = |message: String| format!("consumer `{name}`: {message}");
         match self {
             Error::Config { field, reason } => Error::Config {
-                field: format!("consumers.{}.{field}", source.endpoint_name()),
+                field: format!("consumers.{name}.{field}"),
                 reason,
             },
             Error::Connection { message, source: s } => Error::Connection {

@@ -220,8 +220,10 @@ impl Backoff {
     }
 }
 
-/// Randomness added to delays so that many failing messages do not retry in lock-step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Randomness added to delays so that many failing messages do not retry in lock-step. In
+/// configuration: `none`, `full`, `equal` or `decorrelated`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Jitter {
     /// Exactly the back-off's delay.

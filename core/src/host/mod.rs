@@ -43,6 +43,7 @@
 //! }
 //! ```
 
+mod config;
 pub mod middleware;
 mod routes;
 
@@ -61,6 +62,7 @@ use crate::retry::RetryPolicy;
 use crate::transport::{Source, Topology, Transport};
 use crate::worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
 
+pub use config::{BackoffConfig, ConsumerConfig, HostConfig, RetryConfig};
 use middleware::{ConcurrencyLimit, Layered, Middleware, Timeout};
 pub use routes::Routes;
 
@@ -113,6 +115,14 @@ impl Consumer {
 }
 
 impl ConsumerSettings {
+    /// The consumer's name in configuration: its endpoint, or `<endpoint>.dead-letters`.
+    pub fn name(&self) -> String {
+        match &self.source {
+            Source::Endpoint(endpoint) => endpoint.clone(),
+            Source::DeadLetters(endpoint) => format!("{endpoint}.dead-letters"),
+        }
+    }
+
     fn new(source: Source, topic: Option<String>) -> Self {
         ConsumerSettings {
             source,
@@ -237,6 +247,68 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
         self
     }
 
+    /// Applies `config` (see [`HostConfig`]): each entry of its consumers to the consumer of
+    /// that name, overriding what code set. An impossible value, or an entry that names no
+    /// consumer, is an [`Error::Config`] naming its path (`consumers.webhook.retry.backoff.max`).
+    pub fn configure(mut self, config: &HostConfig) -> Result<Self, Error> {
+        for (name, entry) in &config.consumers {
+            let path = format!("consumers.{name}");
+            let names: Vec<String> = self
+                .consumers
+                .iter()
+                .map(|c| format!("`{}`", c.settings.name()))
+                .collect();
+            let Some(consumer) = self
+                .consumers
+                .iter_mut()
+                .find(|c| c.settings.name() == *name)
+            else {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "no consumer has this name; the host has {}",
+                        names.join(", ")
+                    ),
+                ));
+            };
+            let settings = &mut consumer.settings;
+            if let Some(concurrency) = entry.concurrency {
+                if concurrency == 0 {
+                    return Err(Error::config(
+                        format!("{path}.concurrency"),
+                        "must be at least 1, got 0",
+                    ));
+                }
+                settings.concurrency = concurrency;
+            }
+            if let Some(timeout) = entry.timeout {
+                settings.timeout = Some(timeout);
+            }
+            if let Some(invalid_payload) = entry.invalid_payload {
+                settings.invalid_payload = invalid_payload;
+            }
+            if let Some(retry) = &entry.retry {
+                let policy = retry
+                    .build()
+                    .map_err(|e| config::under(&format!("{path}.retry"), e))?;
+                settings.policy = Some(Arc::new(policy));
+            }
+        }
+        if let Some(limit) = config.max_concurrency {
+            if limit == 0 {
+                return Err(Error::config(
+                    "max_concurrency",
+                    "must be at least 1, got 0",
+                ));
+            }
+            self = self.max_concurrency(limit);
+        }
+        if let Some(timeout) = config.shutdown_timeout {
+            self.shutdown_timeout = timeout;
+        }
+        Ok(self)
+    }
+
     /// The topology the consumers need: every endpoint and every subscription.
     pub fn topology(&self) -> Topology {
         self.consumers
@@ -259,7 +331,7 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
                 .concurrency(settings.concurrency)
                 .on_invalid_payload(settings.invalid_payload)
                 .shutdown_timeout(self.shutdown_timeout);
-            if let Some(policy) = settings.policy {
+            if let Some(policy) = settings.policy.clone() {
                 builder = builder.shared_retry_policy(policy);
             }
             let mut layers = self.layers.clone();
@@ -271,7 +343,7 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
                 Ok(worker) => workers.push(worker),
                 Err(e) => {
                     let _ = Host::stop_all(&mut workers).await;
-                    return Err(e.in_consumer(&settings.source));
+                    return Err(e.in_consumer(&settings.name()));
                 }
             }
         }

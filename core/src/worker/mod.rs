@@ -59,7 +59,9 @@ use lanes::WaitingRoom;
 use stats::{Control, StatsSource};
 
 /// What the worker does with a message whose body cannot be decoded into the handler's type.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// In configuration: `dead-letter` or `discard`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum InvalidPayload {
     /// Dead-letter it with reason [`INVALID_PAYLOAD`](crate::reasons::INVALID_PAYLOAD) and the
