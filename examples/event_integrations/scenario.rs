@@ -20,9 +20,10 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use chrono::{DateTime, Utc};
 use redeliver::{
-    Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Source, Topology, Transport, Worker,
-    outcome_for_status,
+    Backoff, BackoffPolicy, Clock, Consumer, Context, Failure, Host, Jitter, Message, Outcome,
+    Transport, outcome_for_status,
 };
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,103 @@ async fn start_customer_server() -> std::io::Result<SocketAddr> {
     Ok(address)
 }
 
+/// What every handler of the scenario shares.
+struct App {
+    server: SocketAddr,
+    http: reqwest::Client,
+    report: Report<Outcomes>,
+    timeline: Timeline,
+    clock: Clock,
+    start: DateTime<Utc>,
+}
+
+/// Events -> one integration message per configured target, sent to the kind's endpoint.
+async fn fan_out(event: Event, ctx: Context<App>) -> Result<(), Failure> {
+    for target in TARGETS {
+        let message = IntegrationMessage {
+            event_id: event.id.clone(),
+            organization_id: event.organization_id.clone(),
+            target: target.to_owned(),
+            url: format!("http://{}/hooks/{target}", ctx.state().server),
+            payload: format!(
+                r#"{{"type":"{}","organization":"{}"}}"#,
+                event.kind, event.organization_id
+            ),
+        };
+        let message = Message::json(&message)?
+            .with_id(format!("{}:{target}", event.id))
+            .with_subject(WEBHOOK);
+        ctx.send(WEBHOOK, message).await?;
+    }
+    Ok(())
+}
+
+async fn store_event(event: Event, ctx: Context<App>) -> Outcome {
+    ctx.state().report.update(|r| r.stored.push(event.id));
+    Outcome::success()
+}
+
+/// Posts to the target and turns the HTTP answer into an outcome.
+async fn post_webhook(message: IntegrationMessage, ctx: Context<App>) -> Outcome {
+    let app = ctx.state();
+    let response = app
+        .http
+        .post(&message.url)
+        .body(message.payload.clone())
+        .send()
+        .await;
+    let (status, retry_after) = match response {
+        Ok(r) => {
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (r.status().as_u16(), retry_after)
+        }
+        // No answer at all: as transient as a 503.
+        Err(_) => (503, None),
+    };
+    let outcome = outcome_for_status(status, retry_after.as_deref());
+    let since = (app.clock.now() - app.start).as_seconds_f64();
+    app.timeline.log(format!(
+        "webhook {:<12} attempt {}: HTTP {status}{} -> {}",
+        message.target,
+        ctx.attempt(),
+        retry_after
+            .map(|s| format!(" (Retry-After {s} s)"))
+            .unwrap_or_default(),
+        outcome.kind()
+    ));
+    app.report.update(|r| {
+        r.webhook_calls
+            .entry(message.target.clone())
+            .or_default()
+            .push((ctx.attempt(), since, status));
+        if outcome == Outcome::Success {
+            r.delivered.push(message.target.clone());
+        }
+    });
+    outcome
+}
+
+async fn record_dead_letter(message: IntegrationMessage, ctx: Context<App>) -> Outcome {
+    let reason = ctx
+        .dead_letter()
+        .map(|d| d.reason.clone())
+        .unwrap_or_default();
+    ctx.state().timeline.log(format!(
+        "dead letter {} after attempt {}: category `{reason}`",
+        message.target,
+        ctx.attempt()
+    ));
+    ctx.state().report.update(|r| {
+        r.dead_letters
+            .push((ctx.message_id().to_string(), ctx.attempt(), reason))
+    });
+    Outcome::success()
+}
+
 pub(crate) async fn run(
     transport: Arc<dyn Transport>,
     timeline: Timeline,
@@ -110,147 +208,36 @@ pub(crate) async fn run(
     let server = start_customer_server()
         .await
         .map_err(|e| redeliver::Error::connection("could not start the stand-in web server", e))?;
-    transport
-        .declare(
-            &Topology::new()
-                .subscribe(EVENTS, INTEGRATIONS)
-                .subscribe(EVENTS, EVENT_STORE)
-                .endpoint(WEBHOOK),
-        )
-        .await?;
-    let report = Report::<Outcomes>::new();
-    let clock = transport.clock();
-    let start = clock.now();
-
-    // Events -> one integration message per configured target, sent to the kind's endpoint.
-    let sender = Arc::clone(&transport);
-    let integrations = Worker::builder(Arc::clone(&transport), INTEGRATIONS)
-        .start(move |event: Event, _: Context| {
-            let sender = Arc::clone(&sender);
-            async move {
-                for target in TARGETS {
-                    let message = IntegrationMessage {
-                        event_id: event.id.clone(),
-                        organization_id: event.organization_id.clone(),
-                        target: target.to_owned(),
-                        url: format!("http://{server}/hooks/{target}"),
-                        payload: format!(
-                            r#"{{"type":"{}","organization":"{}"}}"#,
-                            event.kind, event.organization_id
-                        ),
-                    };
-                    let sent = match Message::json(&message) {
-                        Ok(m) => {
-                            sender
-                                .send(
-                                    WEBHOOK,
-                                    m.with_id(format!("{}:{target}", event.id))
-                                        .with_subject(WEBHOOK),
-                                )
-                                .await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = sent {
-                        return Outcome::retry(format!(
-                            "could not send the integration message: {e}"
-                        ));
-                    }
-                }
-                Outcome::success()
-            }
-        })
-        .await?;
-
-    let seen = report.clone();
-    let event_store = Worker::builder(Arc::clone(&transport), EVENT_STORE)
-        .start(move |event: Event, _: Context| {
-            seen.update(|r| r.stored.push(event.id));
-            async { Outcome::success() }
-        })
-        .await?;
-
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| redeliver::Error::connection("could not build the HTTP client", e))?;
+    let report = Report::<Outcomes>::new();
+    let clock = transport.clock();
+    let app = App {
+        server,
+        http,
+        report: report.clone(),
+        timeline,
+        start: clock.now(),
+        clock,
+    };
     let policy = BackoffPolicy::builder()
         .max_attempts(MAX_ATTEMPTS)
         .backoff(Backoff::exponential(delay, delay * 8))
         .jitter(Jitter::None)
         .build()?;
-    let (log, seen, webhook_clock) = (timeline.clone(), report.clone(), clock.clone());
-    let webhooks = Worker::builder(Arc::clone(&transport), WEBHOOK)
-        .concurrency(4)
-        .retry_policy(policy)
-        .start(move |message: IntegrationMessage, ctx: Context| {
-            let (http, log, seen, clock) = (
-                http.clone(),
-                log.clone(),
-                seen.clone(),
-                webhook_clock.clone(),
-            );
-            async move {
-                let response = http
-                    .post(&message.url)
-                    .body(message.payload.clone())
-                    .send()
-                    .await;
-                let (status, retry_after) = match response {
-                    Ok(r) => {
-                        let retry_after = r
-                            .headers()
-                            .get("retry-after")
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned);
-                        (r.status().as_u16(), retry_after)
-                    }
-                    // No answer at all: as transient as a 503.
-                    Err(_) => (503, None),
-                };
-                let outcome = outcome_for_status(status, retry_after.as_deref());
-                let since = (clock.now() - start).as_seconds_f64();
-                log.log(format!(
-                    "webhook {:<12} attempt {}: HTTP {status}{} -> {}",
-                    message.target,
-                    ctx.attempt(),
-                    retry_after
-                        .map(|s| format!(" (Retry-After {s} s)"))
-                        .unwrap_or_default(),
-                    outcome.kind()
-                ));
-                seen.update(|r| {
-                    r.webhook_calls
-                        .entry(message.target.clone())
-                        .or_default()
-                        .push((ctx.attempt(), since, status));
-                    if outcome == Outcome::Success {
-                        r.delivered.push(message.target.clone());
-                    }
-                });
-                outcome
-            }
-        })
-        .await?;
-
-    let (log, seen) = (timeline.clone(), report.clone());
-    let dead_letters = Worker::builder(Arc::clone(&transport), Source::dead_letters(WEBHOOK))
-        .start(move |message: IntegrationMessage, ctx: Context| {
-            let reason = ctx
-                .dead_letter()
-                .map(|d| d.reason.clone())
-                .unwrap_or_default();
-            log.log(format!(
-                "dead letter {} after attempt {}: category `{reason}`",
-                message.target,
-                ctx.attempt()
-            ));
-            seen.update(|r| {
-                r.dead_letters
-                    .push((ctx.message_id().to_string(), ctx.attempt(), reason))
-            });
-            async { Outcome::success() }
-        })
+    let host = Host::with_state(Arc::clone(&transport), app)
+        .consumer(Consumer::subscription(EVENTS, INTEGRATIONS).handler(fan_out))
+        .consumer(Consumer::subscription(EVENTS, EVENT_STORE).handler(store_event))
+        .consumer(
+            Consumer::endpoint(WEBHOOK)
+                .concurrency(4)
+                .retry_policy(policy)
+                .handler(post_webhook),
+        )
+        .consumer(Consumer::dead_letters(WEBHOOK).handler(record_dead_letter))
+        .start()
         .await?;
 
     let event = Event {
@@ -267,8 +254,6 @@ pub(crate) async fn run(
             r.delivered.len() >= 2 && r.dead_letters.len() >= 2 && !r.stored.is_empty()
         })
         .await;
-    for worker in [integrations, event_store, webhooks, dead_letters] {
-        worker.shutdown().await;
-    }
+    host.shutdown().await;
     Ok(outcomes)
 }
