@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::TimeDelta;
 use redeliver_core::{
-    Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, RetryAfter, Source, Topology,
-    Transport, Worker, WorkerStats,
+    Backoff, BackoffPolicy, Consumer, ConsumerSettings, Context, Host, Jitter, Message, Outcome,
+    RetryAfter, Source, Topology, Transport, WorkerStats,
 };
 use serde::{Deserialize, Serialize};
 
@@ -109,40 +109,59 @@ impl<'f> Setup<'f> {
     }
 }
 
-/// Starts a worker on `source` whose handler records the call and answers with `decide`.
+/// The consumer of `source`, for a host.
+fn consumer(source: impl Into<Source>) -> ConsumerSettings {
+    match source.into() {
+        Source::Endpoint(endpoint) => Consumer::endpoint(endpoint),
+        Source::DeadLetters(endpoint) => Consumer::dead_letters(endpoint),
+    }
+}
+
+/// Starts a host with `consumer`, the scenarios' shutdown timeout, and nothing else: every
+/// scenario runs through the application host.
+async fn host(setup: &Setup<'_>, consumer: Consumer) -> Host {
+    let started = Host::builder(Arc::clone(&setup.transport))
+        .shutdown_timeout(setup.timing.unit)
+        .consumer(consumer)
+        .start();
+    expect_within(
+        setup.timing.patience,
+        "the host start (HostBuilder::start)",
+        started,
+    )
+    .await
+    .expect("the host starts")
+}
+
+/// Starts a consumer of `source` whose handler records the call and answers with `decide`.
 async fn worker(
     setup: &Setup<'_>,
     source: impl Into<Source>,
     policy: BackoffPolicy,
     decide: impl Fn(&Order, &Context) -> Outcome + Send + Sync + 'static,
-) -> Worker {
+) -> Host {
     let calls = setup.calls.clone();
-    let started = Worker::builder(Arc::clone(&setup.transport), source)
-        .retry_policy(policy)
-        .shutdown_timeout(setup.timing.unit)
-        .start(move |order: Order, ctx: Context| {
-            calls.record(&ctx);
-            let outcome = decide(&order, &ctx);
-            async move { outcome }
-        });
-    expect_within(
-        setup.timing.patience,
-        "the worker start (WorkerBuilder::start)",
-        started,
-    )
-    .await
-    .expect("the worker starts")
+    let consumer =
+        consumer(source)
+            .retry_policy(policy)
+            .handler(move |order: Order, ctx: Context| {
+                calls.record(&ctx);
+                let outcome = decide(&order, &ctx);
+                async move { outcome }
+            });
+    host(setup, consumer).await
 }
 
-/// Shuts `worker` down (see [`Worker::shutdown`]), failing the scenario if that takes longer
-/// than the shutdown timeout (`timing.unit`) plus the patience.
-async fn stop(worker: Worker, timing: Timing) -> WorkerStats {
-    expect_within(
+/// Shuts `host` down (see [`Host::shutdown`]), failing the scenario if that takes longer than
+/// the shutdown timeout (`timing.unit`) plus the patience; the statistics of its one consumer.
+async fn stop(host: Host, timing: Timing) -> WorkerStats {
+    let stopped = expect_within(
         timing.unit + timing.patience,
-        "the worker shut down (Worker::shutdown)",
-        worker.shutdown(),
+        "the host shut down (Host::shutdown)",
+        host.shutdown(),
     )
-    .await
+    .await;
+    stopped.into_iter().next().expect("one consumer").1
 }
 
 fn assert_stats(
@@ -464,21 +483,20 @@ pub async fn graceful_shutdown_without_loss(factory: &dyn Factory) {
     let stuck = Arc::new(AtomicBool::new(true));
     let first = {
         let (calls, stuck) = (setup.calls.clone(), Arc::clone(&stuck));
-        Worker::builder(Arc::clone(&setup.transport), endpoint.as_str())
-            .concurrency(3)
-            .shutdown_timeout(setup.timing.unit)
-            .start(move |_: Order, ctx: Context| {
-                calls.record(&ctx);
-                let stuck = stuck.load(Ordering::SeqCst);
-                async move {
-                    if stuck {
-                        std::future::pending::<()>().await;
+        let consumer =
+            consumer(endpoint.as_str())
+                .concurrency(3)
+                .handler(move |_: Order, ctx: Context| {
+                    calls.record(&ctx);
+                    let stuck = stuck.load(Ordering::SeqCst);
+                    async move {
+                        if stuck {
+                            std::future::pending::<()>().await;
+                        }
+                        Outcome::success()
                     }
-                    Outcome::success()
-                }
-            })
-            .await
-            .expect("the worker starts")
+                });
+        host(&setup, consumer).await
     };
     let mut ids = BTreeSet::new();
     for id in 0..5 {
@@ -498,14 +516,14 @@ pub async fn graceful_shutdown_without_loss(factory: &dyn Factory) {
     let again = Calls::new(setup.transport.clock());
     let second = {
         let again = again.clone();
-        Worker::builder(Arc::clone(&setup.transport), endpoint.as_str())
-            .concurrency(3)
-            .start(move |_: Order, ctx: Context| {
-                again.record(&ctx);
-                async { Outcome::success() }
-            })
-            .await
-            .expect("the worker starts")
+        let consumer =
+            consumer(endpoint.as_str())
+                .concurrency(3)
+                .handler(move |_: Order, ctx: Context| {
+                    again.record(&ctx);
+                    async { Outcome::success() }
+                });
+        host(&setup, consumer).await
     };
     again.wait_for(5, setup.timing.patience).await;
 
@@ -571,27 +589,25 @@ pub async fn dead_letter_handler_once_per_dead_letter(factory: &dyn Factory) {
     setup.finish().await;
 }
 
-/// Starts a responder on `endpoint` that answers each request with `answer` (or not at all).
+/// Starts a responder on `endpoint` that answers each request with `answer` (or not at all),
+/// sending the reply from the handler's context.
 async fn responder(
     setup: &Setup<'_>,
     endpoint: &str,
     answer: impl Fn(&Context) -> Option<StatusEnvelope<Quote>> + Send + Sync + 'static,
-) -> Worker {
-    let (calls, transport) = (setup.calls.clone(), Arc::clone(&setup.transport));
-    Worker::builder(Arc::clone(&setup.transport), endpoint)
-        .start(move |_: Order, ctx: Context| {
-            calls.record(&ctx);
-            let reply = answer(&ctx).map(|envelope| reply_to(&ctx, &envelope).expect("a reply"));
-            let transport = Arc::clone(&transport);
-            async move {
-                match reply {
-                    Some((endpoint, message)) => transport.send(&endpoint, message).await.into(),
-                    None => Outcome::success(),
-                }
+) -> Host {
+    let calls = setup.calls.clone();
+    let consumer = consumer(endpoint).handler(move |_: Order, ctx: Context| {
+        calls.record(&ctx);
+        let reply = answer(&ctx).map(|envelope| reply_to(&ctx, &envelope).expect("a reply"));
+        async move {
+            match reply {
+                Some((endpoint, message)) => ctx.send(&endpoint, message).await.into(),
+                None => Outcome::success(),
             }
-        })
-        .await
-        .expect("the responder starts")
+        }
+    });
+    host(setup, consumer).await
 }
 
 /// What the responders answer with.

@@ -379,7 +379,7 @@ impl Host {
     }
 
     /// A builder for a host on `transport` whose handlers share `state`
-    /// ([`Context::state`]).
+    /// ([`Context::state`](crate::Context::state)).
     pub fn with_state<S: Send + Sync + 'static>(
         transport: Arc<dyn Transport>,
         state: S,

@@ -1,28 +1,4 @@
-//! Several message types on one endpoint, each to its own handler, chosen by the message's
-//! [`MESSAGE_TYPE`] header.
-//!
-//! ```
-//! use redeliver_core::{Consumer, Context, Outcome};
-//! use redeliver_core::host::Routes;
-//!
-//! #[derive(serde::Deserialize)]
-//! struct OrderPlaced { order_id: u64 }
-//! #[derive(serde::Deserialize)]
-//! struct OrderCancelled { order_id: u64 }
-//!
-//! async fn placed(_: OrderPlaced, _: Context) -> Outcome { Outcome::success() }
-//! async fn cancelled(_: OrderCancelled, _: Context) -> Outcome { Outcome::success() }
-//!
-//! let orders = Consumer::endpoint("orders").routes(
-//!     Routes::new()
-//!         .route("order-placed", placed)
-//!         .route("order-cancelled", cancelled),
-//! );
-//! ```
-//!
-//! A message without the header, or with a type no route takes, is dead-lettered with reason
-//! [`UNKNOWN_MESSAGE_TYPE`]; a body that does not decode into the route's type with reason
-//! [`INVALID_PAYLOAD`](crate::reasons::INVALID_PAYLOAD).
+//! Handlers by message type on one endpoint.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,7 +14,31 @@ use crate::reasons::{INVALID_PAYLOAD, UNKNOWN_MESSAGE_TYPE};
 type Routed = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 type Route<S> = Arc<dyn Fn(Context<S>) -> Routed + Send + Sync>;
 
-/// Handlers by message type; see the [module docs](self).
+/// Several message types on one endpoint, each to its own handler, chosen by the message's
+/// [`MESSAGE_TYPE`] header.
+///
+/// ```
+/// use redeliver_core::{Consumer, Context, Outcome};
+/// use redeliver_core::host::Routes;
+///
+/// #[derive(serde::Deserialize)]
+/// struct OrderPlaced { order_id: u64 }
+/// #[derive(serde::Deserialize)]
+/// struct OrderCancelled { order_id: u64 }
+///
+/// async fn placed(_: OrderPlaced, _: Context) -> Outcome { Outcome::success() }
+/// async fn cancelled(_: OrderCancelled, _: Context) -> Outcome { Outcome::success() }
+///
+/// let orders = Consumer::endpoint("orders").routes(
+///     Routes::new()
+///         .route("order-placed", placed)
+///         .route("order-cancelled", cancelled),
+/// );
+/// ```
+///
+/// A message without the header, or with a type no route takes, is dead-lettered with reason
+/// [`UNKNOWN_MESSAGE_TYPE`]; a body that does not decode into the route's type with reason
+/// [`INVALID_PAYLOAD`](crate::reasons::INVALID_PAYLOAD).
 pub struct Routes<S = ()> {
     routes: BTreeMap<String, Route<S>>,
 }
