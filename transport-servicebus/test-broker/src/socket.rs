@@ -68,6 +68,7 @@ const HEADER: [u8; 3] = [0x00, 0x53, 0x70];
 const BEGIN: u8 = 0x11;
 const TRANSFER: u8 = 0x14;
 const DISPOSITION: u8 = 0x15;
+const CLOSE: u8 = 0x18;
 
 const LOCK_LOST: &str = "com.microsoft:message-lock-lost";
 
@@ -96,6 +97,8 @@ struct TapState {
     echoes: HashMap<[u8; 16], Echo>,
     /// The rewritten tag of a transfer that continues in further frames, by channel and handle.
     continuing: HashMap<(u16, u32), DeliveryTag>,
+    /// The broker closes the connection: nothing is held back any more.
+    closing: bool,
 }
 
 /// The wire-level corrections of one connection (see the module docs).
@@ -194,6 +197,12 @@ impl Tap {
                 None
             }
             TRANSFER => self.on_broker_transfer(channel, body),
+            CLOSE => {
+                // A `begin` the broker will never answer must not hold back the client's
+                // answer to this `close`.
+                self.lock().closing = true;
+                None
+            }
             _ => None,
         }
     }
@@ -563,7 +572,10 @@ impl ClientStream {
     /// How many bytes of `readable` may be handed to the library now.
     fn available(&mut self) -> usize {
         while let Some(&(offset, channel)) = self.held.front() {
-            if self.tap.lock().channels.contains_key(&channel) {
+            let state = self.tap.lock();
+            let answered = state.closing || state.channels.contains_key(&channel);
+            drop(state);
+            if answered {
                 self.held.pop_front();
             } else {
                 return offset;
@@ -652,11 +664,12 @@ impl AsyncWrite for ClientStream {
         this.write_scanner.feed(
             buf,
             &mut out,
-            |code| matches!(code, BEGIN | TRANSFER),
+            |code| matches!(code, BEGIN | TRANSFER | CLOSE),
             |channel, code, body| tap.on_broker_frame(channel, code, body),
         );
-        // The broker's `begin` answers may release held client frames.
-        if !this.write_scanner.begins.is_empty() {
+        // The broker's `begin` answers (or its `close`) may release held client frames.
+        let closing = this.tap.lock().closing;
+        if !this.write_scanner.begins.is_empty() || closing {
             this.write_scanner.begins.clear();
             if let Some(reader) = this.held_reader.take() {
                 reader.wake();
@@ -681,6 +694,82 @@ impl AsyncWrite for ClientStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn begin(remote_channel: Option<u16>) -> Vec<u8> {
+        let begin = Begin {
+            remote_channel,
+            next_outgoing_id: 0,
+            incoming_window: 100,
+            outgoing_window: 100,
+            handle_max: fe2o3_amqp::types::definitions::Handle(u32::MAX),
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        serde_amqp::to_vec(&begin).unwrap()
+    }
+
+    async fn read_some(stream: &mut ClientStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("read in time")
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[tokio::test]
+    async fn frames_after_a_begin_wait_for_the_brokers_answer() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let (mut stream, _tap) = ClientStream::new(accepted);
+
+        let client_begin = frame(3, &begin(None));
+        let attach_like = frame(3, &[0x00, 0x53, 0x12, 0x45]);
+        let mut sent = b"AMQP\x00\x01\x00\x00".to_vec();
+        sent.extend_from_slice(&client_begin);
+        sent.extend_from_slice(&attach_like);
+        client.write_all(&sent).await.unwrap();
+
+        let mut first = Vec::new();
+        while first.len() < 8 + client_begin.len() {
+            first.extend(read_some(&mut stream).await);
+        }
+        assert_eq!(
+            first,
+            sent[..8 + client_begin.len()],
+            "up to the begin only"
+        );
+
+        // The broker answers the begin of client channel 3 on its channel 0.
+        stream.write_all(&frame(0, &begin(Some(3)))).await.unwrap();
+        assert_eq!(read_some(&mut stream).await, attach_like, "released");
+    }
+
+    #[test]
+    fn a_short_header_is_written_in_full() {
+        let rest = [0x00, 0x53, 0x75, 0xa0, 1, b'x'];
+        let mut payload = HEADER.to_vec();
+        payload.push(0x45); // an empty list: every field at its default
+        payload.extend_from_slice(&rest);
+        let explicit = with_explicit_header(&payload).expect("rewritten");
+        let header: Header =
+            serde_amqp::from_slice(&explicit[..explicit.len() - rest.len()]).expect("a header");
+        assert_eq!(header.delivery_count, 0);
+        assert_eq!(header.priority.0, 4);
+        assert_eq!(
+            &explicit[..HEADER.len() + 3],
+            &[0x00, 0x53, 0x70, 0xc0, 11, 5],
+            "five fields on the wire"
+        );
+        assert_eq!(&explicit[explicit.len() - rest.len()..], &rest);
+    }
 
     #[test]
     fn dotnet_order_reverses_the_first_three_fields() {
