@@ -99,8 +99,11 @@
 //! - message time to live (the `ttl` header and an entity default): expired messages are
 //!   dropped, or dead-lettered with reason `TTLExpiredException` when the entity says so;
 //! - Service Bus's size limits (standard tier by default, per entity): a message larger than
-//!   the entity's `max_message_size` (256 KiB) or whose header sections are larger than its
-//!   `max_header_size` (64 KiB) is rejected with `amqp:link:message-size-exceeded`;
+//!   the entity's `max_message_size` (256 KiB) is rejected with
+//!   `amqp:link:message-size-exceeded`; one whose header sections are larger than its
+//!   `max_header_size` (64 KiB) is rejected, as Service Bus was reported to do, with
+//!   `amqp:internal-error` and "The service was unable to process the request; please retry the
+//!   operation";
 //! - refused sends, for testing error paths:
 //!   [`BrokerHandle::set_reject_sends`] makes every send to an entity fail with
 //!   `amqp:not-allowed`.

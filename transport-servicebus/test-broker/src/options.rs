@@ -50,7 +50,8 @@ pub struct QueueOptions {
     pub max_message_size: Option<usize>,
     /// Sends of messages whose header sections (header, message annotations, properties and
     /// application properties), encoded, exceed this many bytes are rejected with
-    /// `amqp:link:message-size-exceeded`. Default [`STANDARD_MAX_HEADER_SIZE`].
+    /// `amqp:internal-error`, as Service Bus was reported to. Default
+    /// [`STANDARD_MAX_HEADER_SIZE`].
     pub max_header_size: Option<usize>,
     /// Duplicate detection: a message whose `message-id` was already sent to the entity within
     /// this window is accepted and dropped, as Service Bus does. `None` (the default) disables

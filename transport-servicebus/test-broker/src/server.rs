@@ -522,11 +522,14 @@ async fn ingress_link(mut receiver: Receiver, shared: Arc<Shared>, entity: Strin
                         format!("The message of {size} bytes exceeds the limit of {max} bytes."),
                         None,
                     ),
+                    // Service Bus does not say "too large" here: it answers as for any
+                    // internal failure (reported in Azure/azure-sdk-for-net#15325), an answer
+                    // that invites retrying what can never succeed.
                     Refusal::HeadersTooLarge { size, max } => AmqpErrorFrame::new(
-                        LinkError::MessageSizeExceeded,
+                        AmqpError::InternalError,
                         format!(
-                            "The header sections of the message ({size} bytes) exceed the limit \
-                             of {max} bytes."
+                            "The service was unable to process the request; please retry the \
+                             operation. (header sections of {size} bytes, limit {max} bytes)"
                         ),
                         None,
                     ),
