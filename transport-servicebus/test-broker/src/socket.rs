@@ -13,24 +13,31 @@
 //!
 //! # Frames corrected on the wire
 //!
-//! The acceptor API of `fe2o3-amqp` (0.14 to 0.17 at least) has two limits that Microsoft's
-//! SDKs notice, and no public way around them inside the library:
+//! The acceptor API of `fe2o3-amqp` (0.14, and still 0.17, the newest read) has limits that
+//! Microsoft's SDKs notice, with no public way around them inside the library:
 //!
 //! - its sender always uses a 4-byte counter as delivery tag. Service Bus uses the message's
 //!   16-byte lock token (in .NET `Guid` byte order), and the Python and .NET SDKs take the lock
 //!   token from the tag. The broker therefore rewrites the tag of every transfer that carries
 //!   an `x-opt-lock-token` delivery annotation (the broker's own) to that token. Dispositions
 //!   name deliveries by id, not by tag, so the library never sees the difference. To leave room
-//!   for the longer tag, the client's `max-frame-size` is announced to the library
+//!   for the longer first frame, the client's `max-frame-size` is announced to the library
 //!   [`FRAME_GROWTH`] bytes smaller.
+//! - it leaves out trailing fields of the message header that have their default value, so a
+//!   first delivery had no `delivery-count`; the Python SDK reports that as `None`, where
+//!   Service Bus says 0. The header of those transfers is written out in full.
 //! - when a receiver in rcv-settle-mode second reports an outcome (an unsettled disposition),
 //!   the session is meant to answer with a settled disposition, but its code drops the last
 //!   (for a single delivery: the only) range of delivery ids, so nothing is sent. A client that
 //!   waits for the answer (the Python SDK, 60 s, then it retries through the management link
 //!   and gets "lock lost") never gets it. The broker therefore writes the settled disposition
 //!   itself: for a peek-lock delivery once the outcome was applied ([`Tap::settled`]), with the
-//!   client's outcome, or `rejected` with `com.microsoft:message-lock-lost` if the lock was
-//!   gone; for any other unsettled delivery at once.
+//!   client's outcome (a dead-letter as `rejected` without error, as Service Bus does), or
+//!   `rejected` with `com.microsoft:message-lock-lost` if the lock was gone; for any other
+//!   unsettled delivery at once.
+//! - a frame for a session that the application has not accepted yet closes the whole
+//!   connection with `amqp:not-found`; clients pipeline `begin` and `attach`. See
+//!   [`ClientStream`] for how such frames are held back.
 //!
 //! Frames are parsed only as far as needed (the 8-byte frame header and the performative's
 //! descriptor); others pass through untouched, and a stream that does not parse as AMQP frames
