@@ -66,7 +66,8 @@
 //!
 //! - SASL ANONYMOUS and PLAIN (any credentials), CBS `put-token` on `$cbs` (every token is
 //!   accepted with status 202 in `status-code` / `status-description`; the reply goes to the
-//!   request's `reply-to`, or without one to the link that targets `$cbs`, as Service Bus does);
+//!   link whose target address or name is the request's `reply-to`, or without one to the link
+//!   that targets `$cbs`, as Service Bus does);
 //! - queues, topics and subscriptions (with a subject filter and forwarding into a queue),
 //!   provisioned through [`BrokerHandle`] or the program's flags, never over AMQP; attaching to
 //!   an unknown entity fails with `amqp:not-found`;
@@ -90,10 +91,11 @@
 //!   one that was enqueued already fails with 404 (`MessageNotFound`);
 //! - the management operations `com.microsoft:renew-lock`, `update-disposition`,
 //!   `receive-by-sequence-number` (deferred messages) and `peek-message`, answered exactly
-//!   once per request, in order, on the link whose target is the request's `reply-to`; other
-//!   operations are answered with status 501;
+//!   once per request, in order, on the link whose target address (or name) is the request's
+//!   `reply-to`; other operations are answered with status 501;
 //! - "properties to modify" on abandon and defer, applied to the application properties;
-//! - batched sends (message format `0x80013700`);
+//! - batched sends (message format `0x80013700`); a message sent without `message-id` gets
+//!   one (a GUID without dashes), as Service Bus assigns;
 //! - duplicate detection (opt-in per entity): a repeated `message-id` inside the window is
 //!   accepted and dropped;
 //! - message time to live (the `ttl` header and an entity default): expired messages are

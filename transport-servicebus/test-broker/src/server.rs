@@ -227,7 +227,9 @@ enum Route {
     Management(String, String),
     Ingress(String),
     Egress(String, ReceiveMode),
-    ReplyLink(String),
+    /// A link that receives replies: the `reply-to` values it answers to (its target address
+    /// and its name).
+    ReplyLink(Vec<String>),
     /// Refused with this error.
     Refuse(AmqpError, String),
 }
@@ -270,28 +272,23 @@ fn route(attach: &Attach, shared: &Shared) -> Route {
                     "a receiving link needs a source address".to_owned(),
                 );
             };
-            let reply_to = match attach.target.as_deref() {
+            // A reply link is found by its target address or by its name: the JavaScript SDK
+            // sets `reply-to` to the link's name and leaves the target without an address, and
+            // Service Bus answers it there.
+            let target_address = match attach.target.as_deref() {
                 Some(TargetArchetype::Target(target)) => target.address.clone(),
                 _ => None,
             };
+            let reply_keys: Vec<String> = target_address
+                .into_iter()
+                .chain(std::iter::once(attach.name.clone()))
+                .collect();
             match node(&address) {
-                Node::Cbs => match reply_to {
-                    Some(reply_to) => Route::ReplyLink(reply_to),
-                    None => Route::Refuse(
-                        AmqpError::NotFound,
-                        "a reply link needs a target address".to_owned(),
-                    ),
-                },
+                Node::Cbs => Route::ReplyLink(reply_keys),
                 Node::Management(entity)
                     if state.is_sendable(&entity) || state.is_receivable(&entity) =>
                 {
-                    match reply_to {
-                        Some(reply_to) => Route::ReplyLink(reply_to),
-                        None => Route::Refuse(
-                            AmqpError::NotFound,
-                            "a reply link needs a target address".to_owned(),
-                        ),
-                    }
+                    Route::ReplyLink(reply_keys)
                 }
                 Node::Entity(entity) if state.is_receivable(&entity) && wants_session(attach) => {
                     Route::Refuse(
@@ -430,8 +427,8 @@ async fn handle_session(
             (Route::Egress(store, mode), LinkEndpoint::Sender(sender)) => {
                 links.spawn(egress_link(sender, shared, store, mode, tap.clone()));
             }
-            (Route::ReplyLink(address), LinkEndpoint::Sender(sender)) => {
-                links.spawn(reply_link(sender, replies, address));
+            (Route::ReplyLink(keys), LinkEndpoint::Sender(sender)) => {
+                links.spawn(reply_link(sender, replies, keys));
             }
             (_, _) => tracing::warn!("link role does not match its route"),
         }
@@ -473,10 +470,12 @@ async fn request_link(
     }
 }
 
-/// Sends queued replies on the link whose target is `address`.
-async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, address: String) {
+/// Sends the replies to requests whose `reply-to` is one of `keys`.
+async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, keys: Vec<String>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    replies.register(address.clone(), tx.clone());
+    for key in &keys {
+        replies.register(key.clone(), tx.clone());
+    }
     loop {
         let next = tokio::select! {
             reply = rx.recv() => reply,
@@ -487,7 +486,9 @@ async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, address: Strin
             break;
         }
     }
-    replies.remove(&address, &tx);
+    for key in &keys {
+        replies.remove(key, &tx);
+    }
 }
 
 /// Accepts messages sent to a queue or topic; a refused send is rejected with an AMQP error.

@@ -54,7 +54,8 @@ use fe2o3_amqp::types::definitions::{
 };
 use fe2o3_amqp::types::messaging::{DeliveryState, Header, Rejected};
 use fe2o3_amqp::types::performatives::{Begin, Disposition, Open, Transfer};
-use fe2o3_amqp::types::primitives::Symbol;
+use fe2o3_amqp::types::primitives::{OrderedMap, Symbol};
+use serde_amqp::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -274,11 +275,18 @@ impl Tap {
                     .max(MIN_MAX_FRAME_SIZE);
                 serde_amqp::to_vec(&open).ok()
             }
-            DISPOSITION => {
-                let disposition: Disposition = serde_amqp::from_slice(body).ok()?;
-                self.on_client_disposition(channel, disposition);
-                None
-            }
+            DISPOSITION => match serde_amqp::from_slice::<Disposition>(body) {
+                Ok(disposition) => {
+                    self.on_client_disposition(channel, disposition);
+                    None
+                }
+                Err(_) => {
+                    let fixed = with_symbol_info_keys(body)?;
+                    let disposition: Disposition = serde_amqp::from_slice(&fixed).ok()?;
+                    self.on_client_disposition(channel, disposition);
+                    Some(fixed)
+                }
+            },
             _ => None,
         }
     }
@@ -423,6 +431,48 @@ fn with_explicit_header(payload: &[u8]) -> Option<Vec<u8>> {
     encoded.extend_from_slice(&list);
     encoded.extend_from_slice(&payload[end..]);
     Some(encoded)
+}
+
+/// A disposition whose `rejected` error has string keys in its `info`, with those keys
+/// turned into symbols. AMQP's `fields` are keyed by symbols, and `fe2o3-amqp` cannot decode
+/// the frame otherwise (its session then stops answering), but the JavaScript SDK dead-letters
+/// with string keys, which Service Bus accepts.
+fn with_symbol_info_keys(body: &[u8]) -> Option<Vec<u8>> {
+    let mut value: Value = serde_amqp::from_slice(body).ok()?;
+    let Value::Described(disposition) = &mut value else {
+        return None;
+    };
+    let Value::List(fields) = &mut disposition.value else {
+        return None;
+    };
+    let Value::Described(state) = fields.get_mut(4)? else {
+        return None;
+    };
+    let Value::List(state_fields) = &mut state.value else {
+        return None;
+    };
+    let Value::Described(error) = state_fields.get_mut(0)? else {
+        return None;
+    };
+    let Value::List(error_fields) = &mut error.value else {
+        return None;
+    };
+    let Value::Map(info) = error_fields.get_mut(2)? else {
+        return None;
+    };
+    if !info.keys().any(|key| matches!(key, Value::String(_))) {
+        return None;
+    }
+    let mut fixed = OrderedMap::new();
+    for (key, entry) in info.iter() {
+        let key = match key {
+            Value::String(name) => Value::Symbol(Symbol::from(name.as_str())),
+            other => other.clone(),
+        };
+        fixed.insert(key, entry.clone());
+    }
+    *info = fixed;
+    serde_amqp::to_vec(&value).ok()
 }
 
 /// Splits a byte stream into AMQP frames and lets a callback replace the bodies of the frames
@@ -776,6 +826,33 @@ mod tests {
             "five fields on the wire"
         );
         assert_eq!(&explicit[explicit.len() - rest.len()..], &rest);
+    }
+
+    #[test]
+    fn string_keys_of_a_dead_letter_error_become_symbols() {
+        // The frame body the JavaScript SDK 7.9.5 writes to dead-letter delivery 1.
+        let hex = "005315d00000007b00000005415201520142005325d0000000690000000100531dd00000005d\
+                   00000003a319636f6d2e6d6963726f736f66743a646561642d6c657474657240d10000003800\
+                   000004a110446561644c6574746572526561736f6ea10172a11a446561644c65747465724572\
+                   726f724465736372697074696f6ea10164";
+        let hex: String = hex.split_whitespace().collect::<Vec<_>>().concat();
+        let body: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert!(serde_amqp::from_slice::<Disposition>(&body).is_err());
+        let fixed = with_symbol_info_keys(&body).expect("rewritten");
+        let disposition: Disposition = serde_amqp::from_slice(&fixed).expect("decodes");
+        let Some(DeliveryState::Rejected(Rejected { error: Some(error) })) = disposition.state
+        else {
+            panic!("a rejected state");
+        };
+        let info = error.info.expect("info");
+        assert_eq!(
+            info.get(&Symbol::from("DeadLetterReason")),
+            Some(&Value::String("r".into()))
+        );
+        assert_eq!(disposition.first, 1);
     }
 
     #[test]

@@ -222,6 +222,19 @@ impl Entity {
     }
 }
 
+/// Gives a message without `message-id` one, as Service Bus does (a GUID without dashes):
+/// some clients (the JavaScript SDK) cannot settle a message without it.
+fn assign_message_id(message: &mut Msg) {
+    let properties = message
+        .properties
+        .get_or_insert_with(fe2o3_amqp_types::messaging::Properties::default);
+    if properties.message_id.is_none() {
+        properties.message_id = Some(fe2o3_amqp_types::messaging::MessageId::String(
+            uuid::Uuid::new_v4().simple().to_string(),
+        ));
+    }
+}
+
 fn message_id_key(message: &Msg) -> Option<String> {
     let id = message.properties.as_ref()?.message_id.as_ref()?;
     Some(match id {
@@ -523,6 +536,7 @@ impl State {
         for mut message in messages {
             // Delivery annotations belong to one transfer, not to the message.
             message.delivery_annotations = None;
+            assign_message_id(&mut message);
             let sequence_number = self.take_sequence_number();
             numbers.push(sequence_number);
             if self

@@ -277,3 +277,60 @@ async fn dead_lettering_a_dead_letter_is_refused_and_keeps_it() {
     session.end().await.unwrap();
     connection.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reply_link_without_target_address_is_found_by_its_name() {
+    let broker = broker_on_ephemeral_port().await;
+    let (mut connection, mut session) = connect(&broker).await;
+    let mut requests = Sender::attach(&mut session, "cbs-s", "$cbs").await.unwrap();
+    // As the JavaScript SDK does: `reply-to` is the reply link's name, its target has no
+    // address.
+    let mut replies = Receiver::builder()
+        .name("cbs-reply-7")
+        .source("$cbs")
+        .attach(&mut session)
+        .await
+        .expect("a reply link without target address attaches");
+
+    let token = request(
+        "put-token",
+        Some("cbs-reply-7"),
+        Value::String("any".into()),
+    );
+    requests.send(token).await.unwrap();
+    let reply = next(&mut replies).await;
+    assert_eq!(
+        property(reply.message(), "status-code"),
+        Some(&SimpleValue::Int(202))
+    );
+    session.end().await.unwrap();
+    connection.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_sent_without_message_id_gets_one() {
+    let broker = broker_on_ephemeral_port().await;
+    broker.create_queue("q", QueueOptions::default()).unwrap();
+    let (mut connection, mut session) = connect(&broker).await;
+    let mut sender = Sender::attach(&mut session, "s", "q").await.unwrap();
+    sender.send(data(b"no id")).await.unwrap();
+    let mut receiver = Receiver::attach(&mut session, "r", "q").await.unwrap();
+    let delivery = next(&mut receiver).await;
+    let id = delivery
+        .message()
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_id.clone());
+    match id {
+        // A GUID without dashes, as Service Bus assigns.
+        Some(fe2o3_amqp::types::messaging::MessageId::String(id)) => {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        other => panic!("message id {other:?}"),
+    }
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+    session.end().await.unwrap();
+    connection.close().await.unwrap();
+}
