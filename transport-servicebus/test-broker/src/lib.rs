@@ -7,10 +7,12 @@
 //! - `azservicebus` 0.25.1 (Rust), by this crate's tests;
 //! - Microsoft's Python SDK `azure-servicebus` 7.15.0, unpatched, by the compatibility suite
 //!   in `compat/python` of the repository (`run.sh` there installs the SDK from PyPI, starts
-//!   the `servicebus-test-broker` program and drives it).
+//!   the `servicebus-test-broker` program and drives it);
+//! - Microsoft's JavaScript SDK `@azure/service-bus` 7.9.5, unpatched, by the shorter suite in
+//!   `compat/javascript` (installed from npm the same way).
 //!
-//! Other clients that speak Service Bus over plain AMQP (the .NET, Java and JavaScript SDKs with
-//! `UseDevelopmentEmulator=true`) use the same wire protocol, but are not tested here.
+//! The .NET and Java SDKs speak the same protocol with `UseDevelopmentEmulator=true`, but are
+//! not tested here.
 //!
 //! # Testing your own code
 //!
