@@ -334,3 +334,42 @@ async fn a_message_sent_without_message_id_gets_one() {
     session.end().await.unwrap();
     connection.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_message_larger_than_the_clients_frames_arrives_whole_with_its_lock_token_tag() {
+    let broker = broker_on_ephemeral_port().await;
+    broker.create_queue("q", QueueOptions::default()).unwrap();
+    let url = format!("amqp://user:secret@{}", broker.address());
+    // Small frames: the broker splits the transfer, and its first frame carries the longer tag.
+    let mut connection = Connection::builder()
+        .container_id("small-frames")
+        .max_frame_size(1024)
+        .open(url.as_str())
+        .await
+        .expect("connection opens");
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let mut sender = Sender::attach(&mut session, "s", "q").await.unwrap();
+    sender.send(data(&body)).await.unwrap();
+    let mut receiver = Receiver::attach(&mut session, "r", "q").await.unwrap();
+    let delivery = tokio::time::timeout(PROMPT, receiver.recv::<Body<Value>>())
+        .await
+        .unwrap()
+        .unwrap();
+    let Body::Data(sections) = &delivery.message().body else {
+        panic!("a data body");
+    };
+    let received: Vec<u8> = sections.iter().flat_map(|d| d.0.to_vec()).collect();
+    assert_eq!(received, body);
+    assert_eq!(delivery.delivery_tag().len(), 16);
+    receiver.accept(&delivery).await.unwrap();
+    assert!(
+        broker
+            .wait_until(PROMPT, |b| b.active_message_count("q").unwrap() == 0)
+            .await
+    );
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+    session.end().await.unwrap();
+    connection.close().await.unwrap();
+}
