@@ -1,31 +1,103 @@
 //! An Azure Service Bus-compatible AMQP 1.0 broker for tests, in process and in pure Rust.
 //!
-//! It speaks enough of the Service Bus AMQP dialect for the `azservicebus` client to send,
-//! receive and settle messages over the wire, without Azure and without Docker:
+//! It speaks enough of the Service Bus AMQP dialect for real Service Bus clients to send,
+//! receive and settle messages over the wire, without Azure, without Docker and without the
+//! official emulator. Two clients are checked against it on every change:
+//!
+//! - `azservicebus` 0.25.1 (Rust), by this crate's tests;
+//! - Microsoft's Python SDK `azure-servicebus` 7.15.0, unpatched, by the compatibility suite
+//!   in `compat/python` of the repository (`run.sh` there installs the SDK from PyPI, starts
+//!   the `servicebus-test-broker` program and drives it);
+//! - Microsoft's JavaScript SDK `@azure/service-bus` 7.9.5, unpatched, by the shorter suite in
+//!   `compat/javascript` (installed from npm the same way).
+//!
+//! The .NET and Java SDKs speak the same protocol with `UseDevelopmentEmulator=true`, but are
+//! not tested here.
+//!
+//! # Testing your own code
+//!
+//! **From Rust**, add the crate as a dev-dependency, start a broker in the test (on the tokio
+//! runtime of the test; do not pause tokio's clock, locks and schedules run on it), create the
+//! entities your code expects and hand [`BrokerHandle::connection_string`] to your code:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), redeliver_servicebus_testbroker::Error> {
+//! use std::time::Duration;
+//! use redeliver_servicebus_testbroker::{start, BrokerOptions, QueueOptions};
+//!
+//! let broker = start(BrokerOptions::default()).await?;
+//! broker.create_queue(
+//!     "orders",
+//!     QueueOptions::default()
+//!         .with_lock_duration(Duration::from_secs(2))
+//!         .with_max_delivery_count(3),
+//! )?;
+//! // For azservicebus: `ServiceBusClient::<BasicRetryPolicy>::unsecured()
+//! //     .new_from_connection_string(connection_string, options)`.
+//! let connection_string = broker.connection_string();
+//! # let _ = connection_string;
+//! // ... run the code under test, then look inside the broker:
+//! assert_eq!(broker.active_message_count("orders")?, 0);
+//! assert!(broker.dead_letters("orders")?.is_empty());
+//! # Ok(()) }
+//! ```
+//!
+//! Each broker is independent: a test isolates itself by starting its own broker (each gets its
+//! own loopback address) or by using unique entity names. The broker stops when its handle is
+//! dropped or [`BrokerHandle::shutdown`] is called; [`BrokerHandle::wait_until`] waits for a
+//! condition on its state (a settlement, a dead letter) without sleeping.
+//!
+//! **From any other language**, install and run the program, which creates the entities given
+//! on its command line, prints the connection string on standard output once it listens, and
+//! runs until it is interrupted (Ctrl-C / `SIGINT`; `SIGTERM` ends it too):
+//!
+//! ```text
+//! $ cargo install redeliver-servicebus-testbroker
+//! $ servicebus-test-broker --queue orders,lock=2,max-delivery=3 \
+//!       --topic events --subscription events/audit,subject=created
+//! Endpoint=sb://127.0.0.2/;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true
+//! ```
+//!
+//! Read the first line of its output and give it to the client, for example in Python
+//! `ServiceBusClient.from_connection_string(connection_string)`. `UseDevelopmentEmulator=true`
+//! makes Microsoft's SDKs use plain AMQP (no TLS) on port 5672 of the endpoint's host.
+//! `servicebus-test-broker --help` lists the entity options (lock duration, maximum delivery
+//! count, size limits, duplicate detection, time to live, subject filters, forwarding).
+//!
+//! # What is emulated
 //!
 //! - SASL ANONYMOUS and PLAIN (any credentials), CBS `put-token` on `$cbs` (every token is
-//!   accepted with status 202);
+//!   accepted with status 202 in `status-code` / `status-description`; the reply goes to the
+//!   link whose target address or name is the request's `reply-to`, or without one to the link
+//!   that targets `$cbs`, as Service Bus does);
 //! - queues, topics and subscriptions (with a subject filter and forwarding into a queue),
-//!   provisioned through [`BrokerHandle`], never over AMQP; attaching to an unknown entity fails
-//!   with `amqp:not-found`;
-//! - peek-lock with lock tokens (`x-opt-lock-token`), lock duration and expiry,
-//!   `x-opt-locked-until`, `x-opt-sequence-number`, `x-opt-enqueued-time`, and delivery counts
-//!   kept by the broker (a delivery is counted when it is transferred);
+//!   provisioned through [`BrokerHandle`] or the program's flags, never over AMQP; attaching to
+//!   an unknown entity fails with `amqp:not-found`;
+//! - peek-lock with lock tokens (the delivery tag, 16 bytes in .NET `Guid` order, and the
+//!   `x-opt-lock-token` delivery annotation), lock duration and expiry, `x-opt-locked-until`,
+//!   `x-opt-sequence-number`, `x-opt-enqueued-time`, and delivery counts kept by the broker (a
+//!   delivery is counted when it is transferred; a first delivery has `delivery-count` 0);
 //! - complete (`accepted`), abandon (`modified`), defer (`modified` with
 //!   `undeliverable-here`), dead-letter (`rejected` with `com.microsoft:dead-letter`) and
-//!   receive-and-delete (pre-settled transfers);
+//!   receive-and-delete (pre-settled transfers). In rcv-settle-mode second, every outcome is
+//!   confirmed with a settled disposition once applied, or `rejected` with
+//!   `com.microsoft:message-lock-lost` when the lock had ended; sends are settled at once;
 //! - dead-letter sub-queues `<entity>/$DeadLetterQueue` whose messages carry the application
 //!   properties `DeadLetterReason` and `DeadLetterErrorDescription`; a message whose delivery
 //!   count reached the entity's maximum is dead-lettered with reason `MaxDeliveryCountExceeded`
-//!   when it is abandoned or its lock expires;
+//!   when it is abandoned or its lock expires; dead-lettering a message of a dead-letter queue
+//!   is refused (`amqp:not-allowed`, the lock is kept);
 //! - scheduled messages (`x-opt-scheduled-enqueue-time` on a send, and the management
-//!   operations `com.microsoft:schedule-message` / `cancel-scheduled-message`);
+//!   operations `com.microsoft:schedule-message` / `cancel-scheduled-message`); a scheduled
+//!   message is shown by peek and gets a new sequence number when it is enqueued; cancelling
+//!   one that was enqueued already fails with 404 (`MessageNotFound`);
 //! - the management operations `com.microsoft:renew-lock`, `update-disposition`,
 //!   `receive-by-sequence-number` (deferred messages) and `peek-message`, answered exactly
-//!   once per request, in order, on the link whose target is the request's `reply-to`; other
-//!   operations are answered with status 501;
+//!   once per request, in order, on the link whose target address (or name) is the request's
+//!   `reply-to`; other operations are answered with status 501;
 //! - "properties to modify" on abandon and defer, applied to the application properties;
-//! - batched sends (message format `0x80013700`);
+//! - batched sends (message format `0x80013700`); a message sent without `message-id` gets
+//!   one (a GUID without dashes), as Service Bus assigns;
 //! - duplicate detection (opt-in per entity): a repeated `message-id` inside the window is
 //!   accepted and dropped;
 //! - message time to live (the `ttl` header and an entity default): expired messages are
@@ -40,17 +112,26 @@
 //!   [`BrokerHandle::set_reject_sends`] makes every send to an entity fail with
 //!   `amqp:not-allowed`.
 //!
+//! # What is not emulated
+//!
+//! - **Sessions**: no entity requires sessions, and a session receiver is refused with
+//!   `amqp:not-allowed` (the Python suite keeps a session test as an expected failure).
+//! - Transactions, SQL and correlation filters other than the subject filter, rules managed at
+//!   run time, auto-delete on idle, partitioning, and entity management over AMQP or HTTP
+//!   (the Service Bus administration clients cannot create entities here).
+//! - Security: no TLS (plain AMQP only), any credentials and any token are accepted.
+//! - Persistence: messages live in memory and are gone when the broker stops.
+//! - Management operations other than those listed above (status 501).
+//!
 //! A client must negotiate SASL (as with Service Bus); plain AMQP without a SASL layer is
 //! refused. Lock expiry and scheduling run on the tokio clock, timestamps on the wire use the
-//! wall clock, so do not pause tokio's clock in tests that talk to the broker. Each broker is
-//! independent: tests isolate themselves by starting their own broker (or
-//! by using unique entity names). The broker stops when its handle is dropped or
-//! [`BrokerHandle::shutdown`] is called.
+//! wall clock.
 //!
 //! # The port 5672 problem
 //!
 //! `azservicebus` takes only the host from the connection string's `Endpoint` and always dials
-//! port **5672**. Where another AMQP broker (RabbitMQ) already listens on `127.0.0.1:5672`,
+//! port **5672**, and Microsoft's SDKs do the same with `UseDevelopmentEmulator=true`. Where
+//! another AMQP broker (RabbitMQ) already listens on `127.0.0.1:5672`,
 //! [`start`] binds the first free address among `127.0.0.2:5672`, `127.0.0.3:5672`, ... : on
 //! Linux the whole `127.0.0.0/8` range reaches the loopback interface, so these work without
 //! any setup and each broker of a test run gets its own address. If RabbitMQ listens on
@@ -77,26 +158,13 @@
 //!   [`BrokerHandle::wait_until`] in tests to observe settlements.
 //! - After the broker stops, client operations fail only when their try timeout runs out.
 //!
-//! # Example
+//! # How it is built
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), redeliver_servicebus_testbroker::Error> {
-//! use std::time::Duration;
-//! use redeliver_servicebus_testbroker::{start, BrokerOptions, QueueOptions};
-//!
-//! let broker = start(BrokerOptions::default()).await?;
-//! broker.create_queue(
-//!     "orders",
-//!     QueueOptions::default()
-//!         .with_lock_duration(Duration::from_secs(2))
-//!         .with_max_delivery_count(3),
-//! )?;
-//! // Give this to `ServiceBusClient::<BasicRetryPolicy>::unsecured().new_from_connection_string`.
-//! let connection_string = broker.connection_string();
-//! # let _ = connection_string;
-//! assert_eq!(broker.active_message_count("orders")?, 0);
-//! # Ok(()) }
-//! ```
+//! On `fe2o3-amqp`'s acceptor API. Two things that API cannot do the Service Bus way (a
+//! 16-byte delivery tag, and answering an outcome in rcv-settle-mode second with a settled
+//! disposition) and one it gets wrong (a client that sends `attach` before the broker answered
+//! its `begin` has its connection closed) are corrected on the wire, between the socket and the
+//! library; see the `socket` module of the source for how.
 
 mod address;
 mod error;

@@ -22,6 +22,9 @@ pub(crate) struct Reply {
     status: i32,
     description: String,
     body: Value,
+    /// Status properties named as the CBS spec does (`status-code`, `status-description`)
+    /// instead of as Service Bus management does (`statusCode`, `statusDescription`).
+    cbs: bool,
 }
 
 impl Reply {
@@ -30,6 +33,7 @@ impl Reply {
             status,
             description: "OK".to_owned(),
             body,
+            cbs: false,
         }
     }
 
@@ -38,17 +42,23 @@ impl Reply {
             status,
             description: description.into(),
             body: Value::Null,
+            cbs: false,
         }
     }
 
     /// The reply message correlated to `request`.
     pub(crate) fn into_message(self, request: &Msg) -> Msg {
+        let (code_key, description_key) = if self.cbs {
+            ("status-code", "status-description")
+        } else {
+            ("statusCode", "statusDescription")
+        };
         let mut application_properties = ApplicationProperties::default();
         application_properties
             .0
-            .insert("statusCode".to_owned(), SimpleValue::Int(self.status));
+            .insert(code_key.to_owned(), SimpleValue::Int(self.status));
         application_properties.0.insert(
-            "statusDescription".to_owned(),
+            description_key.to_owned(),
             SimpleValue::String(self.description),
         );
         let correlation_id = request
@@ -203,16 +213,20 @@ fn lock_lost() -> Reply {
     )
 }
 
-/// Answers a `$cbs` request: every `put-token` is accepted (status 202).
+/// Answers a `$cbs` request: every `put-token` is accepted (status 202). The status is in
+/// `status-code` / `status-description`, as the CBS draft names them (the Python SDK reads
+/// only these; `fe2o3-amqp-cbs` reads either spelling).
 pub(crate) fn handle_cbs(request: &Msg) -> Reply {
-    match operation(request) {
+    let reply = match operation(request) {
         Some(PUT_TOKEN) => Reply {
             status: 202,
             description: "Accepted".to_owned(),
             body: Value::Null,
+            cbs: true,
         },
         other => Reply::error(400, format!("unsupported $cbs operation {other:?}")),
-    }
+    };
+    Reply { cbs: true, ..reply }
 }
 
 /// Answers a management request on the management node of `entity`.
@@ -231,6 +245,9 @@ pub(crate) fn handle_management(state: &mut State, entity: &str, request: &Msg) 
                         expirations.push(Value::Timestamp(Timestamp::from_milliseconds(until_ms)));
                     }
                     Err(LockError::Lost) => return lock_lost(),
+                    Err(LockError::NotAllowed(description)) => {
+                        return Reply::error(400, description);
+                    }
                 }
             }
             let mut body = OrderedMap::new();
@@ -260,6 +277,17 @@ pub(crate) fn handle_management(state: &mut State, entity: &str, request: &Msg) 
             let Some(numbers) = sequence_numbers(request) else {
                 return Reply::error(400, "sequence-numbers missing or not an array of longs");
             };
+            // All or none, as Service Bus: a message that was enqueued already (or never
+            // scheduled) cannot be cancelled.
+            let missing = numbers.iter().find(|n| !state.is_scheduled(entity, **n));
+            if let (true, Some(missing)) = (state.is_sendable(entity), missing) {
+                return Reply::error(
+                    404,
+                    format!(
+                        "no scheduled message with sequence number {missing} (MessageNotFound)"
+                    ),
+                );
+            }
             match state.cancel_scheduled(entity, &numbers) {
                 Ok(()) => Reply::ok(200, Value::Map(OrderedMap::new())),
                 Err(refusal) => refusal_reply(refusal),
@@ -283,8 +311,12 @@ pub(crate) fn handle_management(state: &mut State, entity: &str, request: &Msg) 
                 }
             };
             for token in tokens {
-                if state.settle(token, settlement.clone(), now).is_err() {
-                    return lock_lost();
+                match state.settle(token, settlement.clone(), now) {
+                    Ok(()) => {}
+                    Err(LockError::Lost) => return lock_lost(),
+                    Err(LockError::NotAllowed(description)) => {
+                        return Reply::error(400, description);
+                    }
                 }
             }
             Reply::ok(200, Value::Map(OrderedMap::new()))

@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SaslAcceptor,
-    SessionAcceptor, sasl_acceptor::SaslServerFrame,
+    SessionAcceptor, SupportedReceiverSettleModes, sasl_acceptor::SaslServerFrame,
 };
 use fe2o3_amqp::link::delivery::DeliveryFut;
 use fe2o3_amqp::link::delivery::Sendable;
 use fe2o3_amqp::link::{Receiver, SendError, Sender};
-use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorFrame, LinkError, Role};
+use fe2o3_amqp::types::definitions::{
+    AmqpError, Error as AmqpErrorFrame, LinkError, ReceiverSettleMode, Role,
+};
 use fe2o3_amqp::types::messaging::message::__private::Deserializable;
 use fe2o3_amqp::types::messaging::{Body, Data, Outcome, Source, Target, TargetArchetype};
 use fe2o3_amqp::types::performatives::Attach;
@@ -25,8 +27,8 @@ use tokio::time::Instant;
 
 use crate::address::{Node, node};
 use crate::management::{handle_cbs, handle_management};
-use crate::socket::PromptStream;
-use crate::state::{Msg, ReceiveMode, Refusal, Settlement, State, now_ms};
+use crate::socket::{Applied, ClientStream, Tap};
+use crate::state::{LockError, Msg, ReceiveMode, Refusal, Settlement, State, now_ms};
 
 /// Message format of a Service Bus batch: each data section is one whole message.
 const BATCH_FORMAT: u32 = 0x8001_3700;
@@ -183,7 +185,8 @@ async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
         .container_id("servicebus-test-broker")
         .sasl_acceptor(AnyCredentials)
         .build();
-    let mut connection = match acceptor.accept(PromptStream::new(stream)).await {
+    let (stream, tap) = ClientStream::new(stream);
+    let mut connection = match acceptor.accept(stream).await {
         Ok(connection) => connection,
         Err(error) => {
             tracing::debug!(%error, "connection not opened");
@@ -200,7 +203,12 @@ async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
             .await
         {
             Ok(session) => {
-                sessions.spawn(handle_session(session, shared.clone(), replies.clone()));
+                sessions.spawn(handle_session(
+                    session,
+                    shared.clone(),
+                    replies.clone(),
+                    tap.clone(),
+                ));
             }
             Err(error) => {
                 tracing::debug!(%error, "session not begun");
@@ -213,12 +221,17 @@ async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
 
 /// What an attach asks for, once checked against the broker's entities.
 enum Route {
-    Cbs,
-    Management(String),
+    /// The `$cbs` node; the request link's target address.
+    Cbs(String),
+    /// The management node of an entity; the entity and the request link's target address.
+    Management(String, String),
     Ingress(String),
     Egress(String, ReceiveMode),
-    ReplyLink(String),
-    Refuse(String),
+    /// A link that receives replies: the `reply-to` values it answers to (its target address
+    /// and its name).
+    ReplyLink(Vec<String>),
+    /// Refused with this error.
+    Refuse(AmqpError, String),
 }
 
 fn route(attach: &Attach, shared: &Shared) -> Route {
@@ -231,43 +244,61 @@ fn route(attach: &Attach, shared: &Shared) -> Route {
                 _ => None,
             };
             let Some(address) = address else {
-                return Route::Refuse("a sending link needs a target address".to_owned());
+                return Route::Refuse(
+                    AmqpError::NotFound,
+                    "a sending link needs a target address".to_owned(),
+                );
             };
             match node(&address) {
-                Node::Cbs => Route::Cbs,
+                Node::Cbs => Route::Cbs(address),
                 Node::Management(entity)
                     if state.is_sendable(&entity) || state.is_receivable(&entity) =>
                 {
-                    Route::Management(entity)
+                    Route::Management(entity, address)
                 }
                 Node::Entity(entity) if state.is_sendable(&entity) => Route::Ingress(entity),
-                _ => Route::Refuse(format!(
-                    "The messaging entity '{address}' could not be found."
-                )),
+                _ => Route::Refuse(
+                    AmqpError::NotFound,
+                    format!("The messaging entity '{address}' could not be found."),
+                ),
             }
         }
         // The peer receives: we send from the source address.
         Role::Receiver => {
             let address = attach.source.as_ref().and_then(|s| s.address.clone());
             let Some(address) = address else {
-                return Route::Refuse("a receiving link needs a source address".to_owned());
+                return Route::Refuse(
+                    AmqpError::NotFound,
+                    "a receiving link needs a source address".to_owned(),
+                );
             };
-            let reply_to = match attach.target.as_deref() {
+            // A reply link is found by its target address or by its name: the JavaScript SDK
+            // sets `reply-to` to the link's name and leaves the target without an address, and
+            // Service Bus answers it there.
+            let target_address = match attach.target.as_deref() {
                 Some(TargetArchetype::Target(target)) => target.address.clone(),
                 _ => None,
             };
+            let reply_keys: Vec<String> = target_address
+                .into_iter()
+                .chain(std::iter::once(attach.name.clone()))
+                .collect();
             match node(&address) {
-                Node::Cbs => match reply_to {
-                    Some(reply_to) => Route::ReplyLink(reply_to),
-                    None => Route::Refuse("a reply link needs a target address".to_owned()),
-                },
+                Node::Cbs => Route::ReplyLink(reply_keys),
                 Node::Management(entity)
                     if state.is_sendable(&entity) || state.is_receivable(&entity) =>
                 {
-                    match reply_to {
-                        Some(reply_to) => Route::ReplyLink(reply_to),
-                        None => Route::Refuse("a reply link needs a target address".to_owned()),
-                    }
+                    Route::ReplyLink(reply_keys)
+                }
+                Node::Entity(entity) if state.is_receivable(&entity) && wants_session(attach) => {
+                    Route::Refuse(
+                        AmqpError::NotAllowed,
+                        format!(
+                            "The messaging entity '{address}' does not require sessions: a \
+                             session receiver cannot be created on it (the test broker has no \
+                             sessions)."
+                        ),
+                    )
                 }
                 Node::Entity(entity) if state.is_receivable(&entity) => {
                     let mode = if attach.snd_settle_mode
@@ -279,28 +310,53 @@ fn route(attach: &Attach, shared: &Shared) -> Route {
                     };
                     Route::Egress(entity, mode)
                 }
-                _ => Route::Refuse(format!(
-                    "The messaging entity '{address}' could not be found."
-                )),
+                _ => Route::Refuse(
+                    AmqpError::NotFound,
+                    format!("The messaging entity '{address}' could not be found."),
+                ),
             }
         }
     }
+}
+
+/// Whether a receiving link asks for a session (Service Bus `com.microsoft:session-filter`).
+fn wants_session(attach: &Attach) -> bool {
+    attach
+        .source
+        .as_ref()
+        .and_then(|source| source.filter.as_ref())
+        .is_some_and(|filter| {
+            filter
+                .keys()
+                .any(|key| key.as_str() == "com.microsoft:session-filter")
+        })
 }
 
 async fn handle_session(
     mut session: ListenerSessionHandle,
     shared: Arc<Shared>,
     replies: Arc<ReplyLinks>,
+    tap: Arc<Tap>,
 ) {
     let acceptor = LinkAcceptor::builder()
         .verify_incoming_source(false)
         .verify_incoming_target(false)
         .build();
+    // Links on which the broker receives (sends, requests) settle each transfer at once, in
+    // rcv-settle-mode first, whatever mode the client asks for, as Service Bus does: a client
+    // that asked for mode second (the Python SDK) waits for a settled disposition, which
+    // `fe2o3-amqp`'s receiver in mode second never sends.
+    let receiving_acceptor = LinkAcceptor::builder()
+        .verify_incoming_source(false)
+        .verify_incoming_target(false)
+        .supported_receiver_settle_modes(SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(ReceiverSettleMode::First)
+        .build();
     let mut links = JoinSet::new();
     while let Some(mut attach) = session.next_incoming_attach().await {
         while links.try_join_next().is_some() {}
         let route = route(&attach, &shared);
-        if let Route::Refuse(_) = route {
+        if let Route::Refuse(..) = route {
             // Answer with a null terminus (the acceptor's dynamic-node hook yields none), then
             // detach with `amqp:not-found`: the peer's attach fails with that error.
             match attach.role {
@@ -318,7 +374,14 @@ async fn handle_session(
                 }
             }
         }
-        let link = match acceptor.accept_incoming_attach(attach, &mut session).await {
+        let link_acceptor = match attach.role {
+            Role::Sender => &receiving_acceptor,
+            Role::Receiver => &acceptor,
+        };
+        let link = match link_acceptor
+            .accept_incoming_attach(attach, &mut session)
+            .await
+        {
             Ok(link) => link,
             Err(error) => {
                 tracing::debug!(%error, "link not attached");
@@ -328,8 +391,8 @@ async fn handle_session(
         let shared = shared.clone();
         let replies = replies.clone();
         match (route, link) {
-            (Route::Refuse(description), link) => {
-                let error = AmqpErrorFrame::new(AmqpError::NotFound, description, None);
+            (Route::Refuse(condition, description), link) => {
+                let error = AmqpErrorFrame::new(condition, description, None);
                 links.spawn(async move {
                     // Bounded: a peer that never answers the detach must not keep the task.
                     let _ = match link {
@@ -346,20 +409,26 @@ async fn handle_session(
                     };
                 });
             }
-            (Route::Cbs, LinkEndpoint::Receiver(receiver)) => {
-                links.spawn(request_link(receiver, shared, replies, None));
+            (Route::Cbs(address), LinkEndpoint::Receiver(receiver)) => {
+                links.spawn(request_link(receiver, shared, replies, None, address));
             }
-            (Route::Management(entity), LinkEndpoint::Receiver(receiver)) => {
-                links.spawn(request_link(receiver, shared, replies, Some(entity)));
+            (Route::Management(entity, address), LinkEndpoint::Receiver(receiver)) => {
+                links.spawn(request_link(
+                    receiver,
+                    shared,
+                    replies,
+                    Some(entity),
+                    address,
+                ));
             }
             (Route::Ingress(entity), LinkEndpoint::Receiver(receiver)) => {
                 links.spawn(ingress_link(receiver, shared, entity));
             }
             (Route::Egress(store, mode), LinkEndpoint::Sender(sender)) => {
-                links.spawn(egress_link(sender, shared, store, mode));
+                links.spawn(egress_link(sender, shared, store, mode, tap.clone()));
             }
-            (Route::ReplyLink(address), LinkEndpoint::Sender(sender)) => {
-                links.spawn(reply_link(sender, replies, address));
+            (Route::ReplyLink(keys), LinkEndpoint::Sender(sender)) => {
+                links.spawn(reply_link(sender, replies, keys));
             }
             (_, _) => tracing::warn!("link role does not match its route"),
         }
@@ -368,11 +437,16 @@ async fn handle_session(
 }
 
 /// Receives management or `$cbs` requests and queues one reply per request, in order.
+///
+/// A request without `reply-to` is answered on the reply link whose target is the node's
+/// address (`node_address`, the request link's target), as Service Bus does: the Python and
+/// .NET SDKs send `put-token` that way, with a reply link that targets `$cbs`.
 async fn request_link(
     mut receiver: Receiver,
     shared: Arc<Shared>,
     replies: Arc<ReplyLinks>,
     entity: Option<String>,
+    node_address: String,
 ) {
     loop {
         let delivery = match receiver.recv::<Body<Value>>().await {
@@ -387,18 +461,21 @@ async fn request_link(
             None => handle_cbs(&request),
             Some(entity) => shared.update(|state| handle_management(state, entity, &request)),
         };
-        let reply_to = request.properties.as_ref().and_then(|p| p.reply_to.clone());
-        match reply_to {
-            Some(reply_to) => replies.send(&reply_to, reply.into_message(&request)).await,
-            None => tracing::warn!("management request without reply-to; no reply sent"),
-        }
+        let reply_to = request
+            .properties
+            .as_ref()
+            .and_then(|p| p.reply_to.clone())
+            .unwrap_or_else(|| node_address.clone());
+        replies.send(&reply_to, reply.into_message(&request)).await;
     }
 }
 
-/// Sends queued replies on the link whose target is `address`.
-async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, address: String) {
+/// Sends the replies to requests whose `reply-to` is one of `keys`.
+async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, keys: Vec<String>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    replies.register(address.clone(), tx.clone());
+    for key in &keys {
+        replies.register(key.clone(), tx.clone());
+    }
     loop {
         let next = tokio::select! {
             reply = rx.recv() => reply,
@@ -409,7 +486,9 @@ async fn reply_link(mut sender: Sender, replies: Arc<ReplyLinks>, address: Strin
             break;
         }
     }
-    replies.remove(&address, &tx);
+    for key in &keys {
+        replies.remove(key, &tx);
+    }
 }
 
 /// Accepts messages sent to a queue or topic; a refused send is rejected with an AMQP error.
@@ -493,7 +572,13 @@ enum EgressEvent {
 /// most [`CREDIT_WAIT`] while the transfer waits for credit; then it is put back unchanged
 /// (no delivery counted) and the link waits for a change or the same time before trying again,
 /// which gives other receivers of the store their turn.
-async fn egress_link(mut sender: Sender, shared: Arc<Shared>, store: String, mode: ReceiveMode) {
+async fn egress_link(
+    mut sender: Sender,
+    shared: Arc<Shared>,
+    store: String,
+    mode: ReceiveMode,
+    tap: Arc<Tap>,
+) {
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
@@ -533,7 +618,12 @@ async fn egress_link(mut sender: Sender, shared: Arc<Shared>, store: String, mod
                     );
                 });
                 if mode == ReceiveMode::PeekLock {
-                    tokio::spawn(settle_on_outcome(shared.clone(), token, outcome));
+                    tokio::spawn(settle_on_outcome(
+                        shared.clone(),
+                        tap.clone(),
+                        token,
+                        outcome,
+                    ));
                 }
             }
             Ok(Err(_)) => return,
@@ -572,9 +662,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Applies the client's disposition of a peek-lock delivery.
+/// Applies the client's disposition of a peek-lock delivery and confirms it to the client.
 async fn settle_on_outcome(
     shared: Arc<Shared>,
+    tap: Arc<Tap>,
     token: [u8; 16],
     outcome: DeliveryFut<Result<Outcome, SendError>>,
 ) {
@@ -633,9 +724,17 @@ async fn settle_on_outcome(
             }
         }
         // The link or session ended before a disposition: the lock runs out by itself.
-        Err(_) => return,
+        Err(_) => {
+            tap.settled(token, Applied::Forget);
+            return;
+        }
     };
-    let _ = shared.update(|state| state.settle(token, settlement, Instant::now()));
+    let applied = match shared.update(|state| state.settle(token, settlement, Instant::now())) {
+        Ok(()) => Applied::Yes,
+        Err(LockError::Lost) => Applied::LockLost,
+        Err(LockError::NotAllowed(description)) => Applied::NotAllowed(description),
+    };
+    tap.settled(token, applied);
 }
 
 /// The application properties a client asked to modify while settling (message annotations of

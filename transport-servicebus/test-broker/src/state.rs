@@ -82,7 +82,13 @@ pub(crate) enum Refusal {
 pub(crate) enum LockError {
     /// The lock expired, was settled, or never existed.
     Lost,
+    /// The settlement is not allowed for this message (the lock is kept).
+    NotAllowed(&'static str),
 }
+
+/// Why dead-lettering a message of a dead-letter sub-queue fails.
+pub(crate) const DEAD_LETTER_OF_DEAD_LETTER: &str =
+    "A message in a dead-letter queue cannot be dead-lettered.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MsgState {
@@ -213,6 +219,19 @@ impl Entity {
                 false
             }
         }
+    }
+}
+
+/// Gives a message without `message-id` one, as Service Bus does (a GUID without dashes):
+/// some clients (the JavaScript SDK) cannot settle a message without it.
+fn assign_message_id(message: &mut Msg) {
+    let properties = message
+        .properties
+        .get_or_insert_with(fe2o3_amqp_types::messaging::Properties::default);
+    if properties.message_id.is_none() {
+        properties.message_id = Some(fe2o3_amqp_types::messaging::MessageId::String(
+            uuid::Uuid::new_v4().simple().to_string(),
+        ));
     }
 }
 
@@ -517,6 +536,7 @@ impl State {
         for mut message in messages {
             // Delivery annotations belong to one transfer, not to the message.
             message.delivery_annotations = None;
+            assign_message_id(&mut message);
             let sequence_number = self.take_sequence_number();
             numbers.push(sequence_number);
             if self
@@ -739,10 +759,13 @@ impl State {
         now: Instant,
     ) -> Result<(), LockError> {
         let (store_key, sequence_number) = self.locked(token, now)?;
-        self.locks.remove(&token);
         let Some(store) = self.stores.get_mut(&store_key) else {
             return Err(LockError::Lost);
         };
+        if store.dead_letter.is_none() && matches!(settlement, Settlement::DeadLetter { .. }) {
+            return Err(LockError::NotAllowed(DEAD_LETTER_OF_DEAD_LETTER));
+        }
+        self.locks.remove(&token);
         let max_delivery_count = store.max_delivery_count;
         let Some(stored) = store.messages.get_mut(&sequence_number) else {
             return Err(LockError::Lost);
@@ -838,15 +861,39 @@ impl State {
 
     /// Up to `count` messages of a store from sequence number `from` on, without locking them
     /// (management `peek-message`).
+    /// Messages of a store from sequence number `from` on, in sequence-number order, without
+    /// locking them. For a queue, its scheduled messages are included (as Service Bus does),
+    /// under the sequence numbers that `schedule-message` returned.
     pub(crate) fn peek(&self, store_key: &str, from: i64, count: usize) -> Vec<Msg> {
-        self.stores.get(store_key).map_or_else(Vec::new, |store| {
-            store
-                .messages
-                .range(from..)
-                .take(count)
-                .map(|(number, stored)| delivery_copy(stored, *number, None, None))
-                .collect()
-        })
+        let Some(store) = self.stores.get(store_key) else {
+            return Vec::new();
+        };
+        let stored = store
+            .messages
+            .range(from..)
+            .take(count)
+            .map(|(number, stored)| (*number, delivery_copy(stored, *number, None, None)));
+        let scheduled = self
+            .entities
+            .get(store_key)
+            .into_iter()
+            .flat_map(|entity| entity.scheduled.range(from..).take(count))
+            .map(|(number, scheduled)| {
+                let mut message = scheduled.message.clone();
+                set_annotation(&mut message, SEQUENCE_NUMBER, Value::Long(*number));
+                (*number, message)
+            });
+        let mut messages: Vec<(i64, Msg)> = stored.chain(scheduled).collect();
+        messages.sort_by_key(|(number, _)| *number);
+        messages.truncate(count);
+        messages.into_iter().map(|(_, message)| message).collect()
+    }
+
+    /// Whether `number` is a message of `entity` waiting for its scheduled enqueue time.
+    pub(crate) fn is_scheduled(&self, entity: &str, number: i64) -> bool {
+        self.entities
+            .get(entity)
+            .is_some_and(|e| e.scheduled.contains_key(&number))
     }
 
     /// Extends the lock of `token` by the store's lock duration; returns the new
@@ -1000,9 +1047,10 @@ impl State {
                 }
             }
         }
-        for (key, number, message) in due {
+        // Service Bus gives a scheduled message a new sequence number when it is enqueued.
+        for (key, _scheduled_number, message) in due {
             changed = true;
-            self.route(&key, message, Some(number), (now, now_ms), 0);
+            self.route(&key, message, None, (now, now_ms), 0);
         }
         changed
     }
@@ -1375,8 +1423,8 @@ mod tests {
         assert_eq!(state.active_count("t/subscriptions/A").unwrap(), 1);
         assert_eq!(state.active_count("inbox").unwrap(), 1);
         assert!(
-            state.cancel_scheduled("t", &numbers).is_ok(),
-            "already due: no-op"
+            !state.is_scheduled("t", numbers[0]),
+            "already enqueued: no longer cancellable"
         );
     }
 

@@ -402,8 +402,23 @@ async fn schedule_message_returns_sequence_numbers_and_cancel_removes_it() {
         .await
         .expect("scheduled message arrives");
     assert_eq!(id_of(&delivery), "soon");
-    assert_eq!(delivery.sequence_number(), soon_number);
+    // As on Service Bus, the enqueued message gets a new sequence number.
+    assert!(
+        delivery.sequence_number() > soon_number,
+        "{} after {soon_number}",
+        delivery.sequence_number()
+    );
     assert!(OffsetDateTime::now_utc() >= soon - Duration::from_millis(5));
+    // A schedule that fired cannot be cancelled any more (Service Bus: MessageNotFound).
+    assert!(sender.cancel_scheduled_message(soon_number).await.is_err());
+    // Peek shows the message that is still scheduled, under its scheduled sequence number.
+    let peeked = receiver.peek_messages(10, None).await.unwrap();
+    let scheduled: Vec<_> = peeked
+        .iter()
+        .filter(|m| m.message_id().is_some_and(|id| id == "kept"))
+        .map(|m| m.sequence_number())
+        .collect();
+    assert_eq!(scheduled, [kept]);
 }
 
 #[tokio::test]

@@ -156,12 +156,12 @@ fn request(operation: &str, id: u64, reply_to: &str, body: Value) -> Message<Amq
         .build()
 }
 
+/// The status of a reply: `statusCode` (management) or `status-code` (CBS).
 fn status(message: &Message<Body<Value>>) -> Option<i32> {
-    match message
-        .application_properties
-        .as_ref()?
-        .0
-        .get("statusCode")?
+    let properties = &message.application_properties.as_ref()?.0;
+    match properties
+        .get("statusCode")
+        .or_else(|| properties.get("status-code"))?
     {
         SimpleValue::Int(code) => Some(*code),
         _ => None,
@@ -212,7 +212,8 @@ async fn management_answers_each_request_once_in_order_on_the_reply_to_link() {
     cbs_replies.accept(&cbs_reply).await.unwrap();
     assert_eq!(status(cbs_reply.message()), Some(202));
 
-    // An unknown operation and a cancel, pipelined: two replies, in request order.
+    // An unknown operation and a cancel of a message that is not scheduled, pipelined: two
+    // replies, in request order.
     let unknown = request(
         "com.microsoft:no-such-op",
         1,
@@ -253,7 +254,7 @@ async fn management_answers_each_request_once_in_order_on_the_reply_to_link() {
         statuses,
         [
             (Some(1u64.into()), Some(501)),
-            (Some(2u64.into()), Some(200))
+            (Some(2u64.into()), Some(404))
         ]
     );
     // Exactly one reply per request: nothing else arrives.
