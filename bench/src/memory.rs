@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::TimeDelta;
 use redeliver::memory::MemoryTransport;
-use redeliver::{Context, Message, Outcome, Transport, Worker};
+use redeliver::{Consumer, Context, Host, Message, Outcome, Transport, Worker};
 use tokio::sync::watch;
 
 use crate::report::Report;
@@ -19,6 +19,7 @@ const GROUP: &str = "memory";
 pub(crate) async fn run(scale: &Scale, report: &mut Report) {
     let body = payload();
     let raw = median(scale.runs, || mpsc_hand_off(scale.messages, body.clone())).await;
+    let mut bare = 0.0;
     for concurrency in [1, 16] {
         let ours = median(scale.runs, || {
             worker_throughput(scale.messages, concurrency, body.clone())
@@ -31,7 +32,19 @@ pub(crate) async fn run(scale: &Scale, report: &mut Report) {
             raw,
             "msg/s",
         );
+        bare = ours;
     }
+    let hosted = median(scale.runs, || {
+        host_throughput(scale.messages, 16, body.clone())
+    })
+    .await;
+    report.compare(
+        GROUP,
+        "the same through the host, concurrency 16 (raw: the bare worker above)",
+        hosted,
+        bare,
+        "msg/s",
+    );
     let retry = median(scale.runs, || retry_path(scale.messages, body.clone())).await;
     report.add(
         GROUP,
@@ -95,6 +108,31 @@ async fn worker_throughput(messages: usize, concurrency: usize, body: Bytes) -> 
     let memory = MemoryTransport::new();
     fill(&memory, messages, &body).await;
     support::no_op_drain::<Payload>(Arc::new(memory), "bench", concurrency, messages).await
+}
+
+/// The same drain as [`worker_throughput`], with the worker started by a [`Host`].
+async fn host_throughput(messages: usize, concurrency: usize, body: Bytes) -> f64 {
+    let memory = MemoryTransport::new();
+    fill(&memory, messages, &body).await;
+    let countdown = Countdown::new(messages);
+    let counter = countdown.clone();
+    let started = Instant::now();
+    let host = Host::builder(Arc::new(memory))
+        .consumer(
+            Consumer::endpoint("bench")
+                .concurrency(concurrency)
+                .handler(move |_: Payload, _: Context| {
+                    counter.tick();
+                    async { Outcome::success() }
+                }),
+        )
+        .start()
+        .await
+        .expect("the host starts");
+    countdown.wait().await;
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    host.shutdown().await;
+    rate
 }
 
 /// The same payloads handed over a `tokio::sync::mpsc` channel and decoded, one consumer.
