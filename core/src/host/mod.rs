@@ -9,6 +9,14 @@
 //! Dropping a host without shutting it down stops its consumers too, without waiting for them:
 //! handlers in flight finish in the background, and what was not handled is delivered again.
 //!
+//! - [`middleware`]: code around every handler call, per consumer or for the whole host
+//!   ([`Timeout`](middleware::Timeout), [`ConcurrencyLimit`](middleware::ConcurrencyLimit) for
+//!   [`HostBuilder::max_concurrency`]).
+//! - [`Routes`]: several message types on one endpoint, by the `message-type` header.
+//! - [`HostConfig`]: consumer settings and retry policies from a configuration file, applied
+//!   with [`HostBuilder::configure`]; a bad value names its path.
+//! - [`Host::health`], [`Host::pause`] / [`Host::resume`]: for probes and operators.
+//!
 //! ```
 //! use std::{sync::Arc, time::Duration};
 //! use redeliver_core::{Consumer, Context, Failure, Host, Message, Transport};
