@@ -10,7 +10,7 @@
 //! handlers in flight finish in the background, and what was not handled is delivered again.
 //!
 //! - [`middleware`]: code around every handler call, per consumer or for the whole host
-//!   ([`Timeout`](middleware::Timeout), [`ConcurrencyLimit`](middleware::ConcurrencyLimit) for
+//!   ([`Timeout`], [`ConcurrencyLimit`] for
 //!   [`HostBuilder::max_concurrency`]).
 //! - [`Routes`]: several message types on one endpoint, by the `message-type` header.
 //! - [`HostConfig`]: consumer settings and retry policies from a configuration file, applied
