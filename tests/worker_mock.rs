@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::TimeDelta;
 use futures::StreamExt;
-use redeliver::transport::{Delivery, Settle, Settlement};
+use redeliver::transport::{Delivery, Settle, Settled, Settlement};
 // The mock of the transport trait (the `mock` feature of `redeliver` re-exports it).
 use redeliver::{Capabilities, Clock, Context, Error, Message, Outcome, Source, Transport, Worker};
 use redeliver_core::MockTransport;
@@ -24,12 +24,12 @@ struct Recorder {
 
 #[async_trait]
 impl Settle for Recorder {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
         let _ = self.settlements.send(settlement);
         if self.fail {
             return Err(Error::connection("lost", std::io::Error::other("reset")));
         }
-        Ok(())
+        Ok(Settled::AsAsked)
     }
 }
 

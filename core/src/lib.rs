@@ -65,8 +65,8 @@ pub use payload::{Payload, RawBody};
 pub use retry::{Backoff, BackoffPolicy, BackoffPolicyBuilder, FailedAttempt, Jitter, RetryPolicy};
 pub use secret::SecretUrl;
 pub use transport::{
-    Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settlement, Source, Topology,
-    Transport,
+    Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settled, Settlement, Source,
+    Topology, Transport,
 };
 pub use worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
 

@@ -226,8 +226,8 @@ impl StatusMessage {
 
 /// Builds the reply to the request in `ctx`: `envelope` as JSON, with the request's correlation
 /// id. Returns the endpoint to send it to (the request's reply-to) and the message.
-pub fn reply_to<T: Serialize>(
-    ctx: &Context,
+pub fn reply_to<T: Serialize, S>(
+    ctx: &Context<S>,
     envelope: &StatusEnvelope<T>,
 ) -> Result<(String, Message), Error> {
     let endpoint = ctx.reply_to().ok_or_else(|| {

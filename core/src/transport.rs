@@ -255,14 +255,31 @@ pub enum Settlement {
     Abandon,
 }
 
+/// What a transport did with a [`Settlement`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settled {
+    /// What was asked.
+    AsAsked,
+    /// The message was dead-lettered instead, with this reason: the copy a retry or park would
+    /// have stored was refused for what it is
+    /// ([`COPY_REFUSED`](crate::reasons::COPY_REFUSED)), so storing it again would fail the
+    /// same way.
+    DeadLettered {
+        /// The dead-letter reason.
+        reason: String,
+    },
+}
+
 /// How a transport carries out settlements. Implemented by transports, not applications.
 ///
 /// The new copy of a [`Settlement::Reschedule`] or [`Settlement::DeadLetter`] must be stored
 /// safely *before* the original is removed: a failure in between duplicates, never loses.
 #[async_trait]
 pub trait Settle: Send + 'static {
-    /// Carries out `settlement` for the delivery this settler belongs to.
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), Error>;
+    /// Carries out `settlement` for the delivery this settler belongs to, and says what was
+    /// done.
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<Settled, Error>;
 }
 
 /// A message handed to a consumer, to be settled exactly once.
@@ -334,7 +351,7 @@ impl Delivery {
     }
 
     /// Removes the message: it was handled.
-    pub async fn complete(self) -> Result<(), Error> {
+    pub async fn complete(self) -> Result<Settled, Error> {
         self.settler.settle(Settlement::Complete).await
     }
 
@@ -346,7 +363,7 @@ impl Delivery {
         not_before: DateTime<Utc>,
         reason: impl Into<String>,
         delay: Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<Settled, Error> {
         let reason = wire::truncate(reason.into(), wire::MAX_REASON_BYTES);
         let next = self.message.next_attempt(not_before, reason, delay);
         self.settler.settle(Settlement::Reschedule(next)).await
@@ -354,7 +371,7 @@ impl Delivery {
 
     /// Puts a message that arrived before its not-before back, unchanged but for the
     /// not-before, without counting an attempt.
-    pub async fn park(self, not_before: DateTime<Utc>) -> Result<(), Error> {
+    pub async fn park(self, not_before: DateTime<Utc>) -> Result<Settled, Error> {
         let parked = Message::clone(&self.message).with_not_before(not_before);
         self.settler.settle(Settlement::Reschedule(parked)).await
     }
@@ -366,7 +383,7 @@ impl Delivery {
         self,
         reason: impl Into<String>,
         description: Option<String>,
-    ) -> Result<(), Error> {
+    ) -> Result<Settled, Error> {
         let dead = Message::clone(&self.message).with_dead_letter(Some(DeadLetterInfo {
             reason: wire::truncate(reason.into(), wire::MAX_REASON_BYTES),
             description: description.map(|d| wire::truncate(d, wire::MAX_DESCRIPTION_BYTES)),
@@ -375,7 +392,7 @@ impl Delivery {
     }
 
     /// Gives the message back for immediate redelivery, attempt unchanged.
-    pub async fn abandon(self) -> Result<(), Error> {
+    pub async fn abandon(self) -> Result<Settled, Error> {
         self.settler.settle(Settlement::Abandon).await
     }
 }

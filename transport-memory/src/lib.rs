@@ -43,7 +43,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use redeliver_core::{
-    Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle,
+    Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settled,
     Settlement, Source, Topology, Transport,
 };
 use rustc_hash::FxBuildHasher;
@@ -483,7 +483,7 @@ struct MemorySettler {
 
 #[async_trait]
 impl Settle for MemorySettler {
-    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
         let delivery = self.delivery;
         self.settled = true;
         let consumer = &*self.consumer;
@@ -519,7 +519,7 @@ impl Settle for MemorySettler {
                     });
                 }
             }
-            Ok(())
+            Ok(Settled::AsAsked)
         })
     }
 }

@@ -9,8 +9,8 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Consumer};
 use redeliver_core::{
-    DeadLetterInfo, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source, reasons,
-    wire,
+    DeadLetterInfo, Delivery, DeliveryStream, Error, Message, Settle, Settled, Settlement, Source,
+    reasons, wire,
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -532,29 +532,36 @@ fn lost_channel(queue: &str) -> Error {
 
 #[async_trait]
 impl Settle for RabbitSettler {
-    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
         if !self.acker.usable() {
             // The channel is gone, so the broker delivers the original again: publishing a copy
             // now would only add a duplicate.
             self.settled = true;
             return Err(lost_channel(&self.queue));
         }
+        let as_asked = |done: Result<(), Error>| done.map(|()| Settled::AsAsked);
         let result = match settlement {
-            Settlement::Complete => self.ack().await,
-            Settlement::Abandon => self.requeue().await,
+            Settlement::Complete => as_asked(self.ack().await),
+            Settlement::Abandon => as_asked(self.requeue().await),
             Settlement::Reschedule(message) => {
                 // The copy is confirmed before the original is acknowledged: a failure in
                 // between duplicates the message, never loses it.
                 match self.transport.schedule(&self.queue, &message, true).await {
-                    Ok(()) => self.ack().await,
-                    Err(e) if e.is_message_refused() => self.copy_refused(&message, e).await,
+                    Ok(()) => as_asked(self.ack().await),
+                    Err(e) if e.is_message_refused() => {
+                        self.copy_refused(&message, e)
+                            .await
+                            .map(|()| Settled::DeadLettered {
+                                reason: reasons::COPY_REFUSED.to_owned(),
+                            })
+                    }
                     Err(e) => {
                         let _ = self.requeue().await;
                         Err(e)
                     }
                 }
             }
-            Settlement::DeadLetter(message) => self.dead_letter(&message).await,
+            Settlement::DeadLetter(message) => as_asked(self.dead_letter(&message).await),
             other => {
                 let _ = self.requeue().await;
                 Err(Error::Other {

@@ -610,6 +610,11 @@ async fn a_message_whose_copies_cannot_fit_is_dead_lettered_not_looped() {
         "handled once, not looping"
     );
     assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    assert_eq!(
+        (stats.retried, stats.dead_lettered),
+        (0, 1),
+        "counted as what happened: {stats:?}"
+    );
     let warned = logged("bulky-1");
     assert!(
         warned
@@ -848,6 +853,11 @@ async fn an_unroutable_retry_copy_dead_letters_the_message_with_the_reason() {
         "handled once, not looping"
     );
     assert_eq!(stats.settle_failures, 0, "{stats:?}");
+    assert_eq!(
+        (stats.retried, stats.dead_lettered),
+        (0, 1),
+        "counted as what happened: {stats:?}"
+    );
     let info = message.dead_letter().expect("a reason");
     assert_eq!(info.reason, redeliver_core::reasons::COPY_REFUSED);
     let description = info.description.as_deref().unwrap();

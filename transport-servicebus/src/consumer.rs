@@ -45,8 +45,8 @@ use fe2o3_amqp_types::primitives::OrderedMap;
 use redeliver_core::clock::until;
 use redeliver_core::message::DeadLetterInfo;
 use redeliver_core::{
-    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settlement, Source, reasons,
-    wire,
+    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settled, Settlement, Source,
+    reasons, wire,
 };
 use serde_amqp::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -722,10 +722,11 @@ impl Settler {
 
 #[async_trait]
 impl Settle for Settler {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), Error> {
+    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
+        let as_asked = |done: Result<(), Error>| done.map(|()| Settled::AsAsked);
         match settlement {
-            Settlement::Complete => self.command(Action::Now(Final::Complete)).await,
-            Settlement::Abandon => self.command(Action::Now(Final::Abandon)).await,
+            Settlement::Complete => as_asked(self.command(Action::Now(Final::Complete)).await),
+            Settlement::Abandon => as_asked(self.command(Action::Now(Final::Abandon)).await),
             Settlement::DeadLetter(message) if self.source.is_dead_letters() => {
                 let source = self.source.clone();
                 self.command(Action::Now(Final::Abandon)).await?;
@@ -742,14 +743,16 @@ impl Settle for Settler {
                     dead_letter_error_description: info.and_then(|i| i.description.clone()),
                     properties_to_modify: Some(framework_properties(&message)),
                 };
-                self.command(Action::Now(Final::DeadLetter(options))).await
+                as_asked(self.command(Action::Now(Final::DeadLetter(options))).await)
             }
             Settlement::Reschedule(message) if self.source.is_dead_letters() => {
                 // A dead-letter sub-queue cannot be sent to: keep this dead letter locked until
                 // its not-before, then abandon it with its new state.
                 let at = due_instant(&message);
-                self.command(Action::AbandonAt(at, framework_properties(&message)))
-                    .await
+                as_asked(
+                    self.command(Action::AbandonAt(at, framework_properties(&message)))
+                        .await,
+                )
             }
             Settlement::Reschedule(message) => {
                 let queue = self.source.endpoint_name().to_owned();
@@ -761,7 +764,7 @@ impl Settle for Settler {
                     .send_entity(&queue, "queue", &message, Some(&copy_id))
                     .await
                 {
-                    Ok(()) => self.command(Action::Now(Final::Complete)).await,
+                    Ok(()) => as_asked(self.command(Action::Now(Final::Complete)).await),
                     Err(e) if e.is_message_refused() => {
                         // Sending it again would be refused again: giving the original back
                         // would loop for ever. Dead-letter it instead (the body is kept).
@@ -797,7 +800,11 @@ impl Settle for Settler {
                             dead_letter_error_description: Some(description),
                             properties_to_modify: Some(framework_properties(&dead)),
                         };
-                        self.command(Action::Now(Final::DeadLetter(options))).await
+                        self.command(Action::Now(Final::DeadLetter(options)))
+                            .await
+                            .map(|()| Settled::DeadLettered {
+                                reason: reasons::COPY_REFUSED.to_owned(),
+                            })
                     }
                     Err(e) => {
                         if let Err(abandon) = self.command(Action::Now(Final::Abandon)).await {

@@ -1012,6 +1012,11 @@ async fn a_retry_whose_copy_cannot_fit_is_dead_lettered_not_looped() {
     );
     let stats = worker.shutdown().await;
     assert_eq!(calls.count(), 1, "handled once, not looping: {stats:?}");
+    assert_eq!(
+        (stats.retried, stats.dead_lettered),
+        (0, 1),
+        "counted as what happened: {stats:?}"
+    );
     assert_eq!(stats.settle_failures, 0, "{stats:?}");
     assert_eq!(broker.active_message_count("q").unwrap(), 0);
     let letter = &broker.dead_letters("q").unwrap()[0];
@@ -1082,6 +1087,11 @@ async fn a_retry_whose_copy_has_too_many_properties_is_dead_lettered_not_looped(
     );
     let stats = worker.shutdown().await;
     assert_eq!(calls.count(), 1, "handled once, not looping: {stats:?}");
+    assert_eq!(
+        (stats.retried, stats.dead_lettered),
+        (0, 1),
+        "counted as what happened: {stats:?}"
+    );
     let letter = &broker.dead_letters("q").unwrap()[0];
     assert_eq!(letter.reason.as_deref(), Some(reasons::COPY_REFUSED));
     assert!(

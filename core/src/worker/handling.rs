@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::handler::{Context, Handler, Outcome};
 use crate::payload::Payload;
 use crate::reasons::{INVALID_PAYLOAD, MALFORMED_HEADERS};
-use crate::transport::{Delivery, Source, Transport};
+use crate::transport::{Delivery, Settled, Source, Transport};
 
 /// What every lane of a worker shares.
 pub(super) struct Shared<T, S, H> {
@@ -182,7 +182,11 @@ where
             Disposition::Abandon | Disposition::Wait(_) => delivery.abandon().await,
         };
         match result {
-            Ok(()) => bump(counter),
+            Ok(Settled::AsAsked) => bump(counter),
+            Ok(Settled::DeadLettered { reason }) => {
+                bump(&self.stats.dead_lettered);
+                warn!(reason, "the transport dead-lettered the message instead");
+            }
             Err(e) => {
                 bump(&self.stats.settle_failures);
                 error!(error = %e, "could not settle the delivery; the transport will deliver it again");
