@@ -93,3 +93,16 @@ impl<R: Clone + Default + std::fmt::Debug> Report<R> {
         }
     }
 }
+
+/// The final statistics of the consumer of `source`, from what
+/// [`Host::shutdown`](redeliver::Host::shutdown) returned. Panics if the host had none.
+pub(crate) fn stats_of(
+    stats: Vec<(redeliver::Source, redeliver::WorkerStats)>,
+    source: impl Into<redeliver::Source>,
+) -> redeliver::WorkerStats {
+    let source = source.into();
+    stats
+        .into_iter()
+        .find_map(|(s, stats)| (s == source).then_some(stats))
+        .unwrap_or_else(|| panic!("the host has no consumer of {source}"))
+}

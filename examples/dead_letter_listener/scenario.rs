@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redeliver::{
-    Backoff, BackoffPolicy, Context, InvalidPayload, Jitter, Message, Outcome, Source, Topology,
-    Transport, Worker,
+    Backoff, BackoffPolicy, Consumer, Context, Failure, Host, InvalidPayload, Jitter, Message,
+    Outcome, Transport,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Report, Timeline};
+use crate::common::{Report, Timeline, stats_of};
 
 pub(crate) const DOCUMENTS: &str = "documents";
 pub(crate) const MAX_ATTEMPTS: u32 = 3;
@@ -42,95 +42,93 @@ pub(crate) struct Outcomes {
     pub(crate) discarded: u32,
 }
 
+/// What both handlers share.
+struct App {
+    report: Report<Outcomes>,
+    timeline: Timeline,
+}
+
+/// Scans a document; unknown documents are dropped, document 2 always fails.
+async fn scan(scan: Scan, ctx: Context<App>) -> Outcome {
+    let App { report, timeline } = ctx.state();
+    let id = scan.document_id;
+    let mut outcome = Outcome::success();
+    report.update(|r| {
+        *r.calls.entry(id).or_default() += 1;
+        outcome = match r.documents.get_mut(&id) {
+            None => {
+                r.discarded += 1;
+                Outcome::discard(format!("document {id} does not exist"))
+            }
+            Some(_) if id == 2 => Outcome::retry("OCR engine crashed on page 3"),
+            Some(state) => {
+                *state = "scanned".into();
+                Outcome::success()
+            }
+        };
+    });
+    let (attempt, kind) = (ctx.attempt(), outcome.kind());
+    timeline.log(format!("document {id} attempt {attempt}: {kind}"));
+    outcome
+}
+
+/// The dead-letter listener: marks the document as errored. The database is down for its
+/// first try.
+async fn mark_errored(scan: Scan, ctx: Context<App>) -> Result<(), Failure> {
+    let App { report, timeline } = ctx.state();
+    let id = scan.document_id;
+    let mut first_try = false;
+    report.update(|r| {
+        r.listener_calls += 1;
+        first_try = r.listener_calls == 1;
+        if !first_try {
+            r.documents.insert(id, "errored".into());
+        }
+    });
+    let reason = ctx.dead_letter().map_or("", |d| d.reason.as_str());
+    if first_try {
+        let line =
+            format!("listener: document {id} dead-lettered ({reason}); database down, retry");
+        timeline.log(line);
+        return Err(Failure::retry("database unavailable"));
+    }
+    timeline.log(format!("listener: document {id} marked errored ({reason})"));
+    Ok(())
+}
+
 pub(crate) async fn run(
     transport: Arc<dyn Transport>,
     timeline: Timeline,
     delay: Duration,
 ) -> Result<(Outcomes, u64), redeliver::Error> {
-    transport
-        .declare(&Topology::new().endpoint(DOCUMENTS))
-        .await?;
     let report = Report::<Outcomes>::new();
     report.update(|r| {
         r.documents.insert(1, "uploaded".into());
         r.documents.insert(2, "uploaded".into());
     });
-    let fixed = |max_attempts: Option<u32>| {
-        let builder = BackoffPolicy::builder()
+    let fixed = || {
+        BackoffPolicy::builder()
             .backoff(Backoff::fixed(delay))
-            .jitter(Jitter::None);
-        match max_attempts {
-            Some(n) => builder.max_attempts(n),
-            None => builder.unlimited_attempts(),
-        }
-        .build()
+            .jitter(Jitter::None)
     };
-
-    let (log, seen) = (timeline.clone(), report.clone());
-    let scanner = Worker::builder(Arc::clone(&transport), DOCUMENTS)
-        .retry_policy(fixed(Some(MAX_ATTEMPTS))?)
-        .on_invalid_payload(InvalidPayload::Discard)
-        .start(move |scan: Scan, ctx: Context| {
-            let id = scan.document_id;
-            let mut known = false;
-            seen.update(|r| {
-                *r.calls.entry(id).or_default() += 1;
-                known = r.documents.contains_key(&id);
-                if !known {
-                    r.discarded += 1;
-                }
-            });
-            let outcome = match (known, id) {
-                (false, _) => Outcome::discard(format!("document {id} does not exist")),
-                (true, 2) => Outcome::retry("OCR engine crashed on page 3"),
-                (true, _) => {
-                    seen.update(|r| {
-                        r.documents.insert(id, "scanned".into());
-                    });
-                    Outcome::success()
-                }
-            };
-            log.log(format!(
-                "document {id} attempt {}: {}",
-                ctx.attempt(),
-                outcome.kind()
-            ));
-            async move { outcome }
-        })
-        .await?;
-
-    let (log, seen) = (timeline.clone(), report.clone());
-    let listener = Worker::builder(Arc::clone(&transport), Source::dead_letters(DOCUMENTS))
-        .retry_policy(fixed(None)?)
-        .on_invalid_payload(InvalidPayload::Discard)
-        .start(move |scan: Scan, ctx: Context| {
-            let mut first_try = false;
-            seen.update(|r| {
-                r.listener_calls += 1;
-                first_try = r.listener_calls == 1;
-            });
-            let reason = ctx
-                .dead_letter()
-                .map(|d| d.reason.clone())
-                .unwrap_or_default();
-            let outcome = if first_try {
-                log.log(format!(
-                    "listener: document {} dead-lettered ({reason}); database down, retry",
-                    scan.document_id
-                ));
-                Outcome::retry("database unavailable")
-            } else {
-                log.log(format!(
-                    "listener: document {} marked errored ({reason})",
-                    scan.document_id
-                ));
-                seen.update(|r| {
-                    r.documents.insert(scan.document_id, "errored".into());
-                });
-                Outcome::success()
-            };
-            async move { outcome }
-        })
+    let app = App {
+        report: report.clone(),
+        timeline: timeline.clone(),
+    };
+    let host = Host::with_state(Arc::clone(&transport), app)
+        .consumer(
+            Consumer::endpoint(DOCUMENTS)
+                .retry_policy(fixed().max_attempts(MAX_ATTEMPTS).build()?)
+                .on_invalid_payload(InvalidPayload::Discard)
+                .handler(scan),
+        )
+        .consumer(
+            Consumer::dead_letters(DOCUMENTS)
+                .retry_policy(fixed().unlimited_attempts().build()?)
+                .on_invalid_payload(InvalidPayload::Discard)
+                .handler(mark_errored),
+        )
+        .start()
         .await?;
 
     for message in [
@@ -147,11 +145,10 @@ pub(crate) async fn run(
             r.documents.get(&2).is_some_and(|s| s == "errored") && r.calls.contains_key(&99)
         })
         .await;
-    listener.shutdown().await;
-    let scanner_stats = scanner.shutdown().await;
+    let discarded = stats_of(host.shutdown().await, DOCUMENTS).discarded;
     timeline.log(format!(
-        "documents: {:?}; dropped: {} (unknown and invalid)",
-        outcomes.documents, scanner_stats.discarded
+        "documents: {:?}; dropped: {discarded} (unknown and invalid)",
+        outcomes.documents
     ));
-    Ok((outcomes, scanner_stats.discarded))
+    Ok((outcomes, discarded))
 }

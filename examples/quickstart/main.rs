@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use redeliver::{
-    Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Source, Topology, Worker,
+    Backoff, BackoffPolicy, Consumer, Context, Host, Jitter, Message, Outcome, RawBody,
     outcome_for_status,
 };
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,44 @@ struct Done {
     dead_letters: Vec<String>,
 }
 
+/// What the handlers share.
+struct App {
+    start: DateTime<Utc>,
+    done: common::Report<Done>,
+}
+
+async fn call_webhook(event: OrderShipped, ctx: Context<App>) -> Outcome {
+    let (status, retry_after) = webhook_response(event.order_id, ctx.attempt());
+    let outcome = outcome_for_status(status, retry_after);
+    let start = ctx.state().start;
+    println!(
+        "{:>7}  {:<10} {:>7}  {:>10}  HTTP {status} -> {}",
+        since(start, ctx.received_at()),
+        ctx.message_id(),
+        ctx.attempt(),
+        ctx.not_before().map_or("-".into(), |t| since(start, t)),
+        describe(&outcome, retry_after, ctx.attempt()),
+    );
+    if outcome == Outcome::Success {
+        ctx.state().done.update(|d| d.completed += 1);
+    }
+    outcome
+}
+
+/// Dead letters are consumed like any endpoint; here they are only listed, whatever their body.
+async fn list_dead_letter(_: RawBody, ctx: Context<App>) -> Outcome {
+    let info = ctx.dead_letter();
+    let line = format!(
+        "{:<10} after attempt {}: {} ({})",
+        ctx.message_id(),
+        ctx.attempt(),
+        info.map_or("-", |d| d.reason.as_str()),
+        info.and_then(|d| d.description.as_deref()).unwrap_or("-"),
+    );
+    ctx.state().done.update(|d| d.dead_letters.push(line));
+    Outcome::success()
+}
+
 #[tokio::main]
 async fn main() -> Result<(), redeliver::Error> {
     tracing_subscriber::fmt()
@@ -58,19 +96,13 @@ async fn main() -> Result<(), redeliver::Error> {
         .init();
 
     let transport = common::transport_from_args().await?;
-    transport
-        .declare(&Topology::new().endpoint(ENDPOINT))
-        .await?;
     let start = transport.clock().now();
-    let done = common::Report::<Done>::new();
 
     // Four handler calls at most (the first included), waiting 0.5 s, 1 s, 2 s in between.
+    let delay = Duration::from_millis(500);
     let policy = BackoffPolicy::builder()
         .max_attempts(MAX_ATTEMPTS)
-        .backoff(Backoff::exponential(
-            Duration::from_millis(500),
-            Duration::from_secs(4),
-        ))
+        .backoff(Backoff::exponential(delay, delay * 8))
         .jitter(Jitter::None)
         .build()?;
 
@@ -81,36 +113,20 @@ async fn main() -> Result<(), redeliver::Error> {
         "time", "message", "attempt", "not-before"
     );
 
-    let completed = done.clone();
-    let worker = Worker::builder(Arc::clone(&transport), ENDPOINT)
-        .concurrency(4)
-        .retry_policy(policy)
-        .start(move |event: OrderShipped, ctx: Context| {
-            let (status, retry_after) = webhook_response(event.order_id, ctx.attempt());
-            let outcome = outcome_for_status(status, retry_after);
-            println!(
-                "{:>7}  {:<10} {:>7}  {:>10}  HTTP {status} -> {}",
-                since(start, ctx.received_at()),
-                ctx.message_id(),
-                ctx.attempt(),
-                ctx.not_before().map_or("-".into(), |t| since(start, t)),
-                describe(&outcome, retry_after, ctx.attempt()),
-            );
-            if outcome == Outcome::Success {
-                completed.update(|d| d.completed += 1);
-            }
-            async move { outcome }
-        })
-        .await?;
-
-    // Dead letters are consumed like any endpoint; here they are only listed.
-    let listed = done.clone();
-    let dead_letters = Worker::builder(Arc::clone(&transport), Source::dead_letters(ENDPOINT))
-        .on_invalid_payload(redeliver::InvalidPayload::Discard)
-        .start(move |_: serde_json::Value, ctx: Context| {
-            listed.update(|d| d.dead_letters.push(dead_letter_line(&ctx)));
-            async { Outcome::success() }
-        })
+    let done = common::Report::<Done>::new();
+    let app = App {
+        start,
+        done: done.clone(),
+    };
+    let host = Host::with_state(Arc::clone(&transport), app)
+        .consumer(
+            Consumer::endpoint(ENDPOINT)
+                .concurrency(4)
+                .retry_policy(policy)
+                .handler(call_webhook),
+        )
+        .consumer(Consumer::dead_letters(ENDPOINT).handler(list_dead_letter))
+        .start()
         .await?;
 
     for order_id in [1000, 1001, 1002, 1003] {
@@ -118,28 +134,19 @@ async fn main() -> Result<(), redeliver::Error> {
             order_id,
             carrier: "DHL".into(),
         };
-        transport
-            .send(
-                ENDPOINT,
-                Message::json(&event)?.with_id(format!("order-{order_id}")),
-            )
-            .await?;
+        let message = Message::json(&event)?.with_id(format!("order-{order_id}"));
+        transport.send(ENDPOINT, message).await?;
     }
     // A producer with a bug: this body is not an `OrderShipped`. It never reaches the handler.
-    transport
-        .send(
-            ENDPOINT,
-            Message::new(r#"{"order":"1004"}"#).with_id("order-1004"),
-        )
-        .await?;
+    let message = Message::new(r#"{"order":"1004"}"#).with_id("order-1004");
+    transport.send(ENDPOINT, message).await?;
 
     let result = done
         .wait_until(Duration::from_secs(60), |d| {
             d.completed >= 2 && d.dead_letters.len() >= 3
         })
         .await;
-    let stats = worker.shutdown().await;
-    dead_letters.shutdown().await;
+    let stats = common::stats_of(host.shutdown().await, ENDPOINT);
 
     println!("\ndead letters of `{ENDPOINT}`:");
     for line in &result.dead_letters {
@@ -154,17 +161,6 @@ async fn main() -> Result<(), redeliver::Error> {
         since(start, transport.clock().now()),
     );
     Ok(())
-}
-
-fn dead_letter_line(ctx: &Context) -> String {
-    let info = ctx.dead_letter();
-    format!(
-        "{:<10} after attempt {}: {} ({})",
-        ctx.message_id(),
-        ctx.attempt(),
-        info.map_or("-", |d| d.reason.as_str()),
-        info.and_then(|d| d.description.as_deref()).unwrap_or("-"),
-    )
 }
 
 fn since(start: DateTime<Utc>, t: DateTime<Utc>) -> String {

@@ -10,10 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use redeliver::request_reply::{
-    RequestOptions, Requester, StatusEnvelope, StatusMessage, reply_to,
-};
-use redeliver::{Context, Message, Outcome, Source, Topology, Transport, Worker};
+use redeliver::request_reply::{RequestOptions, Requester, StatusEnvelope, StatusMessage};
+use redeliver::{Consumer, Context, Failure, Host, Message, RawBody, ResultExt, Transport};
 use serde::{Deserialize, Serialize};
 
 use crate::common::{Report, Timeline};
@@ -45,140 +43,133 @@ pub(crate) struct Outcomes {
     pub(crate) dead_replies: Vec<String>,
 }
 
+/// What the tax service and the client's dead-reply listener share.
+struct App {
+    report: Report<Outcomes>,
+    timeline: Timeline,
+    /// Requests for "SE" the tax service has seen.
+    sweden_seen: AtomicU32,
+}
+
+/// The tax service: answers 200 with the VAT, 422 for unknown countries; it is busy (does not
+/// answer) the first time it sees a request for "SE". The reply goes to the request's reply-to
+/// with its correlation id (`ctx.send` copies it).
+async fn answer(request: TaxRequest, ctx: Context<App>) -> Result<(), Failure> {
+    let (app, country) = (ctx.state(), request.country.as_str());
+    let envelope = match country {
+        "SE" if app.sweden_seen.fetch_add(1, Ordering::SeqCst) == 0 => None,
+        "DE" | "SE" => Some(StatusEnvelope::new(
+            200,
+            "OK",
+            Tax {
+                vat_cents: request.net_cents * 19 / 100,
+            },
+        )),
+        other => Some(
+            StatusEnvelope::new(422, "Unprocessable", Tax::default()).with_message(
+                StatusMessage::new("country", "error")
+                    .with_status("UNSUPPORTED")
+                    .with_text(format!("no VAT rules for `{other}`")),
+            ),
+        ),
+    };
+    let correlation: String = ctx
+        .correlation_id()
+        .unwrap_or("-")
+        .chars()
+        .take(8)
+        .collect();
+    let said = format!("tax-service: {country} (correlation {correlation}…)");
+    let Some(envelope) = envelope else {
+        app.timeline.log(format!("{said}: busy, no answer"));
+        return Ok(());
+    };
+    let status = envelope.status_code;
+    app.timeline.log(format!("{said}: {status}"));
+    let reply_to = ctx
+        .reply_to()
+        .ok_or("the request has no reply-to endpoint to answer to")
+        .or_dead_letter("unanswerable request")?;
+    ctx.send(reply_to, Message::json(&envelope)?).await?;
+    Ok(())
+}
+
+/// Replies the client could not use, whatever their body.
+async fn record_dead_reply(_: RawBody, ctx: Context<App>) -> Result<(), Failure> {
+    let App {
+        report, timeline, ..
+    } = ctx.state();
+    let reason = ctx.dead_letter().map_or("", |d| d.reason.as_str());
+    timeline.log(format!("client: reply dead-lettered: {reason}"));
+    report.update(|r| r.dead_replies.push(reason.to_owned()));
+    Ok(())
+}
+
 pub(crate) async fn run(
     transport: Arc<dyn Transport>,
     timeline: Timeline,
     delay: Duration,
 ) -> Result<Outcomes, redeliver::Error> {
-    transport
-        .declare(&Topology::new().endpoint(TAX_SERVICE).endpoint(REPLIES))
-        .await?;
     let report = Report::<Outcomes>::new();
-
-    // The responder: answers 200 with the VAT, 422 for unknown countries; it is busy (does not
-    // answer) the first time it sees a request for "SE".
-    let (log, replier, sweden_seen) = (
-        timeline.clone(),
-        Arc::clone(&transport),
-        Arc::new(AtomicU32::new(0)),
-    );
-    let responder = Worker::builder(Arc::clone(&transport), TAX_SERVICE)
-        .concurrency(4)
-        .start(move |request: TaxRequest, ctx: Context| {
-            let envelope = match request.country.as_str() {
-                "SE" if sweden_seen.fetch_add(1, Ordering::SeqCst) == 0 => None,
-                "DE" | "SE" => Some(StatusEnvelope::new(
-                    200,
-                    "OK",
-                    Tax {
-                        vat_cents: request.net_cents * 19 / 100,
-                    },
-                )),
-                other => Some(
-                    StatusEnvelope::new(422, "Unprocessable", Tax::default()).with_message(
-                        StatusMessage::new("country", "error")
-                            .with_status("UNSUPPORTED")
-                            .with_text(format!("no VAT rules for `{other}`")),
-                    ),
-                ),
-            };
-            let correlation = ctx
-                .correlation_id()
-                .unwrap_or("-")
-                .chars()
-                .take(8)
-                .collect::<String>();
-            match &envelope {
-                None => log.log(format!(
-                    "tax-service: {} (correlation {correlation}…): busy, no answer",
-                    request.country
-                )),
-                Some(e) => log.log(format!(
-                    "tax-service: {} (correlation {correlation}…): {}",
-                    request.country, e.status_code
-                )),
-            }
-            let reply = envelope.map(|e| reply_to(&ctx, &e));
-            let replier = Arc::clone(&replier);
-            async move {
-                match reply {
-                    None => Outcome::success(),
-                    Some(Ok((endpoint, message))) => replier.send(&endpoint, message).await.into(),
-                    Some(Err(e)) => {
-                        Outcome::dead_letter_with("unanswerable request", e.to_string())
-                    }
-                }
-            }
-        })
+    let app = App {
+        report: report.clone(),
+        timeline: timeline.clone(),
+        sweden_seen: AtomicU32::new(0),
+    };
+    // Declares both endpoints; the requester consumes the replies itself.
+    let host = Host::with_state(Arc::clone(&transport), app)
+        .consumer(
+            Consumer::endpoint(TAX_SERVICE)
+                .concurrency(4)
+                .handler(answer),
+        )
+        .consumer(Consumer::dead_letters(REPLIES).handler(record_dead_reply))
+        .start()
         .await?;
-
     let options = RequestOptions::default()
         .with_timeout(delay * 4)
         .with_attempts(3)
         .with_app_id("web-shop")
         .with_unknown_replies(2, delay);
-    let requester = Arc::new(Requester::start(Arc::clone(&transport), REPLIES, options).await?);
-
-    let (log, seen) = (timeline.clone(), report.clone());
-    let dead_replies = Worker::builder(Arc::clone(&transport), Source::dead_letters(REPLIES))
-        .on_invalid_payload(redeliver::InvalidPayload::Discard)
-        .start(move |_: serde_json::Value, ctx: Context| {
-            let reason = ctx
-                .dead_letter()
-                .map(|d| d.reason.clone())
-                .unwrap_or_default();
-            log.log(format!("client: reply dead-lettered: {reason}"));
-            seen.update(|r| r.dead_replies.push(reason));
-            async { Outcome::success() }
-        })
-        .await?;
+    let requester = Requester::start(Arc::clone(&transport), REPLIES, options).await?;
 
     // A stray reply nobody asked for, and one without a correlation id.
     let stray = StatusEnvelope::new(200, "OK", Tax { vat_cents: 1 });
-    transport
-        .send(
-            REPLIES,
-            Message::json(&stray)?.with_correlation_id("from-yesterday"),
-        )
-        .await?;
+    let unknown = Message::json(&stray)?.with_correlation_id("from-yesterday");
+    transport.send(REPLIES, unknown).await?;
     transport.send(REPLIES, Message::json(&stray)?).await?;
 
-    let mut asks = Vec::new();
-    for country in ["DE", "SE", "XX"] {
-        let (requester, seen, log) = (Arc::clone(&requester), report.clone(), timeline.clone());
-        asks.push(tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let request = TaxRequest {
-                country: country.into(),
-                net_cents: 10_000,
-            };
-            let answer = requester.request::<_, Tax>(TAX_SERVICE, &request).await;
-            match answer {
-                Ok(envelope) => {
-                    log.log(format!(
-                        "client: {country} -> {} {} {:?}",
-                        envelope.status_code, envelope.status_message, envelope.body
-                    ));
-                    let slow = started.elapsed() >= delay * 4;
-                    seen.update(|r| {
-                        r.answers.push((
-                            country.to_owned(),
-                            envelope.status_code,
-                            envelope.body.vat_cents,
-                        ));
-                        r.retried_after_time_out |= slow;
-                    });
-                }
-                Err(e) => {
-                    log.log(format!("client: {country} failed: {e}"));
-                    seen.update(|r| r.failures.push((country.to_owned(), e.to_string())));
-                }
+    let (client, log, seen) = (&requester, &timeline, &report);
+    let ask = |country: &'static str| async move {
+        let started = tokio::time::Instant::now();
+        let request = TaxRequest {
+            country: country.into(),
+            net_cents: 10_000,
+        };
+        match client.request::<_, Tax>(TAX_SERVICE, &request).await {
+            Ok(envelope) => {
+                log.log(format!(
+                    "client: {country} -> {} {} {:?}",
+                    envelope.status_code, envelope.status_message, envelope.body
+                ));
+                let slow = started.elapsed() >= delay * 4;
+                let answer = (
+                    country.to_owned(),
+                    envelope.status_code,
+                    envelope.body.vat_cents,
+                );
+                seen.update(|r| {
+                    r.answers.push(answer);
+                    r.retried_after_time_out |= slow;
+                });
             }
-        }));
-    }
-    for ask in asks {
-        ask.await.expect("the request task does not panic");
-    }
+            Err(e) => {
+                log.log(format!("client: {country} failed: {e}"));
+                seen.update(|r| r.failures.push((country.to_owned(), e.to_string())));
+            }
+        }
+    };
+    futures::future::join_all(["DE", "SE", "XX"].map(ask)).await;
 
     let outcomes = report
         .wait_until(delay * 60, |r| {
@@ -186,10 +177,7 @@ pub(crate) async fn run(
             r.answers.len() + r.failures.len() == 3 && r.dead_replies.len() >= 2
         })
         .await;
-    dead_replies.shutdown().await;
-    if let Ok(requester) = Arc::try_unwrap(requester) {
-        requester.shutdown().await;
-    }
-    responder.shutdown().await;
+    requester.shutdown().await;
+    host.shutdown().await;
     Ok(outcomes)
 }

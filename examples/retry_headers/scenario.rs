@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redeliver::{
-    Backoff, BackoffPolicy, Context, Jitter, Message, Outcome, Source, Topology, Transport, Worker,
+    Backoff, BackoffPolicy, Consumer, Context, Failure, Host, Jitter, Message, Transport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -43,80 +43,79 @@ pub(crate) struct Outcomes {
     pub(crate) dead_letters: Vec<(String, u32, String, Option<String>)>,
 }
 
+/// What the handlers share.
+struct App {
+    report: Report<Outcomes>,
+    timeline: Timeline,
+}
+
+/// Invalid requests to their own endpoint; the others fail `failures` times, then work.
+async fn process(request: Request, ctx: Context<App>) -> Result<(), Failure> {
+    let App { report, timeline } = ctx.state();
+    let id = request.id;
+    let retry_count = ctx.attempt() - 1;
+    report.update(|r| r.calls.push((id.clone(), retry_count)));
+    if request.amount <= 0 {
+        let amount = request.amount;
+        timeline.log(format!(
+            "{id}: invalid (amount {amount}): to `{INVALID_REQUESTS}`, never retried"
+        ));
+        // The request as it came, its id and headers kept.
+        return Ok(ctx.send(INVALID_REQUESTS, ctx.message().clone()).await?);
+    }
+    if retry_count < request.failures {
+        timeline.log(format!("{id}: retry count {retry_count}: processing error"));
+        return Err(Failure::retry("downstream timeout"));
+    }
+    timeline.log(format!("{id}: retry count {retry_count}: processed"));
+    report.update(|r| r.processed.push(id));
+    Ok(())
+}
+
+async fn record_invalid(request: Request, ctx: Context<App>) -> Result<(), Failure> {
+    ctx.state().report.update(|r| r.invalid.push(request.id));
+    Ok(())
+}
+
+async fn record_dead_letter(request: Request, ctx: Context<App>) -> Result<(), Failure> {
+    let App { report, timeline } = ctx.state();
+    let id = request.id;
+    let reason = ctx
+        .dead_letter()
+        .map_or(String::new(), |d| d.reason.clone());
+    let source = ctx.headers().get("source").map(str::to_owned);
+    let retry_count = ctx.attempt() - 1;
+    timeline.log(format!(
+        "{id}: dead letter after retry count {retry_count}, reason `{reason}`, header source={source:?}"
+    ));
+    report.update(|r| r.dead_letters.push((id, retry_count, reason, source)));
+    Ok(())
+}
+
 pub(crate) async fn run(
     transport: Arc<dyn Transport>,
     timeline: Timeline,
     delay: Duration,
 ) -> Result<Outcomes, redeliver::Error> {
-    transport
-        .declare(
-            &Topology::new()
-                .endpoint(PROCESSOR)
-                .endpoint(INVALID_REQUESTS),
-        )
-        .await?;
     let report = Report::<Outcomes>::new();
     let policy = BackoffPolicy::builder()
         .max_attempts(MAX_ATTEMPTS)
         .backoff(Backoff::exponential(delay, delay * 8))
         .jitter(Jitter::None)
         .build()?;
-
-    let (log, seen, sender) = (timeline.clone(), report.clone(), Arc::clone(&transport));
-    let processor = Worker::builder(Arc::clone(&transport), PROCESSOR)
-        .retry_policy(policy)
-        .start(move |request: Request, ctx: Context| {
-            let retry_count = ctx.attempt() - 1;
-            seen.update(|r| r.calls.push((request.id.clone(), retry_count)));
-            let (log, seen, sender) = (log.clone(), seen.clone(), Arc::clone(&sender));
-            async move {
-                if request.amount <= 0 {
-                    log.log(format!(
-                        "{}: invalid (amount {}): to `{INVALID_REQUESTS}`, never retried",
-                        request.id, request.amount
-                    ));
-                    return sender
-                        .send(INVALID_REQUESTS, ctx.message().clone())
-                        .await
-                        .into();
-                }
-                if retry_count < request.failures {
-                    log.log(format!(
-                        "{}: retry count {retry_count}: processing error",
-                        request.id
-                    ));
-                    Outcome::retry("downstream timeout")
-                } else {
-                    log.log(format!(
-                        "{}: retry count {retry_count}: processed",
-                        request.id
-                    ));
-                    seen.update(|r| r.processed.push(request.id));
-                    Outcome::success()
-                }
-            }
-        })
-        .await?;
-    let seen = report.clone();
-    let invalid = Worker::builder(Arc::clone(&transport), INVALID_REQUESTS)
-        .start(move |request: Request, _: Context| {
-            seen.update(|r| r.invalid.push(request.id));
-            async { Outcome::success() }
-        })
-        .await?;
-    let (log, seen) = (timeline.clone(), report.clone());
-    let dead_letters = Worker::builder(Arc::clone(&transport), Source::dead_letters(PROCESSOR))
-        .start(move |request: Request, ctx: Context| {
-            let reason = ctx.dead_letter().map(|d| d.reason.clone()).unwrap_or_default();
-            let source = ctx.headers().get("source").map(str::to_owned);
-            let retry_count = ctx.attempt() - 1;
-            log.log(format!(
-                "{}: dead letter after retry count {retry_count}, reason `{reason}`, header source={source:?}",
-                request.id
-            ));
-            seen.update(|r| r.dead_letters.push((request.id, retry_count, reason, source)));
-            async { Outcome::success() }
-        })
+    let app = App {
+        report: report.clone(),
+        timeline,
+    };
+    let host = Host::with_state(Arc::clone(&transport), app)
+        .consumer(
+            Consumer::endpoint(PROCESSOR)
+                .retry_policy(policy)
+                .handler(process),
+        )
+        .consumer(Consumer::endpoint(INVALID_REQUESTS).handler(record_invalid))
+        .consumer(Consumer::dead_letters(PROCESSOR).handler(record_dead_letter))
+        .start()
         .await?;
 
     // order-1 works at once, order-2 after two retries, order-3 is invalid, order-4 never works.
@@ -143,8 +142,6 @@ pub(crate) async fn run(
             r.processed.len() >= 2 && !r.invalid.is_empty() && !r.dead_letters.is_empty()
         })
         .await;
-    for worker in [processor, invalid, dead_letters] {
-        worker.shutdown().await;
-    }
+    host.shutdown().await;
     Ok(outcomes)
 }
