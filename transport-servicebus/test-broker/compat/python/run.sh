@@ -22,28 +22,9 @@ if [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("
     "$venv/bin/pip" install --quiet --disable-pip-version-check "$sdk"
 fi
 
-cargo build --quiet --manifest-path "$repo/Cargo.toml" -p redeliver-servicebus-testbroker --bin servicebus-test-broker
-broker="$target/debug/servicebus-test-broker"
-
 mapfile -t entities < <("$venv/bin/python" "$here/suite.py" --entities)
-out="$(mktemp)"
-"$broker" "${entities[@]}" >"$out" &
-broker_pid=$!
-trap 'kill "$broker_pid" 2>/dev/null || true; wait "$broker_pid" 2>/dev/null || true; rm -f "$out"' EXIT
-
-# The broker prints its connection string once it listens.
-for _ in $(seq 1 100); do
-    [ -s "$out" ] && break
-    if ! kill -0 "$broker_pid" 2>/dev/null; then
-        echo "servicebus-test-broker exited before listening" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-connection_string="$(head -n 1 "$out")"
-if [ -z "$connection_string" ]; then
-    echo "servicebus-test-broker printed no connection string within 10 s" >&2
-    exit 1
-fi
+# shellcheck source=../broker.sh
+source "$here/../broker.sh"
+start_broker "${entities[@]}"
 
 "$venv/bin/python" "$here/suite.py" "$connection_string" "$@"
