@@ -31,6 +31,8 @@ fn logs() -> &'static Mutex<Vec<u8>> {
     LOGS.get_or_init(|| {
         tracing_subscriber::fmt()
             .with_max_level(tracing::Level::TRACE)
+            // Plain text, whatever features other crates of the workspace turn on.
+            .with_ansi(false)
             .with_writer(|| Capture)
             .try_init()
             .expect("the only subscriber of this test binary");
