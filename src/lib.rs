@@ -29,7 +29,7 @@ pub use redeliver_core::MockTransport;
 /// it; transports and the conformance suite (`redeliver-conformance`) do.
 pub mod transport {
     pub use redeliver_core::transport::{
-        ConsumeOptions, Delivery, DeliveryStream, Settle, Settled, Settlement,
+        ConsumeOptions, Delivery, DeliveryStream, FrameworkState, Settle, Settled, Stored,
     };
     pub use redeliver_core::{connector, secret, wire};
 }

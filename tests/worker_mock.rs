@@ -9,27 +9,57 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::TimeDelta;
 use futures::StreamExt;
-use redeliver::transport::{Delivery, Settle, Settled, Settlement};
+use redeliver::transport::{Delivery, FrameworkState, Settle, Stored};
 // The mock of the transport trait (the `mock` feature of `redeliver` re-exports it).
 use redeliver::{Capabilities, Clock, Context, Error, Message, Outcome, Source, Transport, Worker};
 use redeliver_core::MockTransport;
 use support::{Calls, within};
 use tokio::sync::mpsc;
 
-/// A settler that reports what it was asked to do, optionally failing.
+/// How a delivery was settled: the step the transport was asked for.
+#[derive(Debug, PartialEq)]
+enum Settlement {
+    Complete,
+    Abandon,
+    Reschedule(Message),
+    DeadLetter(Message),
+}
+
+/// A settler that reports what it was asked to do, optionally failing. It stores copies as
+/// moved, so that each settlement is one step.
 struct Recorder {
     settlements: mpsc::UnboundedSender<Settlement>,
     fail: bool,
 }
 
-#[async_trait]
-impl Settle for Recorder {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
+impl Recorder {
+    fn record(&self, settlement: Settlement) -> Result<(), Error> {
         let _ = self.settlements.send(settlement);
         if self.fail {
             return Err(Error::connection("lost", std::io::Error::other("reset")));
         }
-        Ok(Settled::AsAsked)
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Settle for Recorder {
+    async fn remove(&mut self) -> Result<(), Error> {
+        self.record(Settlement::Complete)
+    }
+
+    async fn give_back(&mut self) -> Result<(), Error> {
+        self.record(Settlement::Abandon)
+    }
+
+    async fn store_copy(&mut self, next: &Message) -> Result<Stored, Error> {
+        self.record(Settlement::Reschedule(next.clone()))
+            .map(|()| Stored::Moved)
+    }
+
+    async fn store_dead_letter(&mut self, dead: &Message) -> Result<Stored, Error> {
+        self.record(Settlement::DeadLetter(dead.clone()))
+            .map(|()| Stored::Moved)
     }
 }
 
@@ -45,7 +75,7 @@ impl Script {
         let mut transport = MockTransport::new();
         transport
             .expect_capabilities()
-            .returning(move || Capabilities::new(precision, None, false));
+            .returning(move || Capabilities::new(precision));
         let calls = Calls::new(clock.clone());
         transport.expect_clock().returning(move || clock.clone());
         let (tx, settlements) = mpsc::unbounded_channel();

@@ -65,7 +65,7 @@ pub use payload::{Payload, RawBody};
 pub use retry::{Backoff, BackoffPolicy, BackoffPolicyBuilder, FailedAttempt, Jitter, RetryPolicy};
 pub use secret::SecretUrl;
 pub use transport::{
-    Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settled, Settlement, Source,
+    Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settled, Source, Stored,
     Topology, Transport,
 };
 pub use worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};

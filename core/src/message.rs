@@ -289,34 +289,15 @@ impl Message {
         self
     }
 
-    /// Sets the attempt number. For transports that rebuild a message they received; an
-    /// application never needs it, since the worker counts attempts.
-    #[must_use]
-    pub fn with_attempt(mut self, attempt: u32) -> Self {
-        self.attempt = attempt.max(1);
-        self
-    }
-
-    /// Sets the reason the previous attempt failed and the delay chosen after it. For
-    /// transports that rebuild a message they received.
-    #[must_use]
-    pub fn with_last_failure(mut self, reason: Option<String>, delay: Option<Duration>) -> Self {
-        self.last_failure = reason;
-        self.last_delay = delay;
-        self
-    }
-
-    /// Records why the message was dead-lettered. For transports that rebuild a dead letter.
-    #[must_use]
-    pub fn with_dead_letter(mut self, info: Option<DeadLetterInfo>) -> Self {
-        self.dead_letter = info;
-        self
-    }
-
     /// The copy that carries the next attempt: attempt + 1, the given not-before, the reason
     /// this attempt failed and the delay chosen. Everything else, the id included, is kept.
     #[must_use]
-    pub fn next_attempt(&self, not_before: DateTime<Utc>, reason: String, delay: Duration) -> Self {
+    pub(crate) fn next_attempt(
+        &self,
+        not_before: DateTime<Utc>,
+        reason: String,
+        delay: Duration,
+    ) -> Self {
         let mut next = self.clone();
         next.attempt = self.attempt.saturating_add(1);
         next.not_before = Some(not_before);
@@ -394,6 +375,47 @@ fn short_type_name<T>() -> &'static str {
     let full = std::any::type_name::<T>();
     let base = full.split('<').next().unwrap_or(full);
     base.rsplit("::").next().unwrap_or(base)
+}
+
+/// The framework's own state on a [`Message`]: its attempt, the previous failure, why it was
+/// dead-lettered. Set by transports that rebuild a message they received; applications never
+/// need it, since the worker counts attempts and records failures. Part of the transport
+/// author's API (`redeliver::transport`).
+pub trait FrameworkState: Sized + sealed::Sealed {
+    /// Sets the attempt number (at least 1).
+    #[must_use]
+    fn with_attempt(self, attempt: u32) -> Self;
+
+    /// Sets the reason the previous attempt failed and the delay chosen after it.
+    #[must_use]
+    fn with_last_failure(self, reason: Option<String>, delay: Option<Duration>) -> Self;
+
+    /// Records why the message was dead-lettered.
+    #[must_use]
+    fn with_dead_letter(self, info: Option<DeadLetterInfo>) -> Self;
+}
+
+impl FrameworkState for Message {
+    fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt.max(1);
+        self
+    }
+
+    fn with_last_failure(mut self, reason: Option<String>, delay: Option<Duration>) -> Self {
+        self.last_failure = reason;
+        self.last_delay = delay;
+        self
+    }
+
+    fn with_dead_letter(mut self, info: Option<DeadLetterInfo>) -> Self {
+        self.dead_letter = info;
+        self
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Message {}
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
 
-use crate::message::{DeadLetterInfo, Headers, Message};
+use crate::message::{DeadLetterInfo, FrameworkState, Headers, Message};
 
 /// Every header starting with this belongs to the framework.
 pub const PREFIX: &str = "redeliver-";

@@ -43,8 +43,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use redeliver_core::{
-    Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settled,
-    Settlement, Source, Topology, Transport,
+    Capabilities, Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Source,
+    Stored, Topology, Transport,
 };
 use rustc_hash::FxBuildHasher;
 use tokio::sync::{Notify, watch};
@@ -281,7 +281,7 @@ impl Inner {
 #[async_trait]
 impl Transport for MemoryTransport {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(Duration::ZERO, None, true)
+        Capabilities::new(Duration::ZERO)
     }
 
     fn clock(&self) -> Clock {
@@ -481,14 +481,17 @@ struct MemorySettler {
     settled: bool,
 }
 
-#[async_trait]
-impl Settle for MemorySettler {
-    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
+impl MemorySettler {
+    /// Takes the delivery out of flight and does `then` with it, in one change of the state:
+    /// a copy and the removal of the original happen together.
+    fn settle(
+        &mut self,
+        then: impl FnOnce(&mut State, &Source, Arc<Message>, &mut Now<'_>),
+    ) -> Result<(), Error> {
         let delivery = self.delivery;
         self.settled = true;
-        let consumer = &*self.consumer;
-        let source = &*consumer.source;
-        consumer.inner.change(|state, now| {
+        let source = &*self.consumer.source;
+        self.consumer.inner.change(|state, now| {
             let original = state.queue(source).in_flight.remove(&delivery);
             let Some(original) = original else {
                 return Err(Error::Other {
@@ -496,31 +499,39 @@ impl Settle for MemorySettler {
                     source: None,
                 });
             };
-            match settlement {
-                Settlement::Complete => {}
-                Settlement::Reschedule(next) => state.enqueue(source, next, now),
-                Settlement::DeadLetter(dead) => {
-                    let dead_letters = Source::dead_letters(source.endpoint_name());
-                    state.enqueue(&dead_letters, dead, now);
-                }
-                Settlement::Abandon => {
-                    let queue = state.queue(source);
-                    queue.ready.push_front(unshare(original));
-                    queue.arrived.notify_waiters();
-                }
-                // A settlement this transport does not know yet: keep the message.
-                _ => {
-                    let queue = state.queue(source);
-                    queue.ready.push_front(unshare(original));
-                    queue.arrived.notify_waiters();
-                    return Err(Error::Other {
-                        message: "unsupported settlement; the message was given back".into(),
-                        source: None,
-                    });
-                }
-            }
-            Ok(Settled::AsAsked)
+            then(state, source, original, now);
+            Ok(())
         })
+    }
+}
+
+#[async_trait]
+impl Settle for MemorySettler {
+    async fn remove(&mut self) -> Result<(), Error> {
+        self.settle(|_, _, _, _| {})
+    }
+
+    async fn give_back(&mut self) -> Result<(), Error> {
+        self.settle(|state, source, original, _| {
+            let queue = state.queue(source);
+            queue.ready.push_front(unshare(original));
+            queue.arrived.notify_waiters();
+        })
+    }
+
+    async fn store_copy(&mut self, next: &Message) -> Result<Stored, Error> {
+        let next = next.clone();
+        self.settle(|state, source, _, now| state.enqueue(source, next, now))?;
+        Ok(Stored::Moved)
+    }
+
+    async fn store_dead_letter(&mut self, dead: &Message) -> Result<Stored, Error> {
+        let dead = dead.clone();
+        self.settle(|state, source, _, now| {
+            let dead_letters = Source::dead_letters(source.endpoint_name());
+            state.enqueue(&dead_letters, dead, now);
+        })?;
+        Ok(Stored::Moved)
     }
 }
 

@@ -8,10 +8,7 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Consumer};
-use redeliver_core::{
-    DeadLetterInfo, Delivery, DeliveryStream, Error, Message, Settle, Settled, Settlement, Source,
-    reasons, wire,
-};
+use redeliver_core::{Delivery, DeliveryStream, Error, Message, MessageId, Settle, Source, Stored};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -327,7 +324,7 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
                     acker: delivery.acker.clone(),
                     source: Arc::clone(&state.source),
                     queue: Arc::clone(&state.queue),
-                    original: message.clone(),
+                    message_id: message.id().clone(),
                     settled: false,
                 };
                 let delivery = Delivery::new(message, Arc::clone(&state.source), settler)
@@ -385,56 +382,12 @@ struct RabbitSettler {
     acker: Acker,
     source: Arc<Source>,
     queue: Arc<str>,
-    /// The message as delivered, for a dead-letter copy when its retry copy is refused.
-    original: Message,
+    /// The delivered message's id, for the logs.
+    message_id: MessageId,
     settled: bool,
 }
 
 impl RabbitSettler {
-    /// The retry (or park) copy `next` was refused for what it is (too large, unroutable):
-    /// trying again would fail the same way and deliver the original again at the same attempt
-    /// for ever, so the message is dead-lettered with [`reasons::COPY_REFUSED`] instead.
-    async fn copy_refused(&self, next: &Message, error: Error) -> Result<(), Error> {
-        let description = wire::truncate(
-            format!(
-                "the broker would not take the copy for the next attempt ({error}); \
-                 dead-lettered instead of being delivered again at the same attempt"
-            ),
-            wire::MAX_DESCRIPTION_BYTES,
-        );
-        warn!(
-            queue = %self.queue,
-            message_id = %self.original.id(),
-            error = %error,
-            "the copy for the next attempt was refused; dead-lettering the message with reason \
-             `copy refused`"
-        );
-        let dead = self
-            .original
-            .clone()
-            .with_last_failure(next.last_failure().map(str::to_owned), next.last_delay())
-            .with_dead_letter(Some(DeadLetterInfo {
-                reason: reasons::COPY_REFUSED.to_owned(),
-                description: Some(description),
-            }));
-        self.dead_letter(&dead).await
-    }
-
-    /// Stores the dead-letter copy `dead`, or, if even that is refused for its size, lets the
-    /// broker dead-letter the original.
-    async fn dead_letter(&self, dead: &Message) -> Result<(), Error> {
-        let names = &self.transport.shared.names;
-        let queue = names.dead_letter_queue(self.source.endpoint_name());
-        match self.transport.send_now(&queue, dead).await {
-            Ok(()) => self.ack().await,
-            Err(e @ Error::InvalidMessage { .. }) => self.reject(e).await,
-            Err(e) => {
-                let _ = self.requeue().await;
-                Err(e)
-            }
-        }
-    }
-
     /// Rejects the delivery without requeue: its queue dead-letters it (broker side) into the
     /// dead-letter queue, or from the dead-letter queue into the quarantine, keeping it whole.
     async fn reject(&self, error: Error) -> Result<(), Error> {
@@ -447,7 +400,7 @@ impl RabbitSettler {
         };
         warn!(
             queue = %self.queue,
-            message_id = %self.original.id(),
+            message_id = %self.message_id,
             error = %error,
             "the dead-letter copy was refused too; rejecting the delivery so that the broker \
              moves the original into `{target}`"
@@ -532,46 +485,46 @@ fn lost_channel(queue: &str) -> Error {
 
 #[async_trait]
 impl Settle for RabbitSettler {
-    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
-        if !self.acker.usable() {
-            // The channel is gone, so the broker delivers the original again: publishing a copy
-            // now would only add a duplicate.
-            self.settled = true;
-            return Err(lost_channel(&self.queue));
+    fn check_held(&self) -> Result<(), Error> {
+        // The channel is gone, so the broker delivers the original again: publishing a copy
+        // now would only add a duplicate.
+        if self.acker.usable() {
+            Ok(())
+        } else {
+            Err(lost_channel(&self.queue))
         }
-        let as_asked = |done: Result<(), Error>| done.map(|()| Settled::AsAsked);
-        let result = match settlement {
-            Settlement::Complete => as_asked(self.ack().await),
-            Settlement::Abandon => as_asked(self.requeue().await),
-            Settlement::Reschedule(message) => {
-                // The copy is confirmed before the original is acknowledged: a failure in
-                // between duplicates the message, never loses it.
-                match self.transport.schedule(&self.queue, &message, true).await {
-                    Ok(()) => as_asked(self.ack().await),
-                    Err(e) if e.is_message_refused() => {
-                        self.copy_refused(&message, e)
-                            .await
-                            .map(|()| Settled::DeadLettered {
-                                reason: reasons::COPY_REFUSED.to_owned(),
-                            })
-                    }
-                    Err(e) => {
-                        let _ = self.requeue().await;
-                        Err(e)
-                    }
-                }
-            }
-            Settlement::DeadLetter(message) => as_asked(self.dead_letter(&message).await),
-            other => {
-                let _ = self.requeue().await;
-                Err(Error::Other {
-                    message: format!("unsupported settlement {other:?}; the message was requeued"),
-                    source: None,
-                })
-            }
-        };
+    }
+
+    async fn remove(&mut self) -> Result<(), Error> {
         self.settled = true;
-        result
+        self.ack().await
+    }
+
+    async fn give_back(&mut self) -> Result<(), Error> {
+        self.settled = true;
+        self.requeue().await
+    }
+
+    async fn store_copy(&mut self, next: &Message) -> Result<Stored, Error> {
+        self.transport.schedule(&self.queue, next, true).await?;
+        Ok(Stored::Copy)
+    }
+
+    /// Stores the dead-letter copy, or, if even that is refused for its size, rejects the
+    /// original so that the broker dead-letters it. (Not when the dead-letter queue is missing:
+    /// the broker would drop a message it cannot dead-letter anywhere.)
+    async fn store_dead_letter(&mut self, dead: &Message) -> Result<Stored, Error> {
+        let names = &self.transport.shared.names;
+        let queue = names.dead_letter_queue(self.source.endpoint_name());
+        match self.transport.send_now(&queue, dead).await {
+            Ok(()) => Ok(Stored::Copy),
+            Err(e @ Error::InvalidMessage { .. }) => {
+                self.settled = true;
+                self.reject(e).await?;
+                Ok(Stored::Moved)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -25,6 +25,7 @@
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use redeliver_core::request_reply::APP_ID;
+use redeliver_core::transport::FrameworkState;
 use redeliver_core::{DeadLetterInfo, Error, Headers, Message, MessageId, wire};
 
 use crate::naming::Names;
@@ -273,7 +274,9 @@ mod tests {
             .with_correlation_id("c-1")
             .with_reply_to("replies")
             .with_subject("webhook")
-            .next_attempt(Utc::now(), "HTTP 503".into(), Duration::from_secs(4));
+            .with_not_before(Utc::now())
+            .with_attempt(2)
+            .with_last_failure(Some("HTTP 503".into()), Some(Duration::from_secs(4)));
         let props = properties(&m).unwrap();
         assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
         assert_eq!(

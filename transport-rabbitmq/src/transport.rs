@@ -269,15 +269,15 @@ impl RabbitMqTransport {
 #[async_trait]
 impl Transport for RabbitMqTransport {
     fn capabilities(&self) -> Capabilities {
-        match &self.shared.options.delays {
-            DelayMode::Cascade { .. } => Capabilities::new(
-                Duration::from_secs(1),
-                self.shared.options.max_delay(),
-                false,
-            ),
+        let options = &self.shared.options;
+        match (&options.delays, options.max_delay()) {
+            (DelayMode::Cascade { .. }, Some(max)) => {
+                Capabilities::new(Duration::from_secs(1)).with_max_delay(max)
+            }
+            (DelayMode::Cascade { .. }, None) => Capabilities::new(Duration::from_secs(1)),
             // Early returns come back every `ttl`; the worker waits out the rest in process
             // rather than parking once more for a whole `ttl`.
-            DelayMode::FixedTtlRetryQueue { ttl, .. } => Capabilities::new(*ttl, None, false),
+            (DelayMode::FixedTtlRetryQueue { ttl, .. }, _) => Capabilities::new(*ttl),
         }
     }
 

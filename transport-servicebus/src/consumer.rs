@@ -43,10 +43,8 @@ use azservicebus::{ServiceBusReceiver, ServiceBusReceiverOptions, SubQueue};
 use chrono::Utc;
 use fe2o3_amqp_types::primitives::OrderedMap;
 use redeliver_core::clock::until;
-use redeliver_core::message::DeadLetterInfo;
 use redeliver_core::{
-    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Settled, Settlement, Source,
-    reasons, wire,
+    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Source, Stored,
 };
 use serde_amqp::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -437,7 +435,6 @@ impl Consumer {
             inner: Arc::clone(&self.inner),
             source: self.source.clone(),
             copy_id,
-            attempt: received.message.attempt(),
         };
         let delivery = Delivery::new(received.message, self.source.clone(), settler)
             .with_problem(received.problem);
@@ -693,8 +690,6 @@ struct Settler {
     source: Source,
     /// The native id of the copy a retry or park of this delivery sends.
     copy_id: String,
-    /// The attempt this delivery is.
-    attempt: u32,
 }
 
 impl Drop for Settler {
@@ -706,7 +701,9 @@ impl Drop for Settler {
 }
 
 impl Settler {
-    async fn command(mut self: Box<Self>, action: Action) -> Result<(), Error> {
+    /// Asks the consumer to carry out `action`; the delivery is settled by it, whatever the
+    /// answer (a second command is refused).
+    async fn command(&mut self, action: Action) -> Result<(), Error> {
         let commands = self.commands.take().ok_or(Error::Closed)?;
         let (reply, answer) = oneshot::channel();
         commands
@@ -722,110 +719,46 @@ impl Settler {
 
 #[async_trait]
 impl Settle for Settler {
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<Settled, Error> {
-        let as_asked = |done: Result<(), Error>| done.map(|()| Settled::AsAsked);
-        match settlement {
-            Settlement::Complete => as_asked(self.command(Action::Now(Final::Complete)).await),
-            Settlement::Abandon => as_asked(self.command(Action::Now(Final::Abandon)).await),
-            Settlement::DeadLetter(message) if self.source.is_dead_letters() => {
-                let source = self.source.clone();
-                self.command(Action::Now(Final::Abandon)).await?;
-                Err(Error::invalid_message(format!(
-                    "message {} is already a dead letter and cannot be dead-lettered again; it \
-                     was given back to `{source}`",
-                    message.id(),
-                )))
-            }
-            Settlement::DeadLetter(message) => {
-                let info = message.dead_letter();
-                let options = DeadLetterOptions {
-                    dead_letter_reason: info.map(|i| i.reason.clone()),
-                    dead_letter_error_description: info.and_then(|i| i.description.clone()),
-                    properties_to_modify: Some(framework_properties(&message)),
-                };
-                as_asked(self.command(Action::Now(Final::DeadLetter(options))).await)
-            }
-            Settlement::Reschedule(message) if self.source.is_dead_letters() => {
-                // A dead-letter sub-queue cannot be sent to: keep this dead letter locked until
-                // its not-before, then abandon it with its new state.
-                let at = due_instant(&message);
-                as_asked(
-                    self.command(Action::AbandonAt(at, framework_properties(&message)))
-                        .await,
-                )
-            }
-            Settlement::Reschedule(message) => {
-                let queue = self.source.endpoint_name().to_owned();
-                let inner = Arc::clone(&self.inner);
-                // The copy first: if it cannot be stored, the original is given back and
-                // nothing is lost.
-                let copy_id = self.copy_id.clone();
-                match inner
-                    .send_entity(&queue, "queue", &message, Some(&copy_id))
-                    .await
-                {
-                    Ok(()) => as_asked(self.command(Action::Now(Final::Complete)).await),
-                    Err(e) if e.is_message_refused() => {
-                        // Sending it again would be refused again: giving the original back
-                        // would loop for ever. Dead-letter it instead (the body is kept).
-                        let attempt = self.attempt;
-                        let what = if message.attempt() > attempt {
-                            "retry"
-                        } else {
-                            "park"
-                        };
-                        let description = wire::truncate(
-                            format!(
-                                "the broker refused the copy that would have carried out the \
-                                 {what} (attempt {next}): {e}",
-                                next = message.attempt()
-                            ),
-                            wire::MAX_DESCRIPTION_BYTES,
-                        );
-                        warn!(
-                            source = %self.source,
-                            message_id = %message.id(),
-                            error = %e,
-                            "the broker refused the copy of a {what}; dead-lettering the message"
-                        );
-                        let dead =
-                            message
-                                .with_attempt(attempt)
-                                .with_dead_letter(Some(DeadLetterInfo {
-                                    reason: reasons::COPY_REFUSED.to_owned(),
-                                    description: Some(description.clone()),
-                                }));
-                        let options = DeadLetterOptions {
-                            dead_letter_reason: Some(reasons::COPY_REFUSED.to_owned()),
-                            dead_letter_error_description: Some(description),
-                            properties_to_modify: Some(framework_properties(&dead)),
-                        };
-                        self.command(Action::Now(Final::DeadLetter(options)))
-                            .await
-                            .map(|()| Settled::DeadLettered {
-                                reason: reasons::COPY_REFUSED.to_owned(),
-                            })
-                    }
-                    Err(e) => {
-                        if let Err(abandon) = self.command(Action::Now(Final::Abandon)).await {
-                            warn!(error = %abandon, "could not give back a delivery whose retry could not be sent");
-                        }
-                        Err(e)
-                    }
-                }
-            }
-            other => {
-                // `Settlement` is non-exhaustive: give the message back rather than guess.
-                self.command(Action::Now(Final::Abandon)).await?;
-                Err(Error::Other {
-                    message: format!(
-                        "this transport does not know the settlement {other:?}; the message was \
-                         given back"
-                    ),
-                    source: None,
-                })
-            }
+    async fn remove(&mut self) -> Result<(), Error> {
+        self.command(Action::Now(Final::Complete)).await
+    }
+
+    async fn give_back(&mut self) -> Result<(), Error> {
+        self.command(Action::Now(Final::Abandon)).await
+    }
+
+    async fn store_copy(&mut self, next: &Message) -> Result<Stored, Error> {
+        if self.source.is_dead_letters() {
+            // A dead-letter sub-queue cannot be sent to: keep this dead letter locked until
+            // its not-before, then abandon it with its new state.
+            let at = due_instant(next);
+            self.command(Action::AbandonAt(at, framework_properties(next)))
+                .await?;
+            return Ok(Stored::Moved);
         }
+        let queue = self.source.endpoint_name();
+        self.inner
+            .send_entity(queue, "queue", next, Some(&self.copy_id))
+            .await?;
+        Ok(Stored::Copy)
+    }
+
+    async fn store_dead_letter(&mut self, dead: &Message) -> Result<Stored, Error> {
+        if self.source.is_dead_letters() {
+            return Err(Error::invalid_message(format!(
+                "message {} is already a dead letter and cannot be dead-lettered again",
+                dead.id(),
+            )));
+        }
+        let info = dead.dead_letter();
+        let options = DeadLetterOptions {
+            dead_letter_reason: info.map(|i| i.reason.clone()),
+            dead_letter_error_description: info.and_then(|i| i.description.clone()),
+            properties_to_modify: Some(framework_properties(dead)),
+        };
+        self.command(Action::Now(Final::DeadLetter(options)))
+            .await?;
+        Ok(Stored::Moved)
     }
 }
 

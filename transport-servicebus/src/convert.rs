@@ -12,6 +12,7 @@ use fe2o3_amqp_types::messaging::{
 };
 use fe2o3_amqp_types::primitives::{OrderedMap, SimpleValue};
 use redeliver_core::message::DeadLetterInfo;
+use redeliver_core::transport::FrameworkState;
 use redeliver_core::{Error, Headers, Message, wire};
 use serde_amqp::Value;
 use time::OffsetDateTime;
@@ -394,7 +395,9 @@ mod tests {
             .with_reply_to("replies")
             .with_subject("webhook")
             .with_header("tenant", "a")
-            .next_attempt(at, "timeout".into(), Duration::from_secs(2));
+            .with_not_before(at)
+            .with_attempt(2)
+            .with_last_failure(Some("timeout".into()), Some(Duration::from_secs(2)));
         let sb = to_service_bus(&m, None, Utc::now()).unwrap();
         assert_eq!(sb.message_id().as_deref(), Some("order-1"));
         assert_eq!(sb.content_type(), Some("application/json"));

@@ -668,7 +668,7 @@ impl Drop for Inner {
 #[async_trait]
 impl Transport for ServiceBusTransport {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(Duration::from_secs(1), None, true)
+        Capabilities::new(Duration::from_secs(1))
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {

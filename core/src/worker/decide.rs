@@ -165,6 +165,7 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::FrameworkState;
     use crate::retry::{Backoff, BackoffPolicy, Jitter};
 
     const S: Duration = Duration::from_secs(1);

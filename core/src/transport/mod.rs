@@ -16,23 +16,37 @@
 //!   [`Capabilities::scheduling_precision`], and only ever *late* by that amount. The worker
 //!   re-checks and parks anything that comes early, so handlers are never called early.
 //! - **Settling consumes the delivery**: a delivery is settled once, which the type system
-//!   enforces.
+//!   enforces. A transport provides the steps ([`Settle`]); the order that makes them
+//!   at-least-once is kept in one place, [`Delivery`] (see [`delivery`]).
+//! - **One clock.** Whoever computes a delay or compares a not-before for a transport (the
+//!   worker, the transport itself) reads [`Transport::clock`].
+//!
+//! # Reconnecting
+//! A transport recovers from a lost connection *inside* its [`DeliveryStream`]: while the broker
+//! cannot be reached, the stream yields `Err` items (the worker logs each and backs off before
+//! it polls again) and then goes on with deliveries from the new connection. Deliveries handed
+//! out on the old connection can no longer be settled; the broker delivers them again. The end
+//! of a stream means the consumer was closed; should a stream end while its worker still runs,
+//! the worker consumes again, backing off.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 
-use crate::message::{DeadLetterInfo, Message};
-use crate::{Clock, Error, wire};
+use crate::message::Message;
+use crate::{Clock, Error};
+
+pub mod delivery;
+
+pub use crate::message::FrameworkState;
+pub use delivery::{Delivery, Settle, Settled, Stored};
 
 /// The stream of deliveries a consumer receives. An `Err` item reports a problem the transport
-/// could not hide (it keeps the stream alive when it can recover); the end of the stream means the
-/// consumer was closed.
+/// could not hide, and the stream goes on (see [Reconnecting](self#reconnecting)); the end of the
+/// stream means the consumer was closed.
 pub type DeliveryStream = BoxStream<'static, Result<Delivery, Error>>;
 
 /// A message transport: RabbitMQ, Azure Service Bus, in memory, or your own.
@@ -208,192 +222,23 @@ pub struct Capabilities {
     pub scheduling_precision: Duration,
     /// The longest delay the transport can hold a message for, if limited.
     pub max_delay: Option<Duration>,
-    /// Whether dead letters are kept by the broker's own dead-letter mechanism (with reason)
-    /// rather than by the framework copying them to a queue.
-    pub native_dead_lettering: bool,
 }
 
 impl Capabilities {
-    /// Declares a transport's capabilities.
-    pub fn new(
-        scheduling_precision: Duration,
-        max_delay: Option<Duration>,
-        native_dead_lettering: bool,
-    ) -> Self {
+    /// A transport that delivers scheduled messages at most `scheduling_precision` late and
+    /// holds delays of any length.
+    pub fn new(scheduling_precision: Duration) -> Self {
         Capabilities {
             scheduling_precision,
-            max_delay,
-            native_dead_lettering,
+            max_delay: None,
         }
     }
 
-    /// Checks that a delay can be held by this transport.
-    pub fn check_delay(&self, delay: Duration) -> Result<(), Error> {
-        match self.max_delay {
-            Some(max) if delay > max => Err(Error::invalid_message(format!(
-                "a delay of {delay:?} is longer than this transport's longest delay of {max:?}"
-            ))),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// How a delivery is settled; what a transport's [`Settle`] implementation must carry out.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub enum Settlement {
-    /// Done: remove the message.
-    Complete,
-    /// Put this message (same id; attempt, not-before and failure set by the framework) back
-    /// on the same source, not to be delivered before its not-before, then remove the original.
-    /// Used for retries and for parking a message that came early.
-    Reschedule(Message),
-    /// Move the message to the dead letters of its endpoint. The message carries the
-    /// [`DeadLetterInfo`] and the attempt it failed on.
-    DeadLetter(Message),
-    /// Give the message back for immediate redelivery, unchanged (shutdown).
-    Abandon,
-}
-
-/// What a transport did with a [`Settlement`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Settled {
-    /// What was asked.
-    AsAsked,
-    /// The message was dead-lettered instead, with this reason: the copy a retry or park would
-    /// have stored was refused for what it is
-    /// ([`COPY_REFUSED`](crate::reasons::COPY_REFUSED)), so storing it again would fail the
-    /// same way.
-    DeadLettered {
-        /// The dead-letter reason.
-        reason: String,
-    },
-}
-
-/// How a transport carries out settlements. Implemented by transports, not applications.
-///
-/// The new copy of a [`Settlement::Reschedule`] or [`Settlement::DeadLetter`] must be stored
-/// safely *before* the original is removed: a failure in between duplicates, never loses.
-#[async_trait]
-pub trait Settle: Send + 'static {
-    /// Carries out `settlement` for the delivery this settler belongs to, and says what was
-    /// done.
-    async fn settle(self: Box<Self>, settlement: Settlement) -> Result<Settled, Error>;
-}
-
-/// A message handed to a consumer, to be settled exactly once.
-///
-/// Dropping a delivery without settling it gives the message back to the transport, which
-/// delivers it again (immediately in memory; on brokers when the channel or lock goes away).
-pub struct Delivery {
-    message: Arc<Message>,
-    source: Arc<Source>,
-    problem: Option<String>,
-    settler: Box<dyn Settle>,
-}
-
-impl fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Delivery")
-            .field("message", &self.message)
-            .field("source", &self.source)
-            .field("problem", &self.problem)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Delivery {
-    /// A delivery of `message` from `source`, settled through `settler`. A transport that hands
-    /// out many deliveries from one source can pass the same `Arc<Source>` to each.
-    pub fn new(
-        message: impl Into<Arc<Message>>,
-        source: impl Into<Arc<Source>>,
-        settler: impl Settle,
-    ) -> Self {
-        Delivery {
-            message: message.into(),
-            source: source.into(),
-            problem: None,
-            settler: Box::new(settler),
-        }
-    }
-
-    /// Marks the delivery as malformed (for example, unreadable framework headers; see
-    /// [`wire::decode_headers`]). The worker dead-letters it with
-    /// reason [`MALFORMED_HEADERS`](crate::reasons::MALFORMED_HEADERS) and this description
-    /// instead of calling the handler.
+    /// Declares the longest delay the transport can hold.
     #[must_use]
-    pub fn with_problem(mut self, problem: Option<String>) -> Self {
-        self.problem = problem;
+    pub fn with_max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = Some(max_delay);
         self
-    }
-
-    /// The message.
-    pub fn message(&self) -> &Message {
-        &self.message
-    }
-
-    /// The message, shared (the worker hands it to the handler's [`Context`](crate::Context)
-    /// without copying it).
-    pub fn shared_message(&self) -> &Arc<Message> {
-        &self.message
-    }
-
-    /// Where it was consumed from.
-    pub fn source(&self) -> &Source {
-        &self.source
-    }
-
-    /// What is wrong with the delivery, if the transport found it malformed.
-    pub fn problem(&self) -> Option<&str> {
-        self.problem.as_deref()
-    }
-
-    /// Removes the message: it was handled.
-    pub async fn complete(self) -> Result<Settled, Error> {
-        self.settler.settle(Settlement::Complete).await
-    }
-
-    /// Schedules the next attempt (attempt + 1) not before `not_before`, recording `reason` (cut
-    /// to [`wire::MAX_REASON_BYTES`]) and the chosen `delay`, then
-    /// removes this delivery.
-    pub async fn retry(
-        self,
-        not_before: DateTime<Utc>,
-        reason: impl Into<String>,
-        delay: Duration,
-    ) -> Result<Settled, Error> {
-        let reason = wire::truncate(reason.into(), wire::MAX_REASON_BYTES);
-        let next = self.message.next_attempt(not_before, reason, delay);
-        self.settler.settle(Settlement::Reschedule(next)).await
-    }
-
-    /// Puts a message that arrived before its not-before back, unchanged but for the
-    /// not-before, without counting an attempt.
-    pub async fn park(self, not_before: DateTime<Utc>) -> Result<Settled, Error> {
-        let parked = Message::clone(&self.message).with_not_before(not_before);
-        self.settler.settle(Settlement::Reschedule(parked)).await
-    }
-
-    /// Moves the message to its endpoint's dead letters, recording `reason` and `description`
-    /// (cut to [`wire::MAX_REASON_BYTES`] and
-    /// [`wire::MAX_DESCRIPTION_BYTES`]).
-    pub async fn dead_letter(
-        self,
-        reason: impl Into<String>,
-        description: Option<String>,
-    ) -> Result<Settled, Error> {
-        let dead = Message::clone(&self.message).with_dead_letter(Some(DeadLetterInfo {
-            reason: wire::truncate(reason.into(), wire::MAX_REASON_BYTES),
-            description: description.map(|d| wire::truncate(d, wire::MAX_DESCRIPTION_BYTES)),
-        }));
-        self.settler.settle(Settlement::DeadLetter(dead)).await
-    }
-
-    /// Gives the message back for immediate redelivery, attempt unchanged.
-    pub async fn abandon(self) -> Result<Settled, Error> {
-        self.settler.settle(Settlement::Abandon).await
     }
 }
 
@@ -421,13 +266,5 @@ mod tests {
             topics,
             [("events".to_owned(), vec!["b".to_owned(), "c".to_owned()])]
         );
-    }
-
-    #[test]
-    fn delays_beyond_the_longest_are_refused() {
-        let caps = Capabilities::new(Duration::from_secs(1), Some(Duration::from_secs(10)), false);
-        assert!(caps.check_delay(Duration::from_secs(10)).is_ok());
-        let e = caps.check_delay(Duration::from_secs(11)).unwrap_err();
-        assert!(e.to_string().contains("longest delay"), "{e}");
     }
 }
