@@ -14,7 +14,7 @@ use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
-use redeliver_core::{Error, Topology};
+use redeliver_core::{Clock, Error, Topology};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,7 @@ use crate::topology;
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One open connection, with the channel used for publishing.
-pub(crate) struct Link {
+pub(crate) struct Connected {
     pub(crate) generation: u64,
     pub(crate) connection: Connection,
     publisher: tokio::sync::Mutex<Option<Channel>>,
@@ -37,7 +37,7 @@ pub(crate) struct Link {
     pub(crate) infrastructure_ready: AtomicBool,
 }
 
-impl Link {
+impl Connected {
     pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
     }
@@ -58,9 +58,9 @@ impl Link {
     }
 }
 
-pub(crate) enum LinkState {
+pub(crate) enum ConnectionState {
     Connecting,
-    Up(Arc<Link>),
+    Up(Arc<Connected>),
     Closed,
 }
 
@@ -68,7 +68,9 @@ pub(crate) enum LinkState {
 pub(crate) struct Shared {
     pub(crate) options: RabbitMqOptions,
     pub(crate) names: Names,
-    state: watch::Sender<LinkState>,
+    /// The clock every delay is computed on ([`Transport::clock`](redeliver_core::Transport::clock)).
+    pub(crate) clock: Clock,
+    state: watch::Sender<ConnectionState>,
     closed: CancellationToken,
     broken: tokio::sync::Notify,
     generation: AtomicU64,
@@ -91,8 +93,9 @@ impl Shared {
         options.validate()?;
         let shared = Arc::new(Shared {
             names: Names::new(&options),
+            clock: Clock::system(),
             options,
-            state: watch::Sender::new(LinkState::Connecting),
+            state: watch::Sender::new(ConnectionState::Connecting),
             closed: CancellationToken::new(),
             broken: tokio::sync::Notify::new(),
             generation: AtomicU64::new(0),
@@ -103,7 +106,7 @@ impl Shared {
         let deadline = Instant::now() + bound;
         let url = shared.options.redacted_url();
         let mut attempt = 1;
-        let link = loop {
+        let conn = loop {
             let result = match tokio::time::timeout_at(deadline, shared.open(None)).await {
                 Ok(result) => result,
                 Err(_) => Err(Error::Timeout {
@@ -115,7 +118,7 @@ impl Shared {
                 }),
             };
             match result {
-                Ok(link) => break link,
+                Ok(conn) => break conn,
                 // The same credentials are refused the same way: no point in trying again.
                 Err(e @ Error::AccessDenied { .. }) => {
                     error!(url = %url, error = %e, "the broker refused access; giving up");
@@ -156,14 +159,14 @@ impl Shared {
                 }
             }
         };
-        shared.state.send_replace(LinkState::Up(link));
+        shared.state.send_replace(ConnectionState::Up(conn));
         tokio::spawn(supervise(Arc::clone(&shared)));
         Ok(shared)
     }
 
     /// Opens a connection, within the connect timeout; `purpose` is added to its name (the
     /// shared connection has none).
-    pub(crate) async fn open(&self, purpose: Option<&str>) -> Result<Arc<Link>, Error> {
+    pub(crate) async fn open(&self, purpose: Option<&str>) -> Result<Arc<Connected>, Error> {
         let uri = self.options.parsed_url()?;
         let mut name = self
             .options
@@ -180,7 +183,7 @@ impl Shared {
             cert_chain: self.options.ca_certificates.clone(),
         };
         let runtime = lapin::runtime::default_runtime()
-            .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
+            .map_err(|e| errors::from_client(e, format!("connecting to {url}")))?;
         let bound = self.options.connect_timeout;
         let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
         let connection = tokio::time::timeout(bound, connect)
@@ -189,9 +192,9 @@ impl Shared {
                 operation: format!("connecting to {url} (RabbitMqOptions::with_connect_timeout)"),
                 after: bound,
             })?
-            .map_err(|e| errors::map(e, format!("connecting to {url}")))?;
+            .map_err(|e| errors::from_client(e, format!("connecting to {url}")))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        Ok(Arc::new(Link {
+        Ok(Arc::new(Connected {
             generation,
             connection,
             publisher: tokio::sync::Mutex::new(None),
@@ -207,9 +210,9 @@ impl Shared {
     /// Closes the connection; everything waiting for it fails with [`Error::Closed`].
     pub(crate) async fn close(&self) {
         self.closed.cancel();
-        let previous = self.state.send_replace(LinkState::Closed);
-        if let LinkState::Up(link) = previous {
-            close_link(&link, self.options.publish_timeout).await;
+        let previous = self.state.send_replace(ConnectionState::Closed);
+        if let ConnectionState::Up(conn) = previous {
+            close_connection(&conn, self.options.operation_timeout).await;
         }
     }
 
@@ -232,40 +235,43 @@ impl Shared {
 
     /// The current connection, waiting for a reconnection until `deadline` if there is none
     /// (or only the one numbered `stale`, known to be broken).
-    pub(crate) async fn link(
+    pub(crate) async fn current(
         &self,
         deadline: Instant,
         stale: Option<u64>,
         doing: &str,
-    ) -> Result<Arc<Link>, Error> {
+    ) -> Result<Arc<Connected>, Error> {
         let mut rx = self.state.subscribe();
         let ready = tokio::time::timeout_at(
             deadline,
             rx.wait_for(|s| match s {
-                LinkState::Up(link) => Some(link.generation) != stale,
-                LinkState::Closed => true,
-                LinkState::Connecting => false,
+                ConnectionState::Up(conn) => Some(conn.generation) != stale,
+                ConnectionState::Closed => true,
+                ConnectionState::Connecting => false,
             }),
         )
         .await;
         match ready {
             Err(_) => Err(Error::Timeout {
                 operation: format!("waiting for the connection to the broker to recover, {doing}"),
-                after: self.options.publish_timeout,
+                after: self.options.operation_timeout,
             }),
             Ok(Err(_)) => Err(Error::Closed),
             Ok(Ok(state)) => match &*state {
-                LinkState::Up(link) => Ok(Arc::clone(link)),
+                ConnectionState::Up(conn) => Ok(Arc::clone(conn)),
                 _ => Err(Error::Closed),
             },
         }
     }
 
     /// Waits for the current connection as long as it takes (consumers).
-    pub(crate) async fn link_eventually(&self, stale: Option<u64>) -> Result<Arc<Link>, Error> {
+    pub(crate) async fn connected_eventually(
+        &self,
+        stale: Option<u64>,
+    ) -> Result<Arc<Connected>, Error> {
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
-            match self.link(far, stale, "consuming").await {
+            match self.current(far, stale, "consuming").await {
                 Err(Error::Timeout { .. }) => continue,
                 other => return other,
             }
@@ -284,13 +290,13 @@ impl Shared {
         body: &[u8],
         doing: &str,
     ) -> Result<(), Error> {
-        let timeout = self.options.publish_timeout;
+        let timeout = self.options.operation_timeout;
         let deadline = Instant::now() + timeout;
         let mut stale = None;
         loop {
-            let link = self.link(deadline, stale, doing).await?;
-            let channel = match tokio::time::timeout_at(deadline, link.publisher()).await {
-                Err(_) if link.is_up() => {
+            let conn = self.current(deadline, stale, doing).await?;
+            let channel = match tokio::time::timeout_at(deadline, conn.publisher()).await {
+                Err(_) if conn.is_up() => {
                     return Err(Error::Timeout {
                         operation: format!("opening a channel for {doing}"),
                         after: timeout,
@@ -298,22 +304,27 @@ impl Shared {
                 }
                 Err(_) => {
                     self.report_broken();
-                    stale = Some(link.generation);
+                    stale = Some(conn.generation);
                     continue;
                 }
                 Ok(Ok(channel)) => channel,
-                Ok(Err(e)) if !link.is_up() => {
+                Ok(Err(e)) if !conn.is_up() => {
                     debug!(error = %e, "the connection is down; waiting for it before publishing");
                     self.report_broken();
-                    stale = Some(link.generation);
+                    stale = Some(conn.generation);
                     continue;
                 }
-                Ok(Err(e)) => return Err(errors::map(e, format!("opening a channel for {doing}"))),
+                Ok(Err(e)) => {
+                    return Err(errors::from_client(
+                        e,
+                        format!("opening a channel for {doing}"),
+                    ));
+                }
             };
             crate::limits::check_fits(
                 properties,
                 body.len(),
-                link.connection.configuration().frame_max(),
+                conn.connection.configuration().frame_max(),
                 self.options.max_message_size,
             )
             .map_err(|e| match e {
@@ -347,13 +358,13 @@ impl Shared {
             let confirm = match sent {
                 Ok(confirm) => confirm,
                 // Refused before anything was sent: safe to try again on the next connection.
-                Err(e) if !link.is_up() => {
+                Err(e) if !conn.is_up() => {
                     debug!(error = %e, "the connection is down; waiting for it before publishing");
                     self.report_broken();
-                    stale = Some(link.generation);
+                    stale = Some(conn.generation);
                     continue;
                 }
-                Err(e) => return Err(errors::map(e, doing.to_owned())),
+                Err(e) => return Err(errors::from_client(e, doing.to_owned())),
             };
             let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
                 Err(_) => {
@@ -372,12 +383,12 @@ impl Shared {
                     });
                 }
                 Ok(Err(e)) => {
-                    if !link.is_up() {
+                    if !conn.is_up() {
                         self.report_broken();
                     }
                     // The message may or may not have reached the broker: the caller's retry
                     // may duplicate it, which at-least-once allows.
-                    return Err(errors::map(
+                    return Err(errors::from_client(
                         e,
                         format!("{doing}: no confirm received, the message may not be stored"),
                     ));
@@ -422,14 +433,16 @@ impl Shared {
 
     /// Declares (or checks) `topology` now, and remembers it for reconnections.
     pub(crate) async fn declare(&self, topology: &Topology) -> Result<(), Error> {
-        let deadline = Instant::now() + self.options.publish_timeout;
-        let link = self.link(deadline, None, "declaring the topology").await?;
-        let after = self.options.publish_timeout;
+        let deadline = Instant::now() + self.options.operation_timeout;
+        let conn = self
+            .current(deadline, None, "declaring the topology")
+            .await?;
+        let after = self.options.operation_timeout;
         bounded(
             deadline,
             after,
             || "declaring the topology".to_owned(),
-            topology::apply(self, &link, topology),
+            topology::apply(self, &conn, topology),
         )
         .await?;
         if self.options.topology == TopologyMode::Declare {
@@ -441,13 +454,13 @@ impl Shared {
         Ok(())
     }
 
-    async fn redeclare(&self, link: &Link) -> Result<(), Error> {
+    async fn redeclare(&self, conn: &Connected) -> Result<(), Error> {
         let declared = self
             .declared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let after = self.options.publish_timeout;
+        let after = self.options.operation_timeout;
         let deadline = Instant::now() + after;
         bounded(
             deadline,
@@ -455,7 +468,7 @@ impl Shared {
             || "declaring the topology again after reconnecting".to_owned(),
             async {
                 for topology in &declared {
-                    topology::apply(self, link, topology).await?;
+                    topology::apply(self, conn, topology).await?;
                 }
                 Ok(())
             },
@@ -492,16 +505,16 @@ fn exchange_label(exchange: &str) -> String {
 /// Watches the connection and replaces it when it is lost, until the transport is closed.
 async fn supervise(shared: Arc<Shared>) {
     loop {
-        let link = match &*shared.state.borrow() {
-            LinkState::Up(link) => Arc::clone(link),
-            LinkState::Closed | LinkState::Connecting => return,
+        let conn = match &*shared.state.borrow() {
+            ConnectionState::Up(conn) => Arc::clone(conn),
+            ConnectionState::Closed | ConnectionState::Connecting => return,
         };
-        if !wait_until_broken(&shared, &link).await {
+        if !wait_until_broken(&shared, &conn).await {
             return;
         }
         let replaced = shared.state.send_if_modified(|state| {
-            if matches!(state, LinkState::Up(l) if l.generation == link.generation) {
-                *state = LinkState::Connecting;
+            if matches!(state, ConnectionState::Up(l) if l.generation == conn.generation) {
+                *state = ConnectionState::Connecting;
                 true
             } else {
                 false
@@ -514,27 +527,27 @@ async fn supervise(shared: Arc<Shared>) {
             url = %shared.options.redacted_url(),
             "lost the connection to the broker; reconnecting"
         );
-        drop(link);
+        drop(conn);
         let mut delay = shared.options.reconnect_delay;
         let mut attempt = 1u32;
         loop {
             let result = match shared.open(None).await {
-                Ok(link) => shared.redeclare(&link).await.map(|()| link),
+                Ok(conn) => shared.redeclare(&conn).await.map(|()| conn),
                 Err(e) => Err(e),
             };
             match result {
-                Ok(link) => {
+                Ok(conn) => {
                     info!(attempt, "reconnected to the broker");
                     let published = shared.state.send_if_modified(|state| {
-                        if matches!(state, LinkState::Connecting) {
-                            *state = LinkState::Up(Arc::clone(&link));
+                        if matches!(state, ConnectionState::Connecting) {
+                            *state = ConnectionState::Up(Arc::clone(&conn));
                             true
                         } else {
                             false
                         }
                     });
                     if !published {
-                        close_link(&link, shared.options.publish_timeout).await;
+                        close_connection(&conn, shared.options.operation_timeout).await;
                         return;
                     }
                     break;
@@ -553,20 +566,20 @@ async fn supervise(shared: Arc<Shared>) {
     }
 }
 
-/// Closes `link`'s connection, waiting at most `timeout` for the broker's `close-ok`.
+/// Closes `conn`'s connection, waiting at most `timeout` for the broker's `close-ok`.
 ///
 /// lapin's `Connection::close` completes only when the broker's `close-ok` arrives or lapin
 /// fails the request. Nothing bounds that wait: with heartbeats stopped for the close, a broker
 /// (or network) that has gone silent without closing the socket, or a request lapin never sends,
 /// leaves it pending forever, and with it whoever closes the transport (a worker's owner, a
 /// test's clean-up). After the timeout the connection is given up on and dropped.
-pub(crate) async fn close_link(link: &Link, timeout: Duration) {
-    if !link.is_up() {
+pub(crate) async fn close_connection(conn: &Connected, timeout: Duration) {
+    if !conn.is_up() {
         return;
     }
     match tokio::time::timeout(
         timeout,
-        link.connection.close(200, "closed by redeliver".into()),
+        conn.connection.close(200, "closed by redeliver".into()),
     )
     .await
     {
@@ -579,24 +592,24 @@ pub(crate) async fn close_link(link: &Link, timeout: Duration) {
     }
 }
 
-/// Returns `true` once `link` is lost, `false` if the transport was closed meanwhile.
-async fn wait_until_broken(shared: &Shared, link: &Link) -> bool {
-    let mut events = link.connection.events_listener();
+/// Returns `true` once `conn` is lost, `false` if the transport was closed meanwhile.
+async fn wait_until_broken(shared: &Shared, conn: &Connected) -> bool {
+    let mut events = conn.connection.events_listener();
     loop {
         tokio::select! {
             _ = shared.closed.cancelled() => return false,
             event = events.next() => match event {
                 Some(Event::Error(e)) => {
                     debug!(error = %e, "connection error event");
-                    if !link.is_up() {
+                    if !conn.is_up() {
                         return true;
                     }
                 }
                 Some(_) => {}
                 None => return true,
             },
-            _ = shared.broken.notified() => if !link.is_up() { return true },
-            _ = tokio::time::sleep(WATCH_INTERVAL) => if !link.is_up() { return true },
+            _ = shared.broken.notified() => if !conn.is_up() { return true },
+            _ = tokio::time::sleep(WATCH_INTERVAL) => if !conn.is_up() { return true },
         }
     }
 }

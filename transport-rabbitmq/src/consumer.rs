@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::RabbitMqTransport;
 use crate::acks::Acks;
-use crate::connection::{Link, Shared, bounded, close_link};
+use crate::connection::{Connected, Shared, bounded, close_connection};
 use crate::convert;
 use crate::errors;
 
@@ -29,27 +29,27 @@ const CAREFUL_DELAYS: u32 = 30;
 /// and must not take the transport's publishing or other consumers down with it. Closed once
 /// the consumer and every channel on it are done, or when the transport is closed.
 struct Own {
-    link: Arc<Link>,
+    conn: Arc<Connected>,
     done: CancellationToken,
 }
 
 impl Own {
-    fn start(shared: &Shared, link: Arc<Link>) -> Arc<Own> {
+    fn start(shared: &Shared, conn: Arc<Connected>) -> Arc<Own> {
         let done = CancellationToken::new();
         let closed = shared.closed_token().clone();
-        let timeout = shared.options.publish_timeout;
+        let timeout = shared.options.operation_timeout;
         tokio::spawn({
-            let link = Arc::clone(&link);
+            let conn = Arc::clone(&conn);
             let done = done.clone();
             async move {
                 tokio::select! {
                     _ = closed.cancelled() => {}
                     _ = done.cancelled() => {}
                 }
-                close_link(&link, timeout).await;
+                close_connection(&conn, timeout).await;
             }
         });
-        Arc::new(Own { link, done })
+        Arc::new(Own { conn, done })
     }
 }
 
@@ -99,10 +99,10 @@ pub(crate) async fn consume(
 ) -> Result<DeliveryStream, Error> {
     let shared = Arc::clone(&transport.shared);
     let queue = shared.names.source_queue(&source);
-    let deadline = Instant::now() + shared.options.publish_timeout;
+    let deadline = Instant::now() + shared.options.operation_timeout;
     // Once the transport's connection is up, the topology is declared.
     shared
-        .link(deadline, None, &format!("consuming queue `{queue}`"))
+        .current(deadline, None, &format!("consuming queue `{queue}`"))
         .await?;
     let first = open(&shared, None, &queue, prefetch).await?;
     let state = State {
@@ -128,13 +128,13 @@ async fn open(
     queue: &str,
     prefetch: u16,
 ) -> Result<Open, Error> {
-    let after = shared.options.publish_timeout;
+    let after = shared.options.operation_timeout;
     let deadline = Instant::now() + after;
-    let own = match connection.filter(|own| own.link.is_up()) {
+    let own = match connection.filter(|own| own.conn.is_up()) {
         Some(own) => own,
         None => {
-            let link = shared.open(Some(&format!("consumer of {queue}"))).await?;
-            Own::start(shared, link)
+            let conn = shared.open(Some(&format!("consumer of {queue}"))).await?;
+            Own::start(shared, conn)
         }
     };
     bounded(
@@ -147,17 +147,15 @@ async fn open(
 }
 
 async fn open_unbounded(own: Arc<Own>, queue: &str, prefetch: u16) -> Result<Open, Error> {
-    let channel = own
-        .link
-        .connection
-        .create_channel()
-        .await
-        .map_err(|e| errors::map(e, format!("opening a channel to consume `{queue}`")))?;
+    let channel =
+        own.conn.connection.create_channel().await.map_err(|e| {
+            errors::from_client(e, format!("opening a channel to consume `{queue}`"))
+        })?;
     // Per consumer (global = false): at most `prefetch` unsettled deliveries at once.
     channel
         .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
-        .map_err(|e| errors::map(e, format!("setting the prefetch of `{queue}`")))?;
+        .map_err(|e| errors::from_client(e, format!("setting the prefetch of `{queue}`")))?;
     let consumer = channel
         .basic_consume(
             convert::short("queue name", queue)?,
@@ -174,7 +172,7 @@ async fn open_unbounded(own: Arc<Own>, queue: &str, prefetch: u16) -> Result<Ope
                     hint: Some("declare the topology first (Transport::declare)".to_owned()),
                 }
             } else {
-                errors::map(e, format!("consuming queue `{queue}`"))
+                errors::from_client(e, format!("consuming queue `{queue}`"))
             }
         })?;
     Ok(Open {
@@ -254,7 +252,7 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
             }
             // Wait for the transport's connection, which is up only once the topology is
             // declared again after a reconnection.
-            shared.link_eventually(None).await.ok()?;
+            shared.connected_eventually(None).await.ok()?;
             let prefetch = if state.careful() { 1 } else { state.prefetch };
             match open(&shared, state.connection.take(), &state.queue, prefetch).await {
                 Ok(open) => {
@@ -298,7 +296,7 @@ async fn next(mut state: State) -> Option<(Result<Delivery, Error>, State)> {
             let cancel = open
                 .channel
                 .basic_cancel(tag, BasicCancelOptions::default());
-            if tokio::time::timeout(shared.options.publish_timeout, cancel)
+            if tokio::time::timeout(shared.options.operation_timeout, cancel)
                 .await
                 .map_or(true, |r| r.is_err())
             {
@@ -405,7 +403,7 @@ impl RabbitSettler {
             "the dead-letter copy was refused too; rejecting the delivery so that the broker \
              moves the original into `{target}`"
         );
-        let after = self.transport.shared.options.publish_timeout;
+        let after = self.transport.shared.options.operation_timeout;
         let rejected = tokio::time::timeout(after, self.acks.reject(self.tag, self.acker.clone()))
             .await
             .map_err(|_| Error::Timeout {
@@ -415,7 +413,7 @@ impl RabbitSettler {
         match rejected {
             Ok(true) => Ok(()),
             Ok(false) => Err(lost_channel(&self.queue)),
-            Err(e) => Err(errors::map(
+            Err(e) => Err(errors::from_client(
                 e,
                 format!(
                     "rejecting a delivery from `{}`; the broker will deliver it again",
@@ -426,7 +424,7 @@ impl RabbitSettler {
     }
 
     async fn ack(&self) -> Result<(), Error> {
-        let after = self.transport.shared.options.publish_timeout;
+        let after = self.transport.shared.options.operation_timeout;
         let acked = tokio::time::timeout(after, self.acks.ack(self.tag, self.acker.clone()))
             .await
             .map_err(|_| Error::Timeout {
@@ -436,7 +434,7 @@ impl RabbitSettler {
         match acked {
             Ok(true) => Ok(()),
             Ok(false) => Err(lost_channel(&self.queue)),
-            Err(e) => Err(errors::map(
+            Err(e) => Err(errors::from_client(
                 e,
                 format!(
                     "acknowledging a delivery from `{}`; the broker will deliver it again",
@@ -447,7 +445,7 @@ impl RabbitSettler {
     }
 
     async fn requeue(&self) -> Result<(), Error> {
-        let after = self.transport.shared.options.publish_timeout;
+        let after = self.transport.shared.options.operation_timeout;
         tokio::time::timeout(
             after,
             requeue(&self.acks, self.tag, &self.acker, &self.queue),
@@ -466,7 +464,7 @@ async fn requeue(acks: &Acks, tag: u64, acker: &Acker, queue: &str) -> Result<()
     match acks.requeue(tag, acker.clone()).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(lost_channel(queue)),
-        Err(e) => Err(errors::map(
+        Err(e) => Err(errors::from_client(
             e,
             format!("giving a delivery back to `{queue}`; the broker will deliver it again"),
         )),

@@ -61,7 +61,7 @@ pub(crate) fn is_unreadable(error: &lapin::Error) -> bool {
 }
 
 /// Maps `error`, which happened while doing `doing` (`declaring queue \`orders\``).
-pub(crate) fn map(error: lapin::Error, doing: impl Into<String>) -> Error {
+pub(crate) fn from_client(error: lapin::Error, doing: impl Into<String>) -> Error {
     let doing = doing.into();
     if let Some(said) = refusal(&error) {
         let message = format!(
@@ -112,7 +112,7 @@ mod tests {
 
     #[test]
     fn refusals_are_classified_by_what_the_broker_said() {
-        let e = map(
+        let e = from_client(
             protocol(
                 AMQPSoftError::ACCESSREFUSED.into(),
                 "ACCESS_REFUSED - Login was refused",
@@ -124,7 +124,7 @@ mod tests {
             e.to_string().contains("ACCESS_REFUSED - Login was refused"),
             "{e}"
         );
-        let e = map(
+        let e = from_client(
             protocol(
                 AMQPHardError::NOTALLOWED.into(),
                 "NOT_ALLOWED - vhost x not found",
@@ -132,7 +132,7 @@ mod tests {
             "connecting",
         );
         assert!(matches!(e, Error::AccessDenied { .. }), "{e:?}");
-        let e = map(
+        let e = from_client(
             protocol(
                 AMQPSoftError::PRECONDITIONFAILED.into(),
                 "PRECONDITION_FAILED - message size 20 is larger than max size 10",
@@ -140,7 +140,7 @@ mod tests {
             "publishing",
         );
         assert!(e.is_message_refused(), "{e:?}");
-        let e = map(
+        let e = from_client(
             protocol(
                 AMQPSoftError::PRECONDITIONFAILED.into(),
                 "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'",

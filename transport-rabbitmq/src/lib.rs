@@ -209,7 +209,7 @@
 //!   taken before the loss cannot be settled any more (their settlement fails); the broker
 //!   delivers them again. A transport with `n` consumers holds `n + 1` connections.
 //! - Sends and settlements while disconnected wait for the new connection up to
-//!   [`with_publish_timeout`](RabbitMqOptions::with_publish_timeout) (30 s), then fail with
+//!   [`with_operation_timeout`](RabbitMqOptions::with_operation_timeout) (30 s), then fail with
 //!   [`Error::Timeout`](redeliver_core::Error::Timeout).
 //!
 //! Prefetch (`basic.qos`, per consumer) is the worker's concurrency

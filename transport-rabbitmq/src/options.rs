@@ -128,7 +128,7 @@ pub struct RabbitMqOptions {
     pub(crate) max_message_size: usize,
     pub(crate) reconnect_delay: Duration,
     pub(crate) reconnect_max_delay: Duration,
-    pub(crate) publish_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
     pub(crate) prefetch_limit: u16,
     pub(crate) connection_name: Option<String>,
     pub(crate) ca_certificates: Option<String>,
@@ -150,7 +150,7 @@ impl Default for RabbitMqOptions {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             reconnect_delay: Duration::from_secs(1),
             reconnect_max_delay: Duration::from_secs(30),
-            publish_timeout: Duration::from_secs(30),
+            operation_timeout: Duration::from_secs(30),
             prefetch_limit: 1000,
             connection_name: None,
             ca_certificates: None,
@@ -314,8 +314,8 @@ impl RabbitMqOptions {
     /// on the connection), so that a connection that is gone but not yet noticed never blocks a
     /// caller. Default 30 s.
     #[must_use]
-    pub fn with_publish_timeout(mut self, timeout: Duration) -> Self {
-        self.publish_timeout = timeout;
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
         self
     }
 
@@ -444,8 +444,8 @@ impl RabbitMqOptions {
                 ),
             ));
         }
-        if self.publish_timeout.is_zero() {
-            return Err(Error::config("publish_timeout", "must be more than zero"));
+        if self.operation_timeout.is_zero() {
+            return Err(Error::config("operation_timeout", "must be more than zero"));
         }
         if self.connect_timeout.is_zero() {
             return Err(Error::config("connect_timeout", "must be more than zero"));
@@ -638,8 +638,8 @@ mod tests {
                 "reconnect_max_delay",
             ),
             (
-                RabbitMqOptions::default().with_publish_timeout(Duration::ZERO),
-                "publish_timeout",
+                RabbitMqOptions::default().with_operation_timeout(Duration::ZERO),
+                "operation_timeout",
             ),
             (
                 RabbitMqOptions::default().with_dead_letter_suffix(""),

@@ -11,21 +11,25 @@ use lapin::{Channel, ExchangeKind};
 use redeliver_core::{Error, Topology};
 use tracing::warn;
 
-use crate::connection::{Link, Shared};
+use crate::connection::{Connected, Shared};
 use crate::errors;
 use crate::naming::{Destination, check_destination, destination_pattern, level_pattern};
 use crate::options::{DelayMode, QueueType, TopologyMode};
 
-/// Declares (or checks) `topology` and the delay infrastructure on `link`.
-pub(crate) async fn apply(shared: &Shared, link: &Link, topology: &Topology) -> Result<(), Error> {
-    let channel = link
+/// Declares (or checks) `topology` and the delay infrastructure on `conn`.
+pub(crate) async fn apply(
+    shared: &Shared,
+    conn: &Connected,
+    topology: &Topology,
+) -> Result<(), Error> {
+    let channel = conn
         .connection
         .create_channel()
         .await
-        .map_err(|e| errors::map(e, "opening a channel to declare the topology"))?;
+        .map_err(|e| errors::from_client(e, "opening a channel to declare the topology"))?;
     let mut declarer = Declarer {
         channel,
-        link,
+        conn,
         check_only: shared.options.topology == TopologyMode::CheckOnly,
     };
     let result = declarer.apply(shared, topology).await;
@@ -37,7 +41,7 @@ pub(crate) async fn apply(shared: &Shared, link: &Link, topology: &Topology) -> 
 
 struct Declarer<'a> {
     channel: Channel,
-    link: &'a Link,
+    conn: &'a Connected,
     check_only: bool,
 }
 
@@ -61,10 +65,10 @@ impl Declarer<'_> {
         let options = &shared.options;
         let names = &shared.names;
         if let Some(levels) = names.levels()
-            && !self.link.infrastructure_ready.load(Ordering::Relaxed)
+            && !self.conn.infrastructure_ready.load(Ordering::Relaxed)
         {
             self.cascade(shared, levels).await?;
-            self.link
+            self.conn
                 .infrastructure_ready
                 .store(true, Ordering::Relaxed);
         }
@@ -206,11 +210,11 @@ impl Declarer<'_> {
         };
         // The refusal closed the channel.
         self.channel = self
-            .link
+            .conn
             .connection
             .create_channel()
             .await
-            .map_err(|e| errors::map(e, "opening a channel to declare the topology"))?;
+            .map_err(|e| errors::from_client(e, "opening a channel to declare the topology"))?;
         if self.queue(name, legacy).await.is_err() {
             return Err(error);
         }
@@ -221,11 +225,11 @@ impl Declarer<'_> {
              ever; delete and declare the queue again (or add them with a policy)"
         );
         self.channel = self
-            .link
+            .conn
             .connection
             .create_channel()
             .await
-            .map_err(|e| errors::map(e, "opening a channel to declare the topology"))?;
+            .map_err(|e| errors::from_client(e, "opening a channel to declare the topology"))?;
         Ok(())
     }
 
@@ -283,7 +287,7 @@ impl Declarer<'_> {
             )
             .await
             .map_err(|e| {
-                errors::map(
+                errors::from_client(
                     e,
                     format!("binding queue `{queue}` to exchange `{exchange}` with `{key}`"),
                 )
@@ -309,7 +313,7 @@ impl Declarer<'_> {
             )
             .await
             .map_err(|e| {
-                errors::map(
+                errors::from_client(
                     e,
                     format!("binding exchange `{destination}` to exchange `{source}` with `{key}`"),
                 )
@@ -330,6 +334,6 @@ impl Declarer<'_> {
                 }),
             };
         }
-        errors::map(error, format!("declaring {what} `{name}`"))
+        errors::from_client(error, format!("declaring {what} `{name}`"))
     }
 }

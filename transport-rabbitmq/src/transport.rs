@@ -5,12 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use redeliver_core::clock::until;
 use redeliver_core::{
-    Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
+    Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
+    Transport,
 };
 
 use crate::connection::{Shared, Target};
@@ -117,7 +117,7 @@ impl RabbitMqTransport {
 
     /// Closes the connection. Deliveries not yet settled come back from the broker; sends and
     /// settlements after this fail with [`Error::Closed`]. Waits for the broker to confirm at
-    /// most the [publish timeout](crate::RabbitMqOptions::with_publish_timeout), then gives up on the
+    /// most the [publish timeout](crate::RabbitMqOptions::with_operation_timeout), then gives up on the
     /// connection.
     pub async fn close(&self) {
         self.shared.close().await;
@@ -151,7 +151,7 @@ impl RabbitMqTransport {
     ) -> Result<(), Error> {
         let delay = message
             .not_before()
-            .map(|at| until(Utc::now(), at))
+            .map(|at| until(self.shared.clock.now(), at))
             .unwrap_or_default();
         let seconds = whole_seconds(delay);
         if seconds == 0 {
@@ -215,27 +215,31 @@ impl RabbitMqTransport {
         {
             return Ok(());
         }
-        let deadline = tokio::time::Instant::now() + self.shared.options.publish_timeout;
-        let link = self
+        let deadline = tokio::time::Instant::now() + self.shared.options.operation_timeout;
+        let conn = self
             .shared
-            .link(deadline, None, &format!("checking queue `{queue}`"))
+            .current(deadline, None, &format!("checking queue `{queue}`"))
             .await?;
-        let after = self.shared.options.publish_timeout;
+        let after = self.shared.options.operation_timeout;
         crate::connection::bounded(
             deadline,
             after,
             || format!("checking queue `{queue}`"),
-            self.check_queue(&link, queue),
+            self.check_queue(&conn, queue),
         )
         .await
     }
 
-    async fn check_queue(&self, link: &crate::connection::Link, queue: &str) -> Result<(), Error> {
-        let channel = link
+    async fn check_queue(
+        &self,
+        conn: &crate::connection::Connected,
+        queue: &str,
+    ) -> Result<(), Error> {
+        let channel = conn
             .connection
             .create_channel()
             .await
-            .map_err(|e| crate::errors::map(e, "opening a channel to check a queue"))?;
+            .map_err(|e| crate::errors::from_client(e, "opening a channel to check a queue"))?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..QueueDeclareOptions::default()
@@ -261,13 +265,20 @@ impl RabbitMqTransport {
                 name: queue.to_owned(),
                 hint: Some("declare the topology first (Transport::declare)".to_owned()),
             }),
-            Err(e) => Err(crate::errors::map(e, format!("checking queue `{queue}`"))),
+            Err(e) => Err(crate::errors::from_client(
+                e,
+                format!("checking queue `{queue}`"),
+            )),
         }
     }
 }
 
 #[async_trait]
 impl Transport for RabbitMqTransport {
+    fn clock(&self) -> Clock {
+        self.shared.clock.clone()
+    }
+
     fn capabilities(&self) -> Capabilities {
         let options = &self.shared.options;
         match (&options.delays, options.max_delay()) {
@@ -293,7 +304,7 @@ impl Transport for RabbitMqTransport {
         let queue = convert::destination_queue(&self.shared.names, endpoint);
         let delayed = message
             .not_before()
-            .is_some_and(|at| whole_seconds(until(Utc::now(), at)) > 0);
+            .is_some_and(|at| whole_seconds(until(self.shared.clock.now(), at)) > 0);
         if delayed {
             self.ensure_queue(&queue).await?;
         }

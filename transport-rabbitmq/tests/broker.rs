@@ -703,7 +703,7 @@ async fn closing_an_unresponsive_connection_is_bounded() {
     }
     let proxy = Proxy::start().await;
     let fx = Fixture::with_options(
-        test_options(proxy.url()).with_publish_timeout(Duration::from_secs(1)),
+        test_options(proxy.url()).with_operation_timeout(Duration::from_secs(1)),
     )
     .await;
     fx.declare(&Topology::new().endpoint("frozen")).await;
@@ -726,7 +726,7 @@ async fn publishing_while_disconnected_waits_within_the_bound_then_fails_clearly
     }
     let proxy = Proxy::start().await;
     let fx = Fixture::with_options(
-        test_options(proxy.url()).with_publish_timeout(Duration::from_secs(1)),
+        test_options(proxy.url()).with_operation_timeout(Duration::from_secs(1)),
     )
     .await;
     fx.declare(&Topology::new().endpoint("offline")).await;

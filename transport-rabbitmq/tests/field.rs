@@ -621,7 +621,7 @@ async fn a_message_whose_copies_cannot_fit_is_dead_lettered_not_looped() {
     assert!(
         warned
             .iter()
-            .any(|l| l.contains("copy for the next attempt was refused")),
+            .any(|l| l.contains("the broker refused the copy of a retry")),
         "{warned:#?}"
     );
     assert!(

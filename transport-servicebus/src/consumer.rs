@@ -40,11 +40,11 @@ use async_trait::async_trait;
 use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage;
 use azservicebus::receiver::DeadLetterOptions;
 use azservicebus::{ServiceBusReceiver, ServiceBusReceiverOptions, SubQueue};
-use chrono::Utc;
 use fe2o3_amqp_types::primitives::OrderedMap;
+use futures::StreamExt;
 use redeliver_core::clock::until;
 use redeliver_core::{
-    ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Source, Stored,
+    Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Source, Stored,
 };
 use serde_amqp::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -52,7 +52,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::convert::{self, framework_properties};
-use crate::{Client, Inner};
+use crate::{Client, Shared};
 
 /// How long closing waits for a drained credit to be answered.
 const DRAIN_WAIT: Duration = Duration::from_millis(50);
@@ -60,14 +60,65 @@ const DRAIN_WAIT: Duration = Duration::from_millis(50);
 /// try time-out never ends a receive first.
 const CLIENT_WAIT_MARGIN: Duration = Duration::from_millis(500);
 
-/// Opens a receiver on `source` with its own client and starts the consumer task.
+/// Consumes `source`: a stream that survives lost connections (see
+/// [Reconnecting](redeliver_core::transport#reconnecting)). Each receiver that fails reports its
+/// error and ends; the next poll opens a new receiver, with its own client, and an error to open
+/// it is reported the same way (the worker backs off after each).
 pub(crate) async fn consume(
-    inner: &Arc<Inner>,
+    shared: &Arc<Shared>,
+    source: &Source,
+    options: ConsumeOptions,
+) -> Result<DeliveryStream, Error> {
+    let first = open(shared, source, options.clone()).await?;
+    let reopening = Reopening {
+        shared: Arc::clone(shared),
+        source: source.clone(),
+        options,
+        current: Some(first),
+    };
+    Ok(Box::pin(futures::stream::unfold(
+        reopening,
+        Reopening::next,
+    )))
+}
+
+/// The receivers of one [`consume`], one after the other.
+struct Reopening {
+    shared: Arc<Shared>,
+    source: Source,
+    options: ConsumeOptions,
+    current: Option<DeliveryStream>,
+}
+
+impl Reopening {
+    async fn next(mut self) -> Option<(Result<Delivery, Error>, Self)> {
+        loop {
+            match self.current.as_mut() {
+                Some(stream) => match stream.next().await {
+                    Some(item) => return Some((item, self)),
+                    None => {
+                        info!(source = %self.source, "opening a new receiver");
+                        self.current = None;
+                    }
+                },
+                None => match open(&self.shared, &self.source, self.options.clone()).await {
+                    Ok(stream) => self.current = Some(stream),
+                    Err(e) => return Some((Err(e), self)),
+                },
+            }
+        }
+    }
+}
+
+/// Opens a receiver on `source` with its own client and starts the consumer task; the stream
+/// ends when the receiver fails.
+async fn open(
+    shared: &Arc<Shared>,
     source: &Source,
     options: ConsumeOptions,
 ) -> Result<DeliveryStream, Error> {
     let queue = source.endpoint_name().to_owned();
-    let mut client = inner.new_client().await?;
+    let mut client = shared.new_client().await?;
     let receiver_options = ServiceBusReceiverOptions {
         // Credit is granted per receive call, so that only what is asked for is locked.
         prefetch_count: 0,
@@ -79,19 +130,19 @@ pub(crate) async fn consume(
         ..ServiceBusReceiverOptions::default()
     };
     let operation = format!("attaching a receiver to `{source}`");
-    let attach = inner.bounded(
+    let attach = shared.bounded(
         &operation,
         client.create_receiver_for_queue(queue.clone(), receiver_options),
     );
     let receiver = match attach.await {
         Ok(Ok(receiver)) => receiver,
         Ok(Err(e)) => {
-            let error = inner.convert(e, &operation, Some(("queue", &queue)));
-            inner.dispose_client(client).await;
+            let error = shared.client_error(e, &operation, Some(("queue", &queue)));
+            shared.dispose_client(client).await;
             return Err(error);
         }
         Err(timeout) => {
-            inner.dispose_client(client).await;
+            shared.dispose_client(client).await;
             return Err(timeout);
         }
     };
@@ -99,7 +150,7 @@ pub(crate) async fn consume(
     let (deliveries_tx, mut deliveries_rx) = mpsc::channel(prefetch);
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let consumer = Consumer {
-        inner: Arc::clone(inner),
+        shared: Arc::clone(shared),
         client: Some(client),
         receiver: Some(receiver),
         source: source.clone(),
@@ -131,10 +182,10 @@ struct Locked {
 }
 
 impl Locked {
-    fn new(message: ServiceBusReceivedMessage) -> Option<Self> {
+    fn new(message: ServiceBusReceivedMessage, clock: &Clock) -> Option<Self> {
         let remaining = message
             .locked_until()
-            .map(|at| until(Utc::now(), convert::to_utc(at)))
+            .map(|at| until(clock.now(), convert::to_utc(at)))
             .unwrap_or_default();
         if remaining.is_zero() {
             return None;
@@ -196,7 +247,7 @@ enum Event {
 }
 
 struct Consumer {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     client: Option<Client>,
     receiver: Option<ServiceBusReceiver>,
     source: Source,
@@ -252,12 +303,12 @@ impl Consumer {
             let can_receive = self.deliveries.is_some() && self.handed_out() < self.prefetch;
             let next_timer = self.locked.values().filter_map(Locked::next_timer).min();
             let wait = if self.after_drain {
-                self.inner.options.receive_batch_wait
+                self.shared.options.receive_batch_wait
             } else {
-                self.inner.options.receive_wait
+                self.shared.options.receive_wait
             };
             let client_wait = self
-                .inner
+                .shared
                 .options
                 .try_timeout
                 .saturating_sub(CLIENT_WAIT_MARGIN);
@@ -311,7 +362,7 @@ impl Consumer {
                 Event::Received(Ok(Some(message))) => self.on_message(*message),
                 Event::Received(Ok(None)) | Event::Idle => {}
                 Event::Received(Err(e)) => {
-                    let error = self.inner.convert(
+                    let error = self.shared.client_error(
                         e,
                         &format!("receiving from `{}`", self.source),
                         Some(("queue", self.source.endpoint_name())),
@@ -327,8 +378,8 @@ impl Consumer {
         warn!(source = %self.source, error = %error, "receiving failed; closing this consumer");
         self.backlog = false;
         if let Some(tx) = self.deliveries.take() {
-            // The worker sees the error, then the end of the stream, and consumes again; this
-            // task stays until the deliveries out are settled.
+            // The stream reports the error, then ends, and `Reopening` opens a new receiver;
+            // this task stays until the deliveries out are settled.
             let _ = tx.try_send(Err(error));
         }
     }
@@ -379,12 +430,12 @@ impl Consumer {
             return;
         };
         let received = self
-            .inner
+            .shared
             .bounded(
                 "receiving a batch",
                 receiver.receive_messages_with_max_wait_time(
                     ask,
-                    Some(self.inner.options.receive_batch_wait),
+                    Some(self.shared.options.receive_batch_wait),
                 ),
             )
             .await;
@@ -401,7 +452,7 @@ impl Consumer {
             }
             Ok(Err(e)) => {
                 self.credit_outstanding = ask;
-                let error = self.inner.convert(
+                let error = self.shared.client_error(
                     e,
                     &format!("receiving from `{}`", self.source),
                     Some(("queue", self.source.endpoint_name())),
@@ -416,7 +467,7 @@ impl Consumer {
     }
 
     fn on_message(&mut self, message: ServiceBusReceivedMessage) {
-        let Some(locked) = Locked::new(message) else {
+        let Some(locked) = Locked::new(message, &self.shared.clock) else {
             // Held in the client past its lock: the broker has made it available again.
             debug!(source = %self.source, "skipped a message whose lock had already run out");
             return;
@@ -432,7 +483,7 @@ impl Consumer {
         let settler = Settler {
             id,
             commands: Some(self.commands_tx.clone()),
-            inner: Arc::clone(&self.inner),
+            shared: Arc::clone(&self.shared),
             source: self.source.clone(),
             copy_id,
         };
@@ -495,13 +546,13 @@ impl Consumer {
         let (what, result) = match settlement {
             Final::Complete => (
                 "completing",
-                self.inner
+                self.shared
                     .bounded("completing a delivery", receiver.complete_message(message))
                     .await,
             ),
             Final::Abandon => (
                 "abandoning",
-                self.inner
+                self.shared
                     .bounded(
                         "abandoning a delivery",
                         receiver.abandon_message(message, None),
@@ -510,7 +561,7 @@ impl Consumer {
             ),
             Final::DeadLetter(options) => (
                 "dead-lettering",
-                self.inner
+                self.shared
                     .bounded(
                         "dead-lettering a delivery",
                         receiver.dead_letter_message(message, options),
@@ -521,7 +572,7 @@ impl Consumer {
         match result {
             Ok(Ok(())) if lost => Err(lock_lost(&self.source)),
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.inner.convert(
+            Ok(Err(e)) => Err(self.shared.client_error(
                 e,
                 &format!("{what} a delivery from `{}`", self.source),
                 None,
@@ -558,7 +609,7 @@ impl Consumer {
             return;
         };
         let renewed = self
-            .inner
+            .shared
             .bounded(
                 "renewing a lock",
                 receiver.renew_message_lock(&mut locked.message),
@@ -567,7 +618,7 @@ impl Consumer {
         let remaining = locked
             .message
             .locked_until()
-            .map(|at| until(Utc::now(), convert::to_utc(at)))
+            .map(|at| until(self.shared.clock.now(), convert::to_utc(at)))
             .unwrap_or_default();
         match renewed {
             Ok(Ok(())) if !remaining.is_zero() => {
@@ -601,7 +652,7 @@ impl Consumer {
         };
         let properties = locked.abandon_at.map(|(_, p)| p);
         let result = self
-            .inner
+            .shared
             .bounded(
                 "abandoning a dead letter",
                 receiver.abandon_message(&locked.message, properties),
@@ -629,7 +680,7 @@ impl Consumer {
             // and give them back. Only once: each receive grants credit again, and the messages
             // just given back would be sent straight back.
             if let Ok(Ok(messages)) = self
-                .inner
+                .shared
                 .bounded(
                     "draining a receiver",
                     receiver.receive_messages_with_max_wait_time(
@@ -641,22 +692,22 @@ impl Consumer {
             {
                 for message in &messages {
                     let _ = self
-                        .inner
+                        .shared
                         .bounded("abandoning", receiver.abandon_message(message, None))
                         .await;
                 }
             }
         }
         if let Err(e) = self
-            .inner
+            .shared
             .bounded("closing a receiver", receiver.dispose())
             .await
-            .and_then(|r| r.map_err(|e| self.inner.convert(e, "closing a receiver", None)))
+            .and_then(|r| r.map_err(|e| self.shared.client_error(e, "closing a receiver", None)))
         {
             info!(source = %self.source, error = %e, "could not close the receiver cleanly");
         }
         if let Some(client) = self.client.take() {
-            self.inner.dispose_client(client).await;
+            self.shared.dispose_client(client).await;
         }
         debug!(source = %self.source, "consumer closed");
     }
@@ -686,7 +737,7 @@ fn lock_lost(source: &Source) -> Error {
 struct Settler {
     id: u64,
     commands: Option<mpsc::UnboundedSender<Command>>,
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     source: Source,
     /// The native id of the copy a retry or park of this delivery sends.
     copy_id: String,
@@ -731,13 +782,13 @@ impl Settle for Settler {
         if self.source.is_dead_letters() {
             // A dead-letter sub-queue cannot be sent to: keep this dead letter locked until
             // its not-before, then abandon it with its new state.
-            let at = due_instant(next);
+            let at = due_instant(next, &self.shared.clock);
             self.command(Action::AbandonAt(at, framework_properties(next)))
                 .await?;
             return Ok(Stored::Moved);
         }
         let queue = self.source.endpoint_name();
-        self.inner
+        self.shared
             .send_entity(queue, "queue", next, Some(&self.copy_id))
             .await?;
         Ok(Stored::Copy)
@@ -763,10 +814,10 @@ impl Settle for Settler {
 }
 
 /// The local instant of `message`'s not-before (now if it has none).
-fn due_instant(message: &Message) -> Instant {
+fn due_instant(message: &Message, clock: &Clock) -> Instant {
     let wait = message
         .not_before()
-        .map(|at| until(Utc::now(), at))
+        .map(|at| until(clock.now(), at))
         .unwrap_or_default();
     Instant::now() + wait
 }

@@ -69,7 +69,7 @@ pub(crate) fn classify(error: &azure_core::Error) -> Kind {
 
 /// Converts a client error from `operation` (a phrase such as "sending to queue `orders`"),
 /// keeping the client's error as the source.
-pub(crate) fn convert(
+pub(crate) fn from_client(
     error: azure_core::Error,
     operation: &str,
     entity: Option<(&'static str, &str)>,
@@ -140,7 +140,7 @@ mod tests {
     #[test]
     fn unauthorized_is_access_denied_and_too_large_is_a_refused_message() {
         let error = |text: &'static str| {
-            convert(
+            from_client(
                 azure_core::Error::new(azure_core::error::ErrorKind::Other, Text(text)),
                 "sending to queue `q`",
                 Some(("queue", "q")),

@@ -222,10 +222,10 @@ use azservicebus::{
     ServiceBusClient, ServiceBusClientOptions, ServiceBusReceiverOptions, ServiceBusRetryOptions,
     ServiceBusSender, ServiceBusSenderOptions,
 };
-use chrono::Utc;
 use redeliver_core::secret::SecretUrl;
 use redeliver_core::{
-    Capabilities, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology, Transport,
+    Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
+    Transport,
 };
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
@@ -245,24 +245,26 @@ const GRACE: Duration = Duration::from_secs(2);
 /// Cheap to clone: clones share the sending connection.
 #[derive(Clone)]
 pub struct ServiceBusTransport {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for ServiceBusTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServiceBusTransport")
-            .field("connection_string", &self.inner.connection_string)
-            .field("options", &self.inner.options)
+            .field("connection_string", &self.shared.connection_string)
+            .field("options", &self.shared.options)
             .finish_non_exhaustive()
     }
 }
 
-pub(crate) struct Inner {
+pub(crate) struct Shared {
     /// As given; shown only redacted.
     connection_string: SecretUrl,
     /// What the client is given, checked.
     checked: connection_string::Checked,
     options: ServiceBusOptions,
+    /// The clock every delay is computed on ([`Transport::clock`]).
+    clock: Clock,
     /// The connection senders are made on; `None` until needed or after it failed.
     client: Mutex<Option<Client>>,
     /// The senders of each queue or topic, made on first use.
@@ -330,28 +332,29 @@ impl ServiceBusTransport {
         options.validate()?;
         let connection_string = connection_string.into();
         let checked = connection_string::check(&connection_string, options.unsecured)?;
-        let inner = Arc::new(Inner {
+        let shared = Arc::new(Shared {
             connection_string,
             checked,
             options,
+            clock: Clock::system(),
             client: Mutex::new(None),
             senders: StdMutex::new(HashMap::new()),
         });
-        let client = inner.new_client().await?;
-        *inner.client.lock().await = Some(client);
-        Ok(ServiceBusTransport { inner })
+        let client = shared.new_client().await?;
+        *shared.client.lock().await = Some(client);
+        Ok(ServiceBusTransport { shared })
     }
 
     /// The options in use.
     pub fn options(&self) -> &ServiceBusOptions {
-        &self.inner.options
+        &self.shared.options
     }
 
     /// Closes every sender and the sending connection with `dispose()`. Sending afterwards
     /// connects again. Consumers are not affected: they close when their stream is dropped.
     pub async fn close(&self) {
         let pools: Vec<_> = self
-            .inner
+            .shared
             .senders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -360,17 +363,17 @@ impl ServiceBusTransport {
         for (entity, pool) in pools {
             for slot in &pool.slots {
                 if let Some(sender) = slot.lock().await.take() {
-                    self.inner.dispose_sender(&entity, sender).await;
+                    self.shared.dispose_sender(&entity, sender).await;
                 }
             }
         }
-        if let Some(client) = self.inner.client.lock().await.take() {
-            self.inner.dispose_client(client).await;
+        if let Some(client) = self.shared.client.lock().await.take() {
+            self.shared.dispose_client(client).await;
         }
     }
 }
 
-impl Inner {
+impl Shared {
     /// A new connection with the client's own retries off (see "the lost-send hazard").
     async fn new_client(&self) -> Result<Client, Error> {
         let retry_options = ServiceBusRetryOptions {
@@ -410,7 +413,7 @@ impl Inner {
                     "connection_string",
                     format!("the Service Bus client refused it: {e}"),
                 )),
-                _ => Err(self.convert(e, &operation, None)),
+                _ => Err(self.client_error(e, &operation, None)),
             },
         }
     }
@@ -428,13 +431,13 @@ impl Inner {
             })
     }
 
-    fn convert(
+    fn client_error(
         &self,
         error: azure_core::Error,
         operation: &str,
         entity: Option<(&'static str, &str)>,
     ) -> Error {
-        errors::convert(error, operation, entity, self.options.try_timeout)
+        errors::from_client(error, operation, entity, self.options.try_timeout)
     }
 
     async fn dispose_client(&self, client: Client) {
@@ -466,7 +469,7 @@ impl Inner {
         let mut attempt = 1;
         loop {
             // Rebuilt per attempt: whether to schedule depends on the time of sending.
-            let outgoing = convert::to_service_bus(message, copy_id, Utc::now())?;
+            let outgoing = convert::to_service_bus(message, copy_id, self.clock.now())?;
             match self.try_send(entity, what, outgoing).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < self.options.send_attempts => {
@@ -504,7 +507,7 @@ impl Inner {
         };
         let error = match result {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => self.convert(e, &operation, Some((what, entity))),
+            Ok(Err(e)) => self.client_error(e, &operation, Some((what, entity))),
             Err(timeout) => timeout,
         };
         if error.is_transient() {
@@ -546,7 +549,7 @@ impl Inner {
         };
         let error = match result {
             Ok(Ok(sender)) => return Ok(sender),
-            Ok(Err(e)) => self.convert(e, &operation, Some((what, entity))),
+            Ok(Err(e)) => self.client_error(e, &operation, Some((what, entity))),
             Err(timeout) => timeout,
         };
         if error.is_transient() {
@@ -582,7 +585,7 @@ impl Inner {
                 .await?;
             match attached {
                 Ok(sender) => self.dispose_sender(&entity, sender).await,
-                Err(e) => return Err(self.convert(e, &operation, Some((what, &entity)))),
+                Err(e) => return Err(self.client_error(e, &operation, Some((what, &entity)))),
             }
         }
         let subscriptions: Vec<(String, String)> = topology
@@ -615,7 +618,7 @@ impl Inner {
                 }
                 Err(e) => {
                     return Err(
-                        match self.convert(e, &operation, Some(("subscription", &path))) {
+                        match self.client_error(e, &operation, Some(("subscription", &path))) {
                             Error::NotFound { what, name, .. } => Error::NotFound {
                                 what,
                                 name,
@@ -634,7 +637,7 @@ impl Inner {
     }
 }
 
-impl Drop for Inner {
+impl Drop for Shared {
     fn drop(&mut self) {
         // Links and the connection must be closed with `dispose()`, which is async: do it in the
         // background if a runtime is still there.
@@ -667,22 +670,28 @@ impl Drop for Inner {
 
 #[async_trait]
 impl Transport for ServiceBusTransport {
+    fn clock(&self) -> Clock {
+        self.shared.clock.clone()
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(Duration::from_secs(1))
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
-        self.inner.check(topology).await
+        self.shared.check(topology).await
     }
 
     async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
-        self.inner
+        self.shared
             .send_entity(endpoint, "queue", &message, None)
             .await
     }
 
     async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
-        self.inner.send_entity(topic, "topic", &message, None).await
+        self.shared
+            .send_entity(topic, "topic", &message, None)
+            .await
     }
 
     async fn consume(
@@ -690,7 +699,7 @@ impl Transport for ServiceBusTransport {
         source: &Source,
         options: ConsumeOptions,
     ) -> Result<DeliveryStream, Error> {
-        consumer::consume(&self.inner, source, options).await
+        consumer::consume(&self.shared, source, options).await
     }
 }
 
@@ -726,15 +735,16 @@ mod tests {
     fn debug_output_hides_the_connection_string() {
         let connection_string =
             SecretUrl::new("Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=secret");
-        let inner = Inner {
+        let shared = Shared {
             checked: connection_string::check(&connection_string, false).unwrap(),
             connection_string,
             options: ServiceBusOptions::default(),
+            clock: Clock::system(),
             client: Mutex::new(None),
             senders: StdMutex::new(HashMap::new()),
         };
         let transport = ServiceBusTransport {
-            inner: Arc::new(inner),
+            shared: Arc::new(shared),
         };
         let shown = format!("{transport:?}");
         assert!(!shown.contains("secret"), "{shown}");

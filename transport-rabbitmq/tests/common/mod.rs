@@ -105,7 +105,7 @@ pub fn test_options(url: String) -> RabbitMqOptions {
         .with_prefix(prefix)
         .with_delay_levels(6)
         .with_reconnect_delay(Duration::from_millis(200), Duration::from_secs(1))
-        .with_publish_timeout(Duration::from_secs(10))
+        .with_operation_timeout(Duration::from_secs(10))
 }
 
 impl Fixture {
