@@ -235,8 +235,9 @@ impl Bench {
             queues.push(transport.dead_letter_queue_name(endpoint));
             queues.push(transport.quarantine_queue_name(endpoint));
         }
-        let (infrastructure, exchanges) = self.quorum.infrastructure_names();
-        queues.extend(infrastructure);
+        let infrastructure = self.quorum.infrastructure();
+        queues.extend(infrastructure.queues);
+        let exchanges = infrastructure.exchanges;
         for queue in queues {
             if let Err(e) = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -16,7 +16,7 @@
 use std::fmt;
 
 use crate::error::{BoxError, Error};
-use crate::handler::{Outcome, RetryAfter};
+use crate::outcome::{Outcome, RetryAfter};
 
 /// Turns what a handler returned into an [`Outcome`].
 pub trait IntoOutcome {

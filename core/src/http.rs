@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use crate::handler::{Outcome, RetryAfter};
+use crate::outcome::{Outcome, RetryAfter};
 
 /// Why an HTTP call failed, which decides whether it is retried. The category's
 /// [`as_str`](FailureCategory::as_str) becomes the retry or dead-letter reason.

@@ -20,7 +20,8 @@
 //! # Modules
 //! - [`message`] — [`Message`], [`MessageId`], [`Headers`].
 //! - [`transport`] — the [`Transport`] trait, [`Delivery`] and settlement.
-//! - [`handler`] — the [`Handler`] trait, [`Context`], [`Outcome`].
+//! - [`handler`] — the [`Handler`] trait, [`Context`].
+//! - [`outcome`] — [`Outcome`], what a handler decided, and [`RetryAfter`].
 //! - [`failure`] — [`Failure`], [`Classify`]: `Result`s as handler return values, `?` in handlers.
 //! - [`payload`] — [`Payload`], [`RawBody`]: how a body becomes the handler's argument.
 //! - [`http`] — HTTP status + `Retry-After` → [`Outcome`].
@@ -45,6 +46,7 @@ pub mod handler;
 pub mod host;
 pub mod http;
 pub mod message;
+pub mod outcome;
 pub mod payload;
 pub mod reasons;
 pub mod request_reply;
@@ -57,10 +59,11 @@ pub mod worker;
 pub use clock::Clock;
 pub use error::{BoxError, Error, ErrorKind};
 pub use failure::{Classify, Failure, IntoOutcome, ResultExt};
-pub use handler::{Context, Handler, Outcome, RetryAfter};
+pub use handler::{Context, Handler};
 pub use host::{Consumer, ConsumerHealth, ConsumerSettings, Host, HostBuilder};
 pub use http::{FailureCategory, outcome_for_status};
 pub use message::{DeadLetterInfo, Headers, Message, MessageId};
+pub use outcome::{Outcome, RetryAfter};
 pub use payload::{Payload, RawBody};
 pub use retry::{Backoff, BackoffPolicy, BackoffPolicyBuilder, FailedAttempt, Jitter, RetryPolicy};
 pub use secret::SecretUrl;

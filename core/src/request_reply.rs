@@ -103,8 +103,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::Error;
-use crate::handler::{Context, Outcome};
+use crate::handler::Context;
 use crate::message::{Message, MessageId};
+use crate::outcome::Outcome;
 use crate::retry::{Backoff, BackoffPolicy, Jitter};
 use crate::transport::Transport;
 use crate::worker::Worker;

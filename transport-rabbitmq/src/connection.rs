@@ -442,7 +442,7 @@ impl Shared {
             deadline,
             after,
             || "declaring the topology".to_owned(),
-            topology::apply(self, &conn, topology),
+            topology::apply(self.declaring_on(&conn), topology),
         )
         .await?;
         if self.options.topology == TopologyMode::Declare {
@@ -452,6 +452,15 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    fn declaring_on<'a>(&'a self, conn: &'a Connected) -> topology::On<'a> {
+        topology::On {
+            options: &self.options,
+            names: &self.names,
+            connection: &conn.connection,
+            infrastructure_ready: &conn.infrastructure_ready,
+        }
     }
 
     async fn redeclare(&self, conn: &Connected) -> Result<(), Error> {
@@ -468,7 +477,7 @@ impl Shared {
             || "declaring the topology again after reconnecting".to_owned(),
             async {
                 for topology in &declared {
-                    topology::apply(self, conn, topology).await?;
+                    topology::apply(self.declaring_on(conn), topology).await?;
                 }
                 Ok(())
             },

@@ -43,7 +43,7 @@
 //! | delay level `L` (cascade of `N` levels) | `{prefix}redeliver.delay.n{N}.l{LL}` | topic exchange + quorum queue with a TTL of 2^L s |
 //! | end of the cascade | `{prefix}redeliver.delay.n{N}.deliver` | topic exchange bound to every endpoint and dead-letter queue |
 //! | unroutable delayed messages | `{prefix}redeliver.delay.unroutable` | fanout exchange + quorum queue, the alternate exchange of `deliver` |
-//! | fixed-TTL mode: retry queue of `Q` | `Q{suffix}` (`-retry` in seed system 1) | queue with a TTL, dead-lettering back to `Q` |
+//! | fixed-TTL mode: retry queue of `Q` | `Q{suffix}` (for example `-retry`) | queue with a TTL, dead-lettering back to `Q` |
 //!
 //! The prefix is empty by default ([`RabbitMqOptions::with_prefix`]). In declare mode the topology
 //! is declared again after every reconnection. Changing queue options (type, delivery limit) of
@@ -67,7 +67,7 @@
 //! to `deliver` with one `*` per bit and then their exact name, so `a.b` never receives `b`'s
 //! messages. Level queues use `x-dead-letter-strategy=at-least-once` with
 //! `x-overflow=reject-publish`, so a message is never lost between levels (RabbitMQ ≥ 3.10 with
-//! the `stream_queue` feature flag; measured on 3.10.8: 6–16 ms late, per test run).
+//! the `stream_queue` feature flag).
 //!
 //! The **longest delay** is 2^N - 1 seconds for `N` levels: with the default 28 levels about 8.5
 //! years, with [`with_delay_levels`](RabbitMqOptions::with_delay_levels)`(20)` about 12 days.
@@ -91,7 +91,7 @@
 //!
 //! # Fixed-TTL compatibility mode
 //! [`with_fixed_ttl_retry_queue`](RabbitMqOptions::with_fixed_ttl_retry_queue) reuses what
-//! seed system 1 deploys: one retry queue per queue with a fixed TTL that dead-letters back. Any
+//! many RabbitMQ systems already deploy: one retry queue per queue with a fixed TTL that dead-letters back. Any
 //! delayed message goes there and comes back after the TTL; if that is before its not-before the
 //! worker parks it again without calling the handler or counting an attempt, and when it is
 //! early by less than the TTL
@@ -233,4 +233,4 @@ pub use options::{
     DEFAULT_DELIVERY_LIMIT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS,
     QueueType, RabbitMqOptions, TopologyMode,
 };
-pub use transport::RabbitMqTransport;
+pub use transport::{Infrastructure, RabbitMqTransport};

@@ -83,7 +83,7 @@ pub enum DelayMode {
     /// dead-letters it back to `Q`. A message that comes back before its not-before is parked again
     /// by the worker without calling the handler, so delays are honoured in steps of `ttl`.
     FixedTtlRetryQueue {
-        /// Appended to a queue's name to name its retry queue (`-retry` in seed system 1).
+        /// Appended to a queue's name to name its retry queue (for example `-retry`).
         suffix: String,
         /// The retry queue's `x-message-ttl`.
         ttl: Duration,

@@ -1,38 +1,42 @@
 //! Declaring or checking queues, exchanges and bindings.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use redeliver_core::{Error, Topology};
 use tracing::warn;
 
-use crate::connection::{Connected, Shared};
 use crate::errors;
-use crate::naming::{Destination, check_destination, destination_pattern, level_pattern};
-use crate::options::{DelayMode, QueueType, TopologyMode};
+use crate::naming::{Destination, Names, check_destination, destination_pattern, level_pattern};
+use crate::options::{DelayMode, QueueType, RabbitMqOptions, TopologyMode};
 
-/// Declares (or checks) `topology` and the delay infrastructure on `conn`.
-pub(crate) async fn apply(
-    shared: &Shared,
-    conn: &Connected,
-    topology: &Topology,
-) -> Result<(), Error> {
-    let channel = conn
+/// Where and how a topology is declared: the transport's settings and one open connection.
+pub(crate) struct On<'a> {
+    pub(crate) options: &'a RabbitMqOptions,
+    pub(crate) names: &'a Names,
+    pub(crate) connection: &'a Connection,
+    /// Whether the delay infrastructure was declared on this connection; set once it is.
+    pub(crate) infrastructure_ready: &'a AtomicBool,
+}
+
+/// Declares (or checks) `topology` and the delay infrastructure.
+pub(crate) async fn apply(on: On<'_>, topology: &Topology) -> Result<(), Error> {
+    let channel = on
         .connection
         .create_channel()
         .await
         .map_err(|e| errors::from_client(e, "opening a channel to declare the topology"))?;
     let mut declarer = Declarer {
         channel,
-        conn,
-        check_only: shared.options.topology == TopologyMode::CheckOnly,
+        check_only: on.options.topology == TopologyMode::CheckOnly,
+        on,
     };
-    let result = declarer.apply(shared, topology).await;
+    let result = declarer.apply(topology).await;
     if declarer.channel.status().connected() {
         let _ = declarer.channel.close(200, "declared".into()).await;
     }
@@ -41,7 +45,7 @@ pub(crate) async fn apply(
 
 struct Declarer<'a> {
     channel: Channel,
-    conn: &'a Connected,
+    on: On<'a>,
     check_only: bool,
 }
 
@@ -61,16 +65,14 @@ fn at_least_once(args: &mut FieldTable) {
 }
 
 impl Declarer<'_> {
-    async fn apply(&mut self, shared: &Shared, topology: &Topology) -> Result<(), Error> {
-        let options = &shared.options;
-        let names = &shared.names;
+    async fn apply(&mut self, topology: &Topology) -> Result<(), Error> {
+        let options = self.on.options;
+        let names = self.on.names;
         if let Some(levels) = names.levels()
-            && !self.conn.infrastructure_ready.load(Ordering::Relaxed)
+            && !self.on.infrastructure_ready.load(Ordering::Relaxed)
         {
-            self.cascade(shared, levels).await?;
-            self.conn
-                .infrastructure_ready
-                .store(true, Ordering::Relaxed);
+            self.cascade(levels).await?;
+            self.on.infrastructure_ready.store(true, Ordering::Relaxed);
         }
 
         let limit = options
@@ -152,8 +154,8 @@ impl Declarer<'_> {
     }
 
     /// The levels, the delivery exchange and its alternate exchange for unroutable messages.
-    async fn cascade(&mut self, shared: &Shared, levels: u8) -> Result<(), Error> {
-        let names = &shared.names;
+    async fn cascade(&mut self, levels: u8) -> Result<(), Error> {
+        let names = self.on.names;
         let unroutable = names.unroutable();
         self.exchange(&unroutable, ExchangeKind::Fanout, FieldTable::default())
             .await?;
@@ -210,7 +212,7 @@ impl Declarer<'_> {
         };
         // The refusal closed the channel.
         self.channel = self
-            .conn
+            .on
             .connection
             .create_channel()
             .await
@@ -225,7 +227,7 @@ impl Declarer<'_> {
              ever; delete and declare the queue again (or add them with a policy)"
         );
         self.channel = self
-            .conn
+            .on
             .connection
             .create_channel()
             .await

@@ -99,7 +99,7 @@ impl RabbitMqTransport {
 
     /// Every queue and exchange of the delay infrastructure this transport uses (in the order
     /// they can be deleted), for operators and tests that clean up.
-    pub fn infrastructure_names(&self) -> (Vec<String>, Vec<String>) {
+    pub fn infrastructure(&self) -> Infrastructure {
         let names = &self.shared.names;
         let mut queues = Vec::new();
         let mut exchanges = Vec::new();
@@ -112,7 +112,7 @@ impl RabbitMqTransport {
             queues.push(names.unroutable());
             exchanges.push(names.unroutable());
         }
-        (queues, exchanges)
+        Infrastructure { queues, exchanges }
     }
 
     /// Closes the connection. Deliveries not yet settled come back from the broker; sends and
@@ -271,6 +271,17 @@ impl RabbitMqTransport {
             )),
         }
     }
+}
+
+/// The queues and exchanges of the delay infrastructure
+/// ([`RabbitMqTransport::infrastructure`]), each in the order they can be deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Infrastructure {
+    /// The queues.
+    pub queues: Vec<String>,
+    /// The exchanges.
+    pub exchanges: Vec<String>,
 }
 
 #[async_trait]

@@ -1172,7 +1172,7 @@ async fn a_delayed_message_whose_queue_was_deleted_does_not_block_the_cascade() 
     )
     .await;
     // The orphan is kept for an operator in the unroutable queue, not lost.
-    let (queues, _) = fx.transport.infrastructure_names();
+    let queues = fx.transport.infrastructure().queues;
     let unroutable = queues
         .iter()
         .find(|q| q.ends_with("unroutable"))

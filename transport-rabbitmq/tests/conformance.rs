@@ -34,7 +34,11 @@ impl Factory for RabbitMq {
         let Some(transport) = self.transport.lock().unwrap().take() else {
             return Ok(());
         };
-        let (mut queues, mut exchanges) = transport.infrastructure_names();
+        let redeliver_rabbitmq::Infrastructure {
+            mut queues,
+            mut exchanges,
+            ..
+        } = transport.infrastructure();
         for endpoint in topology.endpoints() {
             queues.push(transport.queue_name(endpoint));
             queues.push(transport.dead_letter_queue_name(endpoint));

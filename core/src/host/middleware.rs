@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::handler::{Context, Handler, Outcome};
+use crate::handler::{Context, Handler};
+use crate::outcome::Outcome;
 
 /// A boxed future of an outcome, as middleware returns it.
 pub type BoxOutcome<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;

@@ -6,8 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::handler::{Context, Handler, Outcome};
+use crate::handler::{Context, Handler};
 use crate::message::MESSAGE_TYPE;
+use crate::outcome::Outcome;
 use crate::payload::{Payload, RawBody};
 use crate::reasons::{INVALID_PAYLOAD, UNKNOWN_MESSAGE_TYPE};
 

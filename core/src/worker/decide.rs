@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use tracing::warn;
 
 use crate::clock::{to_chrono, until};
-use crate::handler::{Outcome, RetryAfter};
 use crate::message::Message;
+use crate::outcome::{Outcome, RetryAfter};
 use crate::retry::{FailedAttempt, RetryPolicy};
 
 /// How a delivery ends up, decided before settling.

@@ -1,87 +1,25 @@
-//! The lanes: a fixed set of tasks, one per handler slot, taking deliveries from one intake,
-//! and the waiting room for deliveries that came early by less than the transport's precision.
+//! The lanes: a fixed set of tasks, one per handler slot, taking deliveries from one intake, and
+//! sending deliveries that came early by less than the transport's precision to the
+//! [waiting room](super::waiting_room).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
-use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc};
+use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use super::decide::Disposition;
 use super::handling::{Shared, panic_text};
+use super::signal::Signal;
 use crate::handler::Handler;
 use crate::payload::Payload;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryStream};
-
-pub(super) struct WaitingRoom {
-    /// How many may wait at once (0 where the transport is never early).
-    pub(super) capacity: usize,
-    /// How many are waiting or ready and not yet taken by a lane.
-    pub(super) count: AtomicUsize,
-    pub(super) ready: mpsc::UnboundedSender<Delivery>,
-    pub(super) tasks: TaskTracker,
-}
-
-impl WaitingRoom {
-    pub(super) fn new(capacity: usize, ready: mpsc::UnboundedSender<Delivery>) -> Self {
-        WaitingRoom {
-            capacity,
-            count: AtomicUsize::new(0),
-            ready,
-            tasks: TaskTracker::new(),
-        }
-    }
-
-    /// Takes a place, if one is free.
-    pub(super) fn enter(&self) -> bool {
-        self.count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.capacity).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    pub(super) fn leave(&self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A one-way flag that tasks can check cheaply (an atomic load, no lock) and wait for.
-#[derive(Default)]
-pub(super) struct Signal {
-    set: AtomicBool,
-    notify: Notify,
-}
-
-impl Signal {
-    pub(super) fn fire(&self) {
-        self.set.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-
-    pub(super) fn is_set(&self) -> bool {
-        self.set.load(Ordering::Acquire)
-    }
-
-    pub(super) async fn wait(&self) {
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        // Register before checking, so that a `fire` in between is not missed.
-        notified.as_mut().enable();
-        if self.is_set() {
-            return;
-        }
-        notified.await;
-    }
-}
 
 /// Where the lanes take deliveries from, one lane at a time.
 pub(super) struct Intake {

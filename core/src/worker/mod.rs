@@ -36,7 +36,9 @@
 mod decide;
 mod handling;
 mod lanes;
+mod signal;
 mod stats;
+mod waiting_room;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -55,8 +57,8 @@ use crate::transport::{ConsumeOptions, Source, Transport};
 
 use decide::Rules;
 use handling::Shared;
-use lanes::WaitingRoom;
 use stats::{Control, StatsSource};
+use waiting_room::WaitingRoom;
 
 /// What the worker does with a message whose body cannot be decoded into the handler's type.
 /// In configuration: `dead-letter` or `discard`.

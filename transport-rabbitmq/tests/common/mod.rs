@@ -167,7 +167,11 @@ impl Fixture {
     }
 
     fn names(&self) -> (Vec<String>, Vec<String>) {
-        let (mut queues, mut exchanges) = self.transport.infrastructure_names();
+        let redeliver_rabbitmq::Infrastructure {
+            mut queues,
+            mut exchanges,
+            ..
+        } = self.transport.infrastructure();
         let retry_suffix = match self.transport.options().delay_mode() {
             DelayMode::FixedTtlRetryQueue { suffix, .. } => Some(suffix.clone()),
             _ => None,
