@@ -102,6 +102,8 @@ macro_rules! conformance_tests {
             discard,
             retry_after_floor,
             not_before_never_violated,
+            long_delay_does_not_hold_up_short,
+            dropped_delivery_comes_back,
             invalid_payload,
             panic_is_retried,
             topic_fan_out_isolation,

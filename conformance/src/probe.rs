@@ -22,6 +22,11 @@ pub struct Call {
     pub at: DateTime<Utc>,
     /// The message's not-before.
     pub not_before: Option<DateTime<Utc>>,
+    /// The application's headers, as the handler saw them (none the broker or the framework
+    /// added).
+    pub headers: Vec<(String, String)>,
+    /// Why the previous attempt failed.
+    pub last_failure: Option<String>,
 }
 
 /// Records handler calls, checking on every call that it did not come before the message's
@@ -55,6 +60,12 @@ impl Calls {
             attempt: ctx.attempt(),
             at: self.clock.now(),
             not_before: ctx.not_before(),
+            headers: ctx
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            last_failure: ctx.last_failure().map(str::to_owned),
         };
         let count = {
             let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());

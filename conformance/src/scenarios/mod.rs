@@ -1,0 +1,17 @@
+//! The scenarios. Each takes a [`Factory`], makes a transport with uniquely named endpoints,
+//! runs workers on it, asserts, and cleans up. A failed assertion panics with what differed.
+
+mod dead_letters;
+mod delivery;
+mod outcomes;
+mod request_reply;
+mod setup;
+mod shutdown;
+mod topics;
+
+pub use dead_letters::*;
+pub use delivery::*;
+pub use outcomes::*;
+pub use request_reply::*;
+pub use shutdown::*;
+pub use topics::*;
