@@ -462,7 +462,7 @@ mod tests {
         const VAR: &str = "REDELIVER_URL";
         let e = connect_env_value(VAR, "").await.err().unwrap();
         match &e {
-            Error::Config { field, reason } => {
+            Error::Config { field, reason, .. } => {
                 assert_eq!(field, VAR);
                 assert!(reason.contains("empty"), "{reason}");
             }

@@ -8,12 +8,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Everything that can go wrong in redeliver, classified so that callers can decide without
 /// matching strings: see [`Error::is_transient`].
 ///
-/// Transports convert their client's errors into this type and keep them as the `source`.
+/// Transports convert their client's errors into this type and keep them as the `source`. The
+/// variants can be matched (with `..`) but are built with the constructors ([`Error::timeout`],
+/// [`Error::not_found`], ...), so that a field added later breaks no caller.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A configuration value is impossible. `field` names it; `reason` says what is allowed.
     #[error("invalid configuration `{field}`: {reason}")]
+    #[non_exhaustive]
     Config {
         /// The field, in the dotted form a user wrote it (`backoff.factor`).
         field: String,
@@ -23,6 +26,7 @@ pub enum Error {
 
     /// An endpoint, topic, queue or exchange does not exist.
     #[error("{what} `{name}` does not exist{hint}", hint = hint_suffix(hint))]
+    #[non_exhaustive]
     NotFound {
         /// What kind of entity (`endpoint`, `queue`, `exchange`, `topic`, ...).
         what: &'static str,
@@ -34,6 +38,7 @@ pub enum Error {
 
     /// The broker could not be reached or the connection was lost.
     #[error("connection to the broker failed: {message}")]
+    #[non_exhaustive]
     Connection {
         /// What happened.
         message: String,
@@ -45,6 +50,7 @@ pub enum Error {
     /// The broker refused access: wrong credentials, a user without permission, an unknown
     /// virtual host or namespace. Retrying with the same configuration fails the same way.
     #[error("the broker refused access: {message}")]
+    #[non_exhaustive]
     AccessDenied {
         /// What the broker said, and what to check.
         message: String,
@@ -56,6 +62,7 @@ pub enum Error {
     /// The broker refused a message it was given (a negative publisher confirm, a rejected
     /// transfer, a full queue).
     #[error("the broker rejected the message: {message}")]
+    #[non_exhaustive]
     Rejected {
         /// What the broker said.
         message: String,
@@ -66,6 +73,7 @@ pub enum Error {
 
     /// A published message matched no queue, so the broker would have dropped it.
     #[error("the message could not be routed: {message}")]
+    #[non_exhaustive]
     Unroutable {
         /// Where it was sent.
         message: String,
@@ -73,6 +81,7 @@ pub enum Error {
 
     /// An operation did not finish in time.
     #[error("{operation} did not finish within {after:?}")]
+    #[non_exhaustive]
     Timeout {
         /// What was being done.
         operation: String,
@@ -83,6 +92,7 @@ pub enum Error {
     /// A message is not acceptable: its payload cannot be decoded, a header is malformed, it is
     /// too large, or a delay is longer than the transport supports.
     #[error("invalid message: {message}")]
+    #[non_exhaustive]
     InvalidMessage {
         /// What is wrong with it.
         message: String,
@@ -97,6 +107,7 @@ pub enum Error {
 
     /// Anything else a transport reports.
     #[error("{message}")]
+    #[non_exhaustive]
     Other {
         /// What happened.
         message: String,
@@ -153,6 +164,85 @@ impl Error {
         Error::Config {
             field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::NotFound`]: the `what` (`queue`, `topic`, ...) called `name` does not exist.
+    /// Add what to do about it with [`with_hint`](Error::with_hint).
+    pub fn not_found(what: &'static str, name: impl Into<String>) -> Self {
+        Error::NotFound {
+            what,
+            name: name.into(),
+            hint: None,
+        }
+    }
+
+    /// An [`Error::Connection`] without a source.
+    pub fn connection_lost(message: impl Into<String>) -> Self {
+        Error::Connection {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Rejected`] without a source.
+    pub fn rejected(message: impl Into<String>) -> Self {
+        Error::Rejected {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Unroutable`]: `message` says where the message was sent.
+    pub fn unroutable(message: impl Into<String>) -> Self {
+        Error::Unroutable {
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Timeout`]: `operation` did not finish within `after`.
+    pub fn timeout(operation: impl Into<String>, after: Duration) -> Self {
+        Error::Timeout {
+            operation: operation.into(),
+            after,
+        }
+    }
+
+    /// An [`Error::Other`] without a source.
+    pub fn other(message: impl Into<String>) -> Self {
+        Error::Other {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// This error with `hint` saying what to do, if it is an [`Error::NotFound`]; any other
+    /// error unchanged.
+    #[must_use]
+    pub fn with_hint(self, hint: impl Into<String>) -> Self {
+        match self {
+            Error::NotFound { what, name, .. } => Error::NotFound {
+                what,
+                name,
+                hint: Some(hint.into()),
+            },
+            other => other,
+        }
+    }
+
+    /// This error with `source` as its [`source`](std::error::Error::source), if it is a kind
+    /// that keeps one (connection, access denied, rejected, invalid message, other); any other
+    /// error unchanged.
+    #[must_use]
+    pub fn with_source(self, source: impl Into<BoxError>) -> Self {
+        let source = Some(source.into());
+        match self {
+            Error::Connection { message, .. } => Error::Connection { message, source },
+            Error::AccessDenied { message, .. } => Error::AccessDenied { message, source },
+            Error::Rejected { message, .. } => Error::Rejected { message, source },
+            Error::InvalidMessage { message, .. } => Error::InvalidMessage { message, source },
+            Error::Other { message, .. } => Error::Other { message, source },
+            other => other,
         }
     }
 

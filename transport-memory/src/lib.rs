@@ -494,10 +494,9 @@ impl MemorySettler {
         self.consumer.inner.change(|state, now| {
             let original = state.queue(source).in_flight.remove(&delivery);
             let Some(original) = original else {
-                return Err(Error::Other {
-                    message: format!("delivery {delivery} of {source} is no longer in flight"),
-                    source: None,
-                });
+                return Err(Error::other(format!(
+                    "delivery {delivery} of {source} is no longer in flight"
+                )));
             };
             then(state, source, original, now);
             Ok(())

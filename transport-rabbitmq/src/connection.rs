@@ -109,13 +109,13 @@ impl Shared {
         let conn = loop {
             let result = match tokio::time::timeout_at(deadline, shared.open(None)).await {
                 Ok(result) => result,
-                Err(_) => Err(Error::Timeout {
-                    operation: format!(
+                Err(_) => Err(Error::timeout(
+                    format!(
                         "connecting to {url} (RabbitMqOptions::with_connect_timeout, attempt \
                          {attempt} of {attempts})"
                     ),
-                    after: bound,
-                }),
+                    bound,
+                )),
             };
             match result {
                 Ok(conn) => break conn,
@@ -138,13 +138,11 @@ impl Shared {
                         error = %e,
                         "could not connect to the broker; giving up"
                     );
-                    return Err(Error::Connection {
-                        message: format!(
-                            "could not connect to {url} after {attempt} attempt(s) within \
+                    return Err(Error::connection_lost(format!(
+                        "could not connect to {url} after {attempt} attempt(s) within \
                              {bound:?} ({e}); giving up"
-                        ),
-                        source: Some(Box::new(e)),
-                    });
+                    ))
+                    .with_source(e));
                 }
                 Err(e) => {
                     warn!(
@@ -188,9 +186,11 @@ impl Shared {
         let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
         let connection = tokio::time::timeout(bound, connect)
             .await
-            .map_err(|_| Error::Timeout {
-                operation: format!("connecting to {url} (RabbitMqOptions::with_connect_timeout)"),
-                after: bound,
+            .map_err(|_| {
+                Error::timeout(
+                    format!("connecting to {url} (RabbitMqOptions::with_connect_timeout)"),
+                    bound,
+                )
             })?
             .map_err(|e| errors::from_client(e, format!("connecting to {url}")))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -252,10 +252,10 @@ impl Shared {
         )
         .await;
         match ready {
-            Err(_) => Err(Error::Timeout {
-                operation: format!("waiting for the connection to the broker to recover, {doing}"),
-                after: self.options.operation_timeout,
-            }),
+            Err(_) => Err(Error::timeout(
+                format!("waiting for the connection to the broker to recover, {doing}"),
+                self.options.operation_timeout,
+            )),
             Ok(Err(_)) => Err(Error::Closed),
             Ok(Ok(state)) => match &*state {
                 ConnectionState::Up(conn) => Ok(Arc::clone(conn)),
@@ -297,10 +297,10 @@ impl Shared {
             let conn = self.current(deadline, stale, doing).await?;
             let channel = match tokio::time::timeout_at(deadline, conn.publisher()).await {
                 Err(_) if conn.is_up() => {
-                    return Err(Error::Timeout {
-                        operation: format!("opening a channel for {doing}"),
-                        after: timeout,
-                    });
+                    return Err(Error::timeout(
+                        format!("opening a channel for {doing}"),
+                        timeout,
+                    ));
                 }
                 Err(_) => {
                     self.report_broken();
@@ -328,10 +328,15 @@ impl Shared {
                 self.options.max_message_size,
             )
             .map_err(|e| match e {
-                Error::InvalidMessage { message, source } => Error::InvalidMessage {
-                    message: format!("{doing}: {message}"),
-                    source,
-                },
+                Error::InvalidMessage {
+                    message, source, ..
+                } => {
+                    let error = Error::invalid_message(format!("{doing}: {message}"));
+                    match source {
+                        Some(source) => error.with_source(source),
+                        None => error,
+                    }
+                }
                 other => other,
             })?;
             let options = BasicPublishOptions {
@@ -351,10 +356,7 @@ impl Shared {
                 ),
             )
             .await
-            .map_err(|_| Error::Timeout {
-                operation: format!("sending {doing} to the broker"),
-                after: timeout,
-            })?;
+            .map_err(|_| Error::timeout(format!("sending {doing} to the broker"), timeout))?;
             let confirm = match sent {
                 Ok(confirm) => confirm,
                 // Refused before anything was sent: safe to try again on the next connection.
@@ -368,19 +370,16 @@ impl Shared {
             };
             let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
                 Err(_) => {
-                    return Err(Error::Timeout {
-                        operation: format!("waiting for the broker to confirm {doing}"),
-                        after: timeout,
-                    });
+                    return Err(Error::timeout(
+                        format!("waiting for the broker to confirm {doing}"),
+                        timeout,
+                    ));
                 }
                 Ok(Err(e)) if errors::is_not_found(&e) => {
-                    return Err(Error::NotFound {
-                        what: "exchange",
-                        name: target.exchange.to_owned(),
-                        hint: Some(format!(
+                    return Err(Error::not_found("exchange", target.exchange.to_owned())
+                        .with_hint(format!(
                             "{doing} failed; declare the topology first (Transport::declare)"
-                        )),
-                    });
+                        )));
                 }
                 Ok(Err(e)) => {
                     if !conn.is_up() {
@@ -400,33 +399,24 @@ impl Shared {
                 Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))
                     if returned.reply_code == 312 =>
                 {
-                    Err(Error::Unroutable {
-                        message: format!(
-                            "{doing}: no queue is bound to routing key `{}` on {} ({})",
-                            target.routing_key,
-                            exchange_label(target.exchange),
-                            returned.reply_text
-                        ),
-                    })
+                    Err(Error::unroutable(format!(
+                        "{doing}: no queue is bound to routing key `{}` on {} ({})",
+                        target.routing_key,
+                        exchange_label(target.exchange),
+                        returned.reply_text
+                    )))
                 }
-                Confirmation::Ack(Some(returned)) => Err(Error::Rejected {
-                    message: format!(
-                        "{doing}: the broker returned the message: {} {}",
-                        returned.reply_code, returned.reply_text
-                    ),
-                    source: None,
-                }),
-                Confirmation::Nack(_) => Err(Error::Rejected {
-                    message: format!(
-                        "{doing}: the broker did not accept the message (negative confirm; \
+                Confirmation::Ack(Some(returned)) => Err(Error::rejected(format!(
+                    "{doing}: the broker returned the message: {} {}",
+                    returned.reply_code, returned.reply_text
+                ))),
+                Confirmation::Nack(_) => Err(Error::rejected(format!(
+                    "{doing}: the broker did not accept the message (negative confirm; \
                          for example a full queue with x-overflow=reject-publish)"
-                    ),
-                    source: None,
-                }),
-                Confirmation::NotRequested => Err(Error::Other {
-                    message: format!("{doing}: publisher confirms were not enabled on the channel"),
-                    source: None,
-                }),
+                ))),
+                Confirmation::NotRequested => Err(Error::other(format!(
+                    "{doing}: publisher confirms were not enabled on the channel"
+                ))),
             };
         }
     }
@@ -495,12 +485,7 @@ pub(crate) async fn bounded<T>(
 ) -> Result<T, Error> {
     tokio::time::timeout_at(deadline, future)
         .await
-        .unwrap_or_else(|_| {
-            Err(Error::Timeout {
-                operation: doing(),
-                after,
-            })
-        })
+        .unwrap_or_else(|_| Err(Error::timeout(doing(), after)))
 }
 
 fn exchange_label(exchange: &str) -> String {

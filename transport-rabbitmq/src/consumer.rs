@@ -166,11 +166,8 @@ async fn open_unbounded(own: Arc<Own>, queue: &str, prefetch: u16) -> Result<Ope
         .await
         .map_err(|e| {
             if errors::is_not_found(&e) {
-                Error::NotFound {
-                    what: "queue",
-                    name: queue.to_owned(),
-                    hint: Some("declare the topology first (Transport::declare)".to_owned()),
-                }
+                Error::not_found("queue", queue.to_owned())
+                    .with_hint("declare the topology first (Transport::declare)".to_owned())
             } else {
                 errors::from_client(e, format!("consuming queue `{queue}`"))
             }
@@ -406,9 +403,8 @@ impl RabbitSettler {
         let after = self.transport.shared.options.operation_timeout;
         let rejected = tokio::time::timeout(after, self.acks.reject(self.tag, self.acker.clone()))
             .await
-            .map_err(|_| Error::Timeout {
-                operation: format!("rejecting a delivery from `{}`", self.queue),
-                after,
+            .map_err(|_| {
+                Error::timeout(format!("rejecting a delivery from `{}`", self.queue), after)
             })?;
         match rejected {
             Ok(true) => Ok(()),
@@ -427,9 +423,11 @@ impl RabbitSettler {
         let after = self.transport.shared.options.operation_timeout;
         let acked = tokio::time::timeout(after, self.acks.ack(self.tag, self.acker.clone()))
             .await
-            .map_err(|_| Error::Timeout {
-                operation: format!("acknowledging a delivery from `{}`", self.queue),
-                after,
+            .map_err(|_| {
+                Error::timeout(
+                    format!("acknowledging a delivery from `{}`", self.queue),
+                    after,
+                )
             })?;
         match acked {
             Ok(true) => Ok(()),
@@ -452,10 +450,10 @@ impl RabbitSettler {
         )
         .await
         .unwrap_or_else(|_| {
-            Err(Error::Timeout {
-                operation: format!("giving back a delivery to `{}`", self.queue),
+            Err(Error::timeout(
+                format!("giving back a delivery to `{}`", self.queue),
                 after,
-            })
+            ))
         })
     }
 }
@@ -472,13 +470,10 @@ async fn requeue(acks: &Acks, tag: u64, acker: &Acker, queue: &str) -> Result<()
 }
 
 fn lost_channel(queue: &str) -> Error {
-    Error::Connection {
-        message: format!(
-            "the channel of a delivery from `{queue}` was closed before it was settled; the \
+    Error::connection_lost(format!(
+        "the channel of a delivery from `{queue}` was closed before it was settled; the \
              broker delivers the message again"
-        ),
-        source: None,
-    }
+    ))
 }
 
 #[async_trait]

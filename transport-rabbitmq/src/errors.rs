@@ -73,30 +73,22 @@ pub(crate) fn from_client(error: lapin::Error, doing: impl Into<String>) -> Erro
     if is_too_large(&error) {
         // The broker's max_message_size is below the configured one: the same message is
         // refused the same way every time.
-        return Error::InvalidMessage {
-            message: format!(
-                "{doing}: the broker refused the message as too large; its max_message_size is \
+        return Error::invalid_message(format!(
+            "{doing}: the broker refused the message as too large; its max_message_size is \
                  smaller than RabbitMqOptions::with_max_message_size"
-            ),
-            source: Some(Box::new(error)),
-        };
+        ))
+        .with_source(error);
     }
     match soft_error(&error) {
-        Some(AMQPSoftError::PRECONDITIONFAILED) => Error::Config {
-            field: "topology".to_owned(),
-            reason: format!(
+        Some(AMQPSoftError::PRECONDITIONFAILED) => Error::config(
+            "topology".to_owned(),
+            format!(
                 "{doing}: the broker refused ({error}); an existing queue or exchange has \
                  different settings — delete it or align the options"
             ),
-        },
-        Some(_) => Error::Other {
-            message: format!("{doing}: the broker refused"),
-            source: Some(Box::new(error)),
-        },
-        None => Error::Connection {
-            message: format!("{doing}: {error}"),
-            source: Some(Box::new(error)),
-        },
+        ),
+        Some(_) => Error::other(format!("{doing}: the broker refused")).with_source(error),
+        None => Error::connection_lost(format!("{doing}: {error}")).with_source(error),
     }
 }
 

@@ -324,17 +324,13 @@ impl Declarer<'_> {
 
     fn failed(&self, error: lapin::Error, what: &'static str, name: &str) -> Error {
         if errors::is_not_found(&error) {
-            return Error::NotFound {
-                what,
-                name: name.to_owned(),
-                hint: Some(if self.check_only {
-                    "the transport only checks the topology (TopologyMode::CheckOnly); create it \
+            return Error::not_found(what, name.to_owned()).with_hint(if self.check_only {
+                "the transport only checks the topology (TopologyMode::CheckOnly); create it \
                      on the broker or switch to TopologyMode::Declare"
-                        .to_owned()
-                } else {
-                    "the broker reported it missing while declaring".to_owned()
-                }),
-            };
+                    .to_owned()
+            } else {
+                "the broker reported it missing while declaring".to_owned()
+            });
         }
         errors::from_client(error, format!("declaring {what} `{name}`"))
     }

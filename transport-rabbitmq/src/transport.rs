@@ -260,11 +260,10 @@ impl RabbitMqTransport {
                     .insert(queue.to_owned());
                 Ok(())
             }
-            Err(e) if crate::errors::is_not_found(&e) => Err(Error::NotFound {
-                what: "queue",
-                name: queue.to_owned(),
-                hint: Some("declare the topology first (Transport::declare)".to_owned()),
-            }),
+            Err(e) if crate::errors::is_not_found(&e) => {
+                Err(Error::not_found("queue", queue.to_owned())
+                    .with_hint("declare the topology first (Transport::declare)".to_owned()))
+            }
             Err(e) => Err(crate::errors::from_client(
                 e,
                 format!("checking queue `{queue}`"),

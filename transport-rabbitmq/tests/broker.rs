@@ -198,7 +198,9 @@ async fn declaring_twice_is_harmless_and_check_only_names_what_is_missing() {
     checker.declare(&topology).await.expect("everything exists");
     let missing = Topology::new().endpoint("orders").endpoint("refunds");
     match checker.declare(&missing).await {
-        Err(Error::NotFound { what, name, hint }) => {
+        Err(Error::NotFound {
+            what, name, hint, ..
+        }) => {
             assert_eq!(what, "queue");
             assert_eq!(name, format!("{}refunds", fx.prefix));
             assert!(hint.unwrap().contains("CheckOnly"));

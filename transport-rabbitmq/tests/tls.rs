@@ -189,7 +189,7 @@ fn pki_other_ca() -> String {
 #[test]
 fn a_ca_certificate_is_checked_with_the_options() {
     let config_field = |options: RabbitMqOptions| match options.validate() {
-        Err(Error::Config { field, reason }) => (field, reason),
+        Err(Error::Config { field, reason, .. }) => (field, reason),
         other => panic!("{other:?}"),
     };
     let (field, message) = config_field(

@@ -189,7 +189,7 @@ mod tests {
 
     fn reason(text: &str) -> String {
         match checked(text) {
-            Err(Error::Config { field, reason }) => {
+            Err(Error::Config { field, reason, .. }) => {
                 assert_eq!(field, FIELD);
                 assert!(!reason.contains(KEY_VALUE), "the key shows: {reason}");
                 reason

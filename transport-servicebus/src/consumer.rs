@@ -714,22 +714,18 @@ impl Consumer {
 }
 
 fn unknown_delivery() -> Error {
-    Error::Other {
-        message: "the delivery is no longer held by its consumer (its lock ran out, or it was \
+    Error::other(
+        "the delivery is no longer held by its consumer (its lock ran out, or it was \
                   settled)"
             .to_owned(),
-        source: None,
-    }
+    )
 }
 
 fn lock_lost(source: &Source) -> Error {
-    Error::Other {
-        message: format!(
-            "the lock of a delivery from `{source}` ran out before it was settled; the broker \
+    Error::other(format!(
+        "the lock of a delivery from `{source}` ran out before it was settled; the broker \
              delivers the message again"
-        ),
-        source: None,
-    }
+    ))
 }
 
 /// Settles one delivery through its consumer. Dropped unsettled (or with its settlement

@@ -66,12 +66,12 @@ pub(crate) fn to_service_bus(
 ) -> Result<ServiceBusMessage, Error> {
     let mut out = ServiceBusMessage::new(message.body().to_vec());
     out.set_message_id(copy_id.unwrap_or(message.id().as_str()))
-        .map_err(|e| Error::InvalidMessage {
-            message: format!(
+        .map_err(|e| {
+            Error::invalid_message(format!(
                 "message id `{}` cannot be used on Service Bus",
                 message.id()
-            ),
-            source: Some(Box::new(e)),
+            ))
+            .with_source(e)
         })?;
     out.set_content_type(message.content_type().map(str::to_owned));
     out.set_correlation_id(message.correlation_id().map(str::to_owned));
@@ -134,10 +134,8 @@ pub(crate) fn to_offset_date_time(at: DateTime<Utc>) -> Result<OffsetDateTime, E
     let millis =
         i128::from(nanos).div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0);
     OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).map_err(|e| {
-        Error::InvalidMessage {
-            message: format!("the not-before {at} is out of the supported range"),
-            source: Some(Box::new(e)),
-        }
+        Error::invalid_message(format!("the not-before {at} is out of the supported range"))
+            .with_source(e)
     })
 }
 

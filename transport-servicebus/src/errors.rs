@@ -77,45 +77,29 @@ pub(crate) fn from_client(
 ) -> Error {
     match classify(&error) {
         Kind::NotFound => match entity {
-            Some((what, name)) => Error::NotFound {
-                what,
-                name: name.to_owned(),
-                hint: Some(format!(
-                    "the broker answered amqp:not-found while {operation}; provision it \
+            Some((what, name)) => Error::not_found(what, name.to_owned()).with_hint(format!(
+                "the broker answered amqp:not-found while {operation}; provision it \
                      (see the redeliver-servicebus docs)"
-                )),
-            },
-            None => Error::Other {
-                message: format!("{operation}: not found"),
-                source: Some(Box::new(error)),
-            },
+            )),
+            None => Error::other(format!("{operation}: not found")).with_source(error),
         },
-        Kind::TooLarge => Error::InvalidMessage {
-            message: format!(
-                "{operation}: larger than the entity accepts (Service Bus standard tier: 256 KiB \
+        Kind::TooLarge => Error::invalid_message(format!(
+            "{operation}: larger than the entity accepts (Service Bus standard tier: 256 KiB \
                  per message, 64 KiB of properties): {error}"
-            ),
-            source: Some(Box::new(error)),
-        },
-        Kind::Rejected => Error::Rejected {
-            message: format!("{operation}: {error}"),
-            source: Some(Box::new(error)),
-        },
-        Kind::Unauthorized => Error::AccessDenied {
-            message: format!(
+        ))
+        .with_source(error),
+        Kind::Rejected => Error::rejected(format!("{operation}: {error}")).with_source(error),
+        Kind::Unauthorized => Error::access_denied(
+            format!(
                 "{operation}: {error}; check the connection string's SharedAccessKeyName and key \
                  (or signature), and that its policy has the Send and Listen claims"
             ),
-            source: Some(Box::new(error)),
-        },
-        Kind::Timeout => Error::Timeout {
-            operation: operation.to_owned(),
-            after: timeout,
-        },
-        Kind::Transient => Error::Connection {
-            message: format!("{operation}: {error}"),
-            source: Some(Box::new(error)),
-        },
+            error,
+        ),
+        Kind::Timeout => Error::timeout(operation.to_owned(), timeout),
+        Kind::Transient => {
+            Error::connection_lost(format!("{operation}: {error}")).with_source(error)
+        }
     }
 }
 

@@ -404,7 +404,7 @@ impl Shared {
         };
         let after = self.options.connect_timeout.min(self.options.try_timeout);
         match tokio::time::timeout(after, connecting).await {
-            Err(_) => Err(Error::Timeout { operation, after }),
+            Err(_) => Err(Error::timeout(operation, after)),
             Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) => match e.kind() {
                 // The connection string was checked: what the client still refuses is in it.
@@ -425,10 +425,7 @@ impl Shared {
         // that keeping them inline overflows a 2 MiB thread stack in debug builds.
         tokio::time::timeout(after, Box::pin(future))
             .await
-            .map_err(|_| Error::Timeout {
-                operation: operation.to_owned(),
-                after,
-            })
+            .map_err(|_| Error::timeout(operation.to_owned(), after))
     }
 
     fn client_error(
@@ -619,14 +616,11 @@ impl Shared {
                 Err(e) => {
                     return Err(
                         match self.client_error(e, &operation, Some(("subscription", &path))) {
-                            Error::NotFound { what, name, .. } => Error::NotFound {
-                                what,
-                                name,
-                                hint: Some(format!(
+                            Error::NotFound { what, name, .. } => Error::not_found(what, name)
+                                .with_hint(format!(
                                     "create subscription `{endpoint}` on topic `{topic}` with \
                                  ForwardTo = queue `{endpoint}`"
                                 )),
-                            },
                             other => other,
                         },
                     );

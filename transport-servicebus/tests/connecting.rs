@@ -106,7 +106,7 @@ async fn connection_string_mistakes_are_configuration_errors_that_say_what_is_wr
     let ip = broker.address().ip().to_string();
     let options = support::options;
     let config = |e: Error| match e {
-        Error::Config { field, reason } => {
+        Error::Config { field, reason, .. } => {
             assert_eq!(field, "connection_string");
             assert!(!reason.contains(KEY), "{reason}");
             reason
