@@ -242,7 +242,7 @@ impl Jitter {
     /// Applies the jitter to `delay` with `unit`, a number in `[0, 1]` (a random draw).
     /// `base` is the back-off's first delay and `previous` the previous delay, for
     /// [`Jitter::Decorrelated`]; `cap` bounds the result of that kind.
-    pub fn apply(
+    pub(crate) fn apply(
         self,
         delay: Duration,
         base: Duration,
@@ -315,7 +315,7 @@ impl BackoffPolicy {
     /// with a random `unit`; tests use it to check the bounds exactly.
     ///
     /// [`delay`]: RetryPolicy::delay
-    pub fn delay_with(&self, failed: &FailedAttempt, unit: f64) -> Duration {
+    pub(crate) fn delay_with(&self, failed: &FailedAttempt, unit: f64) -> Duration {
         let delay = self.base_delay(failed.attempt);
         let cap = self.max_delay.unwrap_or(delay);
         self.jitter

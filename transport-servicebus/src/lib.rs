@@ -108,8 +108,8 @@
 //! fill. Every message received is handed out or given back (abandoned), never left locked
 //! unseen. Each consumer has its own connection.
 //! - **Complete** completes the message.
-//! - **Retry / park** ([`Settlement::Reschedule`](redeliver_core::Settlement::Reschedule)) sends
-//!   a copy to the same queue, scheduled at its not-before, with the framework's message id
+//! - **Retry / park** ([`Delivery::retry`](redeliver_core::Delivery::retry),
+//!   [`park`](redeliver_core::Delivery::park)) sends a copy to the same queue, scheduled at its not-before, with the framework's message id
 //!   (see "Which id is which") and the attempt the framework gave it, **then** completes the
 //!   original. If the process stops in between, the original comes back too: **duplicates are
 //!   possible, loss is not**. If the copy cannot be sent, the original is abandoned (delivered
@@ -119,8 +119,10 @@
 //!   [`COPY_REFUSED`](redeliver_core::reasons::COPY_REFUSED), a description saying why (at most
 //!   [`wire::MAX_DESCRIPTION_BYTES`](redeliver_core::wire::MAX_DESCRIPTION_BYTES), within the
 //!   4096 characters Microsoft's SDKs allow a `DeadLetterErrorDescription`), its attempt, and the
-//!   failure that asked for the retry, and the settlement succeeds (the worker counts it as
-//!   retried; a warning is logged).
+//!   failure that asked for the retry, and the settlement answers
+//!   [`Settled::DeadLettered`](redeliver_core::Settled::DeadLettered) (the worker counts it as
+//!   dead-lettered; a warning is logged). The order of these steps is core's, the same on every
+//!   transport (see [`redeliver_core::transport::delivery`]).
 //! - **Dead-letter** uses Service Bus dead-lettering with `DeadLetterReason` and
 //!   `DeadLetterErrorDescription` from the message's dead-letter info, and passes the
 //!   framework's state as properties to modify. The message keeps its application properties,

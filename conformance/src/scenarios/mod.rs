@@ -1,4 +1,4 @@
-//! The scenarios. Each takes a [`Factory`], makes a transport with uniquely named endpoints,
+//! The scenarios. Each takes a [`Factory`](crate::Factory), makes a transport with uniquely named endpoints,
 //! runs workers on it, asserts, and cleans up. A failed assertion panics with what differed.
 
 mod dead_letters;
