@@ -51,7 +51,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::convert::{self, framework_properties};
+use crate::convert::ids::copy_id;
+use crate::convert::incoming::from_service_bus;
+use crate::convert::outgoing::framework_properties;
+use crate::convert::time::to_utc;
 use crate::{Client, Shared};
 
 /// How long closing waits for a drained credit to be answered.
@@ -185,7 +188,7 @@ impl Locked {
     fn new(message: ServiceBusReceivedMessage, clock: &Clock) -> Option<Self> {
         let remaining = message
             .locked_until()
-            .map(|at| until(clock.now(), convert::to_utc(at)))
+            .map(|at| until(clock.now(), to_utc(at)))
             .unwrap_or_default();
         if remaining.is_zero() {
             return None;
@@ -472,8 +475,8 @@ impl Consumer {
             debug!(source = %self.source, "skipped a message whose lock had already run out");
             return;
         };
-        let received = convert::from_service_bus(&locked.message, self.source.is_dead_letters());
-        let copy_id = convert::copy_id(
+        let received = from_service_bus(&locked.message, self.source.is_dead_letters());
+        let copy_id = copy_id(
             locked.message.sequence_number(),
             received.message.id().as_str(),
         );
@@ -618,7 +621,7 @@ impl Consumer {
         let remaining = locked
             .message
             .locked_until()
-            .map(|at| until(self.shared.clock.now(), convert::to_utc(at)))
+            .map(|at| until(self.shared.clock.now(), to_utc(at)))
             .unwrap_or_default();
         match renewed {
             Ok(Ok(())) if !remaining.is_zero() => {

@@ -231,7 +231,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 pub use crate::connector::ServiceBusConnector;
-pub use crate::convert::MESSAGE_ID_PROPERTY;
+pub use crate::convert::ids::MESSAGE_ID_PROPERTY;
 pub use crate::options::ServiceBusOptions;
 
 type Client = ServiceBusClient<BasicRetryPolicy>;
@@ -457,7 +457,7 @@ impl Shared {
     }
 
     /// Sends `message` to queue or topic `entity`, retrying transient failures; a copy (a
-    /// retry or a park) has the native id `copy_id` (see [`convert::copy_id`]).
+    /// retry or a park) has the native id `copy_id` (see [`copy_id`](convert::ids::copy_id)).
     async fn send_entity(
         &self,
         entity: &str,
@@ -469,7 +469,7 @@ impl Shared {
         let mut attempt = 1;
         loop {
             // Rebuilt per attempt: whether to schedule depends on the time of sending.
-            let outgoing = convert::to_service_bus(message, copy_id, self.clock.now())?;
+            let outgoing = convert::outgoing::to_service_bus(message, copy_id, self.clock.now())?;
             match self.try_send(entity, what, outgoing).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && attempt < self.options.send_attempts => {
