@@ -55,7 +55,7 @@ use crate::convert::ids::copy_id;
 use crate::convert::incoming::from_service_bus;
 use crate::convert::outgoing::framework_properties;
 use crate::convert::time::to_utc;
-use crate::{Client, Shared};
+use crate::shared::{Client, Shared};
 
 /// How long closing waits for a drained credit to be answered.
 const DRAIN_WAIT: Duration = Duration::from_millis(50);
