@@ -210,36 +210,23 @@ mod consumer;
 mod convert;
 mod errors;
 mod options;
+mod shared;
 
-use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use azservicebus::core::BasicRetryPolicy;
-use azservicebus::{
-    ServiceBusClient, ServiceBusClientOptions, ServiceBusReceiverOptions, ServiceBusRetryOptions,
-    ServiceBusSender, ServiceBusSenderOptions,
-};
 use redeliver_core::secret::SecretUrl;
 use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
     Transport,
 };
-use tokio::sync::{Mutex, MutexGuard};
-use tracing::{debug, info, warn};
 
 pub use crate::connector::ServiceBusConnector;
-pub use crate::convert::MESSAGE_ID_PROPERTY;
+pub use crate::convert::ids::MESSAGE_ID_PROPERTY;
 pub use crate::options::ServiceBusOptions;
-
-type Client = ServiceBusClient<BasicRetryPolicy>;
-
-/// Extra time given to a client call beyond its own try time-out before it is given up.
-const GRACE: Duration = Duration::from_secs(2);
+use crate::shared::Shared;
 
 /// Redeliver's transport on Azure Service Bus. See the [crate docs](crate) for the entities it
 /// expects and how each settlement is carried out.
@@ -256,59 +243,6 @@ impl fmt::Debug for ServiceBusTransport {
             .field("connection_string", &self.shared.connection_string)
             .field("options", &self.shared.options)
             .finish_non_exhaustive()
-    }
-}
-
-pub(crate) struct Shared {
-    /// As given; shown only redacted.
-    connection_string: SecretUrl,
-    /// What the client is given, checked.
-    checked: connection_string::Checked,
-    options: ServiceBusOptions,
-    /// The clock every delay is computed on ([`Transport::clock`]).
-    clock: Clock,
-    /// The connection senders are made on; `None` until needed or after it failed.
-    client: Mutex<Option<Client>>,
-    /// The senders of each queue or topic, made on first use.
-    senders: StdMutex<HashMap<String, Arc<SenderPool>>>,
-}
-
-/// Up to [`ServiceBusOptions::senders_per_entity`] sender links to one entity. A link carries
-/// one send at a time (the client's send takes `&mut self` until the broker answers), so
-/// several links let several sends be in flight. A slot holds no link until a send needs it.
-struct SenderPool {
-    slots: Box<[Mutex<Option<ServiceBusSender>>]>,
-    /// Which slot a send waits for when every slot is busy.
-    next: AtomicUsize,
-}
-
-impl SenderPool {
-    fn new(size: usize) -> Self {
-        SenderPool {
-            slots: (0..size.max(1)).map(|_| Mutex::new(None)).collect(),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// A slot for one send: a free one holding a link if there is one, else a free empty one
-    /// (the send attaches a link to it), else the next one in turn once it is free.
-    async fn acquire(&self) -> MutexGuard<'_, Option<ServiceBusSender>> {
-        let mut empty = None;
-        for slot in &self.slots {
-            if let Ok(guard) = slot.try_lock() {
-                if guard.is_some() {
-                    return guard;
-                }
-                if empty.is_none() {
-                    empty = Some(guard);
-                }
-            }
-        }
-        if let Some(guard) = empty {
-            return guard;
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        self.slots[turn].lock().await
     }
 }
 
@@ -331,19 +265,8 @@ impl ServiceBusTransport {
         connection_string: impl Into<SecretUrl>,
         options: ServiceBusOptions,
     ) -> Result<Self, Error> {
-        options.validate()?;
-        let connection_string = connection_string.into();
-        let checked = connection_string::check(&connection_string, options.unsecured)?;
-        let shared = Arc::new(Shared {
-            connection_string,
-            checked,
-            options,
-            clock: Clock::system(),
-            client: Mutex::new(None),
-            senders: StdMutex::new(HashMap::new()),
-        });
-        let client = shared.new_client().await?;
-        *shared.client.lock().await = Some(client);
+        let shared = Arc::new(Shared::new(connection_string.into(), options)?);
+        shared.connect().await?;
         Ok(ServiceBusTransport { shared })
     }
 
@@ -355,312 +278,7 @@ impl ServiceBusTransport {
     /// Closes every sender and the sending connection with `dispose()`. Sending afterwards
     /// connects again. Consumers are not affected: they close when their stream is dropped.
     pub async fn close(&self) {
-        let pools: Vec<_> = self
-            .shared
-            .senders
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
-        for (entity, pool) in pools {
-            for slot in &pool.slots {
-                if let Some(sender) = slot.lock().await.take() {
-                    self.shared.dispose_sender(&entity, sender).await;
-                }
-            }
-        }
-        if let Some(client) = self.shared.client.lock().await.take() {
-            self.shared.dispose_client(client).await;
-        }
-    }
-}
-
-impl Shared {
-    /// A new connection with the client's own retries off (see "the lost-send hazard").
-    async fn new_client(&self) -> Result<Client, Error> {
-        let retry_options = ServiceBusRetryOptions {
-            max_retries: 0,
-            try_timeout: self.options.try_timeout,
-            ..ServiceBusRetryOptions::default()
-        };
-        let client_options = ServiceBusClientOptions {
-            retry_options,
-            ..ServiceBusClientOptions::default()
-        };
-        let connection_string = self.checked.for_client.expose();
-        let unsecured = self.options.unsecured || self.checked.emulator;
-        let operation = format!(
-            "connecting to Service Bus at `{}:{}`",
-            self.checked.host,
-            self.checked.port(self.options.unsecured)
-        );
-        debug!(connection_string = %self.connection_string, unsecured, "{operation}");
-        let connecting = async {
-            if unsecured {
-                Client::unsecured()
-                    .new_from_connection_string(connection_string, client_options)
-                    .await
-            } else {
-                Client::new_from_connection_string(connection_string, client_options).await
-            }
-        };
-        let after = self.options.connect_timeout.min(self.options.try_timeout);
-        match tokio::time::timeout(after, connecting).await {
-            Err(_) => Err(Error::timeout(operation, after)),
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => match e.kind() {
-                // The connection string was checked: what the client still refuses is in it.
-                azure_core::error::ErrorKind::Credential
-                | azure_core::error::ErrorKind::DataConversion => Err(Error::config(
-                    "connection_string",
-                    format!("the Service Bus client refused it: {e}"),
-                )),
-                _ => Err(self.client_error(e, &operation, None)),
-            },
-        }
-    }
-
-    /// Runs a client call, giving up a little after the client's own try time-out.
-    async fn bounded<F: Future>(&self, operation: &str, future: F) -> Result<F::Output, Error> {
-        let after = self.options.try_timeout + GRACE;
-        // On the heap: with rustls, some client futures (settling a message) are large enough
-        // that keeping them inline overflows a 2 MiB thread stack in debug builds.
-        tokio::time::timeout(after, Box::pin(future))
-            .await
-            .map_err(|_| Error::timeout(operation.to_owned(), after))
-    }
-
-    fn client_error(
-        &self,
-        error: azure_core::Error,
-        operation: &str,
-        entity: Option<(&'static str, &str)>,
-    ) -> Error {
-        errors::from_client(error, operation, entity, self.options.try_timeout)
-    }
-
-    async fn dispose_client(&self, client: Client) {
-        match self.bounded("closing a connection", client.dispose()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(error = %e, "closing a connection failed"),
-            Err(e) => debug!(error = %e, "closing a connection failed"),
-        }
-    }
-
-    async fn dispose_sender(&self, entity: &str, sender: ServiceBusSender) {
-        match self.bounded("closing a sender", sender.dispose()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(entity, error = %e, "closing a sender failed"),
-            Err(e) => debug!(entity, error = %e, "closing a sender failed"),
-        }
-    }
-
-    /// Sends `message` to queue or topic `entity`, retrying transient failures; a copy (a
-    /// retry or a park) has the native id `copy_id` (see [`convert::copy_id`]).
-    async fn send_entity(
-        &self,
-        entity: &str,
-        what: &'static str,
-        message: &Message,
-        copy_id: Option<&str>,
-    ) -> Result<(), Error> {
-        let mut pause = self.options.send_backoff;
-        let mut attempt = 1;
-        loop {
-            // Rebuilt per attempt: whether to schedule depends on the time of sending.
-            let outgoing = convert::to_service_bus(message, copy_id, self.clock.now())?;
-            match self.try_send(entity, what, outgoing).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_transient() && attempt < self.options.send_attempts => {
-                    warn!(entity, attempt, error = %e, "sending failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = pause.saturating_mul(2);
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    async fn try_send(
-        &self,
-        entity: &str,
-        what: &'static str,
-        outgoing: azservicebus::ServiceBusMessage,
-    ) -> Result<(), Error> {
-        let pool = Arc::clone(
-            self.senders
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(entity.to_owned())
-                .or_insert_with(|| Arc::new(SenderPool::new(self.options.senders_per_entity))),
-        );
-        let mut sender = pool.acquire().await;
-        if sender.is_none() {
-            *sender = Some(self.create_sender(entity, what).await?);
-        }
-        let operation = format!("sending to {what} `{entity}`");
-        let result = match sender.as_mut() {
-            Some(s) => self.bounded(&operation, s.send_message(outgoing)).await,
-            None => return Err(Error::Closed),
-        };
-        let error = match result {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => self.client_error(e, &operation, Some((what, entity))),
-            Err(timeout) => timeout,
-        };
-        if error.is_transient() {
-            // The link may be broken: make a new one next time.
-            if let Some(old) = sender.take() {
-                self.dispose_sender(entity, old).await;
-            }
-            if let Error::Connection { .. } = error {
-                // So may the connection: every link of a client shares its one session, and a
-                // new link on a dead session would fail too.
-                if let Some(old) = self.client.lock().await.take() {
-                    info!(error = %error, "reconnecting to Service Bus");
-                    self.dispose_client(old).await;
-                }
-            }
-        }
-        Err(error)
-    }
-
-    async fn create_sender(
-        &self,
-        entity: &str,
-        what: &'static str,
-    ) -> Result<ServiceBusSender, Error> {
-        let mut client = self.client.lock().await;
-        if client.is_none() {
-            *client = Some(self.new_client().await?);
-        }
-        let operation = format!("attaching a sender to {what} `{entity}`");
-        let result = match client.as_mut() {
-            Some(c) => {
-                self.bounded(
-                    &operation,
-                    c.create_sender(entity, ServiceBusSenderOptions::default()),
-                )
-                .await
-            }
-            None => return Err(Error::Closed),
-        };
-        let error = match result {
-            Ok(Ok(sender)) => return Ok(sender),
-            Ok(Err(e)) => self.client_error(e, &operation, Some((what, entity))),
-            Err(timeout) => timeout,
-        };
-        if error.is_transient() {
-            // The connection may be gone: connect again next time.
-            if let Some(old) = client.take() {
-                info!(error = %error, "reconnecting to Service Bus");
-                self.dispose_client(old).await;
-            }
-        }
-        Err(error)
-    }
-
-    /// Checks that every entity of `topology` exists, on a connection of its own (an attach
-    /// refused with `amqp:not-found` is not left behind on the sending connection).
-    async fn check(&self, topology: &Topology) -> Result<(), Error> {
-        let mut client = self.new_client().await?;
-        let result = self.check_with(&mut client, topology).await;
-        self.dispose_client(client).await;
-        result
-    }
-
-    async fn check_with(&self, client: &mut Client, topology: &Topology) -> Result<(), Error> {
-        let queues = topology.endpoints().map(|q| (q.to_owned(), "queue"));
-        let topics = topology.topics().map(|(t, _)| (t.to_owned(), "topic"));
-        let entities: Vec<(String, &'static str)> = queues.chain(topics).collect();
-        for (entity, what) in entities {
-            let operation = format!("checking {what} `{entity}`");
-            let attached = self
-                .bounded(
-                    &operation,
-                    client.create_sender(entity.clone(), ServiceBusSenderOptions::default()),
-                )
-                .await?;
-            match attached {
-                Ok(sender) => self.dispose_sender(&entity, sender).await,
-                Err(e) => return Err(self.client_error(e, &operation, Some((what, &entity)))),
-            }
-        }
-        let subscriptions: Vec<(String, String)> = topology
-            .topics()
-            .flat_map(|(topic, endpoints)| {
-                endpoints
-                    .map(|endpoint| (topic.to_owned(), endpoint.to_owned()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        for (topic, endpoint) in subscriptions {
-            let path = format!("{topic}/Subscriptions/{endpoint}");
-            let operation = format!("checking subscription `{path}`");
-            // A receiver that is never asked for a message takes none.
-            let attached = self
-                .bounded(
-                    &operation,
-                    client.create_receiver_for_subscription(
-                        &topic,
-                        &endpoint,
-                        ServiceBusReceiverOptions::default(),
-                    ),
-                )
-                .await?;
-            match attached {
-                Ok(receiver) => {
-                    if let Err(e) = self.bounded(&operation, receiver.dispose()).await {
-                        debug!(error = %e, "closing a checking receiver failed");
-                    }
-                }
-                Err(e) => {
-                    return Err(
-                        match self.client_error(e, &operation, Some(("subscription", &path))) {
-                            Error::NotFound { what, name, .. } => Error::not_found(what, name)
-                                .with_hint(format!(
-                                    "create subscription `{endpoint}` on topic `{topic}` with \
-                                 ForwardTo = queue `{endpoint}`"
-                                )),
-                            other => other,
-                        },
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // Links and the connection must be closed with `dispose()`, which is async: do it in the
-        // background if a runtime is still there.
-        let senders: Vec<_> = self
-            .senders
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .filter_map(|(_, pool)| Arc::into_inner(pool))
-            .flat_map(|pool| pool.slots.into_vec())
-            .filter_map(Mutex::into_inner)
-            .collect();
-        let client = self.client.get_mut().take();
-        if senders.is_empty() && client.is_none() {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let wait = self.options.try_timeout + GRACE;
-            runtime.spawn(async move {
-                for sender in senders {
-                    let _ = tokio::time::timeout(wait, sender.dispose()).await;
-                }
-                if let Some(client) = client {
-                    let _ = tokio::time::timeout(wait, client.dispose()).await;
-                }
-            });
-        }
+        self.shared.close().await;
     }
 }
 
@@ -731,14 +349,7 @@ mod tests {
     fn debug_output_hides_the_connection_string() {
         let connection_string =
             SecretUrl::new("Endpoint=sb://x/;SharedAccessKeyName=n;SharedAccessKey=secret");
-        let shared = Shared {
-            checked: connection_string::check(&connection_string, false).unwrap(),
-            connection_string,
-            options: ServiceBusOptions::default(),
-            clock: Clock::system(),
-            client: Mutex::new(None),
-            senders: StdMutex::new(HashMap::new()),
-        };
+        let shared = Shared::new(connection_string, ServiceBusOptions::default()).unwrap();
         let transport = ServiceBusTransport {
             shared: Arc::new(shared),
         };

@@ -1,4 +1,5 @@
-//! The connection to the broker: start-up retries, recovery, and confirmed publishing.
+//! The connection to the broker: start-up retries and recovery (publishing on it, with
+//! confirms, is in the `publish` module).
 //!
 //! One AMQP connection per transport. A supervisor task watches it; when it is lost, the
 //! supervisor reconnects with back-off until the transport is closed, declares the topology
@@ -6,14 +7,15 @@
 //! waiting meanwhile wait at most the publish timeout; consumers open a new consumer on the new
 //! connection.
 
+mod publish;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{Channel, Connection, ConnectionProperties, Event};
 use redeliver_core::{Clock, Error, Topology};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -40,21 +42,6 @@ pub(crate) struct Connected {
 impl Connected {
     pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
-    }
-
-    /// The publishing channel, in confirm mode; a new one if the last was closed (a channel
-    /// error, such as publishing to a missing exchange, closes it).
-    async fn publisher(&self) -> Result<Channel, lapin::Error> {
-        let mut slot = self.publisher.lock().await;
-        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
-            return Ok(channel.clone());
-        }
-        let channel = self.connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        *slot = Some(channel.clone());
-        Ok(channel)
     }
 }
 
@@ -278,149 +265,6 @@ impl Shared {
         }
     }
 
-    /// Publishes and waits for the broker's confirm: `Ok` only once the broker has taken
-    /// responsibility for the message. A negative confirm is [`Error::Rejected`], a mandatory
-    /// message that matched no queue is [`Error::Unroutable`], a missing exchange is
-    /// [`Error::NotFound`]. If the connection is down the call waits for it within the publish
-    /// timeout.
-    pub(crate) async fn publish(
-        &self,
-        target: Target<'_>,
-        properties: &BasicProperties,
-        body: &[u8],
-        doing: &str,
-    ) -> Result<(), Error> {
-        let timeout = self.options.operation_timeout;
-        let deadline = Instant::now() + timeout;
-        let mut stale = None;
-        loop {
-            let conn = self.current(deadline, stale, doing).await?;
-            let channel = match tokio::time::timeout_at(deadline, conn.publisher()).await {
-                Err(_) if conn.is_up() => {
-                    return Err(Error::timeout(
-                        format!("opening a channel for {doing}"),
-                        timeout,
-                    ));
-                }
-                Err(_) => {
-                    self.report_broken();
-                    stale = Some(conn.generation);
-                    continue;
-                }
-                Ok(Ok(channel)) => channel,
-                Ok(Err(e)) if !conn.is_up() => {
-                    debug!(error = %e, "the connection is down; waiting for it before publishing");
-                    self.report_broken();
-                    stale = Some(conn.generation);
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    return Err(errors::from_client(
-                        e,
-                        format!("opening a channel for {doing}"),
-                    ));
-                }
-            };
-            crate::limits::check_fits(
-                properties,
-                body.len(),
-                conn.connection.configuration().frame_max(),
-                self.options.max_message_size,
-            )
-            .map_err(|e| match e {
-                Error::InvalidMessage {
-                    message, source, ..
-                } => {
-                    let error = Error::invalid_message(format!("{doing}: {message}"));
-                    match source {
-                        Some(source) => error.with_source(source),
-                        None => error,
-                    }
-                }
-                other => other,
-            })?;
-            let options = BasicPublishOptions {
-                mandatory: target.mandatory,
-                ..BasicPublishOptions::default()
-            };
-            // lapin resolves `basic_publish` only once its frames are written to the socket;
-            // nothing else bounds that wait.
-            let sent = tokio::time::timeout_at(
-                deadline,
-                channel.basic_publish(
-                    target.exchange.into(),
-                    crate::convert::short("routing key", target.routing_key)?,
-                    options,
-                    body,
-                    properties.clone(),
-                ),
-            )
-            .await
-            .map_err(|_| Error::timeout(format!("sending {doing} to the broker"), timeout))?;
-            let confirm = match sent {
-                Ok(confirm) => confirm,
-                // Refused before anything was sent: safe to try again on the next connection.
-                Err(e) if !conn.is_up() => {
-                    debug!(error = %e, "the connection is down; waiting for it before publishing");
-                    self.report_broken();
-                    stale = Some(conn.generation);
-                    continue;
-                }
-                Err(e) => return Err(errors::from_client(e, doing.to_owned())),
-            };
-            let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
-                Err(_) => {
-                    return Err(Error::timeout(
-                        format!("waiting for the broker to confirm {doing}"),
-                        timeout,
-                    ));
-                }
-                Ok(Err(e)) if errors::is_not_found(&e) => {
-                    return Err(Error::not_found("exchange", target.exchange.to_owned())
-                        .with_hint(format!(
-                            "{doing} failed; declare the topology first (Transport::declare)"
-                        )));
-                }
-                Ok(Err(e)) => {
-                    if !conn.is_up() {
-                        self.report_broken();
-                    }
-                    // The message may or may not have reached the broker: the caller's retry
-                    // may duplicate it, which at-least-once allows.
-                    return Err(errors::from_client(
-                        e,
-                        format!("{doing}: no confirm received, the message may not be stored"),
-                    ));
-                }
-                Ok(Ok(confirmation)) => confirmation,
-            };
-            return match confirmation {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))
-                    if returned.reply_code == 312 =>
-                {
-                    Err(Error::unroutable(format!(
-                        "{doing}: no queue is bound to routing key `{}` on {} ({})",
-                        target.routing_key,
-                        exchange_label(target.exchange),
-                        returned.reply_text
-                    )))
-                }
-                Confirmation::Ack(Some(returned)) => Err(Error::rejected(format!(
-                    "{doing}: the broker returned the message: {} {}",
-                    returned.reply_code, returned.reply_text
-                ))),
-                Confirmation::Nack(_) => Err(Error::rejected(format!(
-                    "{doing}: the broker did not accept the message (negative confirm; \
-                         for example a full queue with x-overflow=reject-publish)"
-                ))),
-                Confirmation::NotRequested => Err(Error::other(format!(
-                    "{doing}: publisher confirms were not enabled on the channel"
-                ))),
-            };
-        }
-    }
-
     /// Declares (or checks) `topology` now, and remembers it for reconnections.
     pub(crate) async fn declare(&self, topology: &Topology) -> Result<(), Error> {
         let deadline = Instant::now() + self.options.operation_timeout;
@@ -486,14 +330,6 @@ pub(crate) async fn bounded<T>(
     tokio::time::timeout_at(deadline, future)
         .await
         .unwrap_or_else(|_| Err(Error::timeout(doing(), after)))
-}
-
-fn exchange_label(exchange: &str) -> String {
-    if exchange.is_empty() {
-        "the default exchange".to_owned()
-    } else {
-        format!("exchange `{exchange}`")
-    }
 }
 
 /// Watches the connection and replaces it when it is lost, until the transport is closed.

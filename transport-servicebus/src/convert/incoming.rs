@@ -1,154 +1,22 @@
-//! Between redeliver's [`Message`] and Service Bus messages.
-//!
-//! Native properties carry message id, content type, correlation id, reply-to and subject; the
-//! framework's state travels in application properties named by [`wire`]; a not-before in the
-//! future becomes the scheduled enqueue time.
+//! Incoming: the framework message rebuilt from a received Service Bus message, with what is
+//! wrong with it if anything (a framework property of the wrong type, a body that is not data).
 
-use azservicebus::ServiceBusMessage;
 use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage;
-use chrono::{DateTime, Utc};
-use fe2o3_amqp_types::messaging::{
-    ApplicationProperties, Body, Message as AmqpMessage, MessageId as AmqpMessageId,
-};
-use fe2o3_amqp_types::primitives::{OrderedMap, SimpleValue};
+use chrono::DateTime;
+use fe2o3_amqp_types::messaging::{Body, Message as AmqpMessage, MessageId as AmqpMessageId};
+use fe2o3_amqp_types::primitives::SimpleValue;
 use redeliver_core::message::DeadLetterInfo;
 use redeliver_core::transport::FrameworkState;
-use redeliver_core::{Error, Headers, Message, wire};
+use redeliver_core::{Headers, Message, wire};
 use serde_amqp::Value;
-use time::OffsetDateTime;
 
-/// The application property that carries the framework's message id on a copy (a retry or a
-/// park), whose native `MessageId` is its own so that duplicate detection keeps it.
-pub const MESSAGE_ID_PROPERTY: &str = "redeliver-message-id";
-/// The most Service Bus accepts in a message's header sections (header, annotations,
-/// properties and application properties), encoded, on every tier: 64 KiB.
-pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// The longest `MessageId` `azservicebus` sends, in bytes.
-const MAX_NATIVE_ID: usize = 128;
+use super::ids::MESSAGE_ID_PROPERTY;
+use super::values::{WHOLE_NUMBER, simple_value_kind, simple_value_text, value_kind};
 
 /// The application property in which Service Bus keeps a dead letter's reason.
 pub(crate) const NATIVE_DEAD_LETTER_REASON: &str = "DeadLetterReason";
 /// The application property in which Service Bus keeps a dead letter's description.
 pub(crate) const NATIVE_DEAD_LETTER_DESCRIPTION: &str = "DeadLetterErrorDescription";
-
-/// The native `MessageId` of the copy that settles the delivery with sequence number
-/// `sequence_number` of a message with id `id`: the same for every copy made from that one
-/// delivery (so a copy sent again after a crash or a time-out is dropped by duplicate
-/// detection), different from every other copy and from the message's own id (so it is not).
-pub(crate) fn copy_id(sequence_number: i64, id: &str) -> String {
-    let mut native = if sequence_number > 0 {
-        format!("redeliver:{sequence_number}:{id}")
-    } else {
-        // Service Bus numbers every message from 1; without a number, be unique anyway.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-        format!("redeliver:{nanos}-{n}:{id}")
-    };
-    if native.len() > MAX_NATIVE_ID {
-        let mut end = MAX_NATIVE_ID;
-        while !native.is_char_boundary(end) {
-            end -= 1;
-        }
-        native.truncate(end);
-    }
-    native
-}
-
-/// The Service Bus message for `message`, scheduled at its not-before if that is after `now`.
-/// A copy (`copy_id` given) has that native id and carries the framework's id in
-/// [`MESSAGE_ID_PROPERTY`]; a first send has the framework's id as its native id, so that
-/// duplicate detection drops an application's repeated send.
-pub(crate) fn to_service_bus(
-    message: &Message,
-    copy_id: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<ServiceBusMessage, Error> {
-    let mut out = ServiceBusMessage::new(message.body().to_vec());
-    out.set_message_id(copy_id.unwrap_or(message.id().as_str()))
-        .map_err(|e| {
-            Error::invalid_message(format!(
-                "message id `{}` cannot be used on Service Bus",
-                message.id()
-            ))
-            .with_source(e)
-        })?;
-    out.set_content_type(message.content_type().map(str::to_owned));
-    out.set_correlation_id(message.correlation_id().map(str::to_owned));
-    out.set_reply_to(message.reply_to().map(str::to_owned));
-    out.set_subject(message.subject().map(str::to_owned));
-    let mut properties: OrderedMap<String, SimpleValue> = wire::encode_headers(message)
-        .iter()
-        .map(|(k, v)| (k.to_owned(), SimpleValue::String(v.to_owned())))
-        .collect();
-    if copy_id.is_some() {
-        properties.insert(
-            MESSAGE_ID_PROPERTY.to_owned(),
-            SimpleValue::String(message.id().to_string()),
-        );
-    }
-    *out.application_properties_mut() = Some(ApplicationProperties(properties));
-    if let Some(at) = message.not_before().filter(|at| *at > now) {
-        out.set_scheduled_enqueue_time(to_offset_date_time(at)?);
-    }
-    // Service Bus answers header sections over its limit with `amqp:internal-error`, which
-    // reads as worth retrying: refuse such a message here, for what it is.
-    let size = header_size(out.raw_amqp_message());
-    if size > MAX_HEADER_BYTES {
-        return Err(Error::invalid_message(format!(
-            "message {}: its properties take {size} bytes encoded; Service Bus accepts at most \
-             {MAX_HEADER_BYTES} (64 KiB) on every tier",
-            message.id()
-        )));
-    }
-    Ok(out)
-}
-
-/// The encoded size of a message's header sections, as Service Bus counts them.
-fn header_size<B>(message: &AmqpMessage<B>) -> usize {
-    fn size<T: serde_amqp::serde::Serialize>(section: Option<&T>) -> usize {
-        section.map_or(0, |s| serde_amqp::serialized_size(s).unwrap_or(usize::MAX))
-    }
-    size(message.header.as_ref())
-        .saturating_add(size(message.message_annotations.as_ref()))
-        .saturating_add(size(message.properties.as_ref()))
-        .saturating_add(size(message.application_properties.as_ref()))
-}
-
-/// The framework's headers of `message` as "properties to modify" of a settlement, so that the
-/// broker's copy carries the state the framework gave it.
-pub(crate) fn framework_properties(message: &Message) -> OrderedMap<String, Value> {
-    wire::encode_headers(message)
-        .iter()
-        .filter(|(k, _)| k.starts_with(wire::PREFIX))
-        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
-        .collect()
-}
-
-/// A UTC instant as the client's time type, rounded *up* to the millisecond: AMQP timestamps
-/// carry milliseconds, and a scheduled time must never move earlier.
-pub(crate) fn to_offset_date_time(at: DateTime<Utc>) -> Result<OffsetDateTime, Error> {
-    let nanos = at.timestamp_nanos_opt().ok_or_else(|| {
-        Error::invalid_message(format!("the not-before {at} is out of the supported range"))
-    })?;
-    let millis =
-        i128::from(nanos).div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0);
-    OffsetDateTime::from_unix_timestamp_nanos(millis * 1_000_000).map_err(|e| {
-        Error::invalid_message(format!("the not-before {at} is out of the supported range"))
-            .with_source(e)
-    })
-}
-
-/// A client time as a UTC instant.
-pub(crate) fn to_utc(at: OffsetDateTime) -> DateTime<Utc> {
-    let nanos = at.unix_timestamp_nanos();
-    let secs = nanos.div_euclid(1_000_000_000);
-    let sub = nanos.rem_euclid(1_000_000_000);
-    i64::try_from(secs)
-        .ok()
-        .and_then(|secs| DateTime::from_timestamp(secs, u32::try_from(sub).unwrap_or(0)))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
 
 /// What was received, as a framework message, with what is wrong with it if anything.
 pub(crate) struct Received {
@@ -282,24 +150,16 @@ fn framework_text(key: &str, value: &SimpleValue) -> Result<String, &'static str
     match value {
         SimpleValue::String(s) => Ok(s.clone()),
         SimpleValue::Symbol(s) => Ok(s.0.clone()),
-        SimpleValue::Ubyte(_)
-        | SimpleValue::Ushort(_)
-        | SimpleValue::Uint(_)
-        | SimpleValue::Ulong(_)
-        | SimpleValue::Byte(_)
-        | SimpleValue::Short(_)
-        | SimpleValue::Int(_)
-        | SimpleValue::Long(_)
-            if numeric =>
-        {
-            simple_value_text(value).ok_or("a number")
-        }
         SimpleValue::Timestamp(at) if key == wire::NOT_BEFORE => {
             DateTime::from_timestamp_millis(at.milliseconds())
                 .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                 .ok_or("a timestamp out of range")
         }
-        other => Err(simple_value_kind(other)),
+        other => match simple_value_kind(other) {
+            // Every whole number has a text form.
+            WHOLE_NUMBER if numeric => simple_value_text(other).ok_or(WHOLE_NUMBER),
+            kind => Err(kind),
+        },
     }
 }
 
@@ -313,153 +173,15 @@ fn id_text(id: &AmqpMessageId) -> String {
     }
 }
 
-fn simple_value_text(value: &SimpleValue) -> Option<String> {
-    Some(match value {
-        SimpleValue::String(s) => s.clone(),
-        SimpleValue::Symbol(s) => s.0.clone(),
-        SimpleValue::Bool(b) => b.to_string(),
-        SimpleValue::Ubyte(n) => n.to_string(),
-        SimpleValue::Ushort(n) => n.to_string(),
-        SimpleValue::Uint(n) => n.to_string(),
-        SimpleValue::Ulong(n) => n.to_string(),
-        SimpleValue::Byte(n) => n.to_string(),
-        SimpleValue::Short(n) => n.to_string(),
-        SimpleValue::Int(n) => n.to_string(),
-        SimpleValue::Long(n) => n.to_string(),
-        SimpleValue::Float(n) => n.to_string(),
-        SimpleValue::Double(n) => n.to_string(),
-        SimpleValue::Char(c) => c.to_string(),
-        SimpleValue::Uuid(u) => format!("{u:?}"),
-        _ => return None,
-    })
-}
-
-/// What a property value is, for [`wire::mistyped`].
-fn simple_value_kind(value: &SimpleValue) -> &'static str {
-    match value {
-        SimpleValue::Null => "null",
-        SimpleValue::Bool(_) => "a boolean",
-        SimpleValue::Ubyte(_)
-        | SimpleValue::Ushort(_)
-        | SimpleValue::Uint(_)
-        | SimpleValue::Ulong(_)
-        | SimpleValue::Byte(_)
-        | SimpleValue::Short(_)
-        | SimpleValue::Int(_)
-        | SimpleValue::Long(_) => "a number",
-        SimpleValue::Float(_) | SimpleValue::Double(_) => "a floating-point number",
-        SimpleValue::Decimal32(_) | SimpleValue::Decimal64(_) | SimpleValue::Decimal128(_) => {
-            "a decimal"
-        }
-        SimpleValue::Char(_) => "a character",
-        SimpleValue::Timestamp(_) => "a timestamp",
-        SimpleValue::Uuid(_) => "a UUID",
-        SimpleValue::Binary(_) => "binary data",
-        SimpleValue::String(_) | SimpleValue::Symbol(_) => "text",
-        // AMQP allows no list, map or array in application properties except described.
-        SimpleValue::Described(described) => match &described.value {
-            Value::List(_) => "a list",
-            Value::Map(_) => "a map",
-            Value::Array(_) => "an array",
-            _ => "a described value",
-        },
-    }
-}
-
-fn value_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::List(_) => "a list",
-        Value::Map(_) => "a map",
-        _ => "a scalar",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use fe2o3_amqp_types::messaging::{AmqpValue, Batch, Data, Properties};
+    use chrono::Utc;
+    use fe2o3_amqp_types::messaging::{AmqpValue, ApplicationProperties, Batch, Data, Properties};
 
     use super::*;
-
-    #[test]
-    fn native_properties_and_framework_headers_are_set() {
-        let at = Utc::now() + chrono::TimeDelta::seconds(30);
-        let m = Message::new("body")
-            .with_id("order-1")
-            .with_content_type("application/json")
-            .with_correlation_id("c")
-            .with_reply_to("replies")
-            .with_subject("webhook")
-            .with_header("tenant", "a")
-            .with_not_before(at)
-            .with_attempt(2)
-            .with_last_failure(Some("timeout".into()), Some(Duration::from_secs(2)));
-        let sb = to_service_bus(&m, None, Utc::now()).unwrap();
-        assert_eq!(sb.message_id().as_deref(), Some("order-1"));
-        assert_eq!(sb.content_type(), Some("application/json"));
-        assert_eq!(sb.correlation_id().as_deref(), Some("c"));
-        assert_eq!(sb.reply_to(), Some("replies"));
-        assert_eq!(sb.subject(), Some("webhook"));
-        assert_eq!(sb.body(), b"body");
-        let props = &sb.application_properties().unwrap().0;
-        let text = |k: &str| match props.get(k) {
-            Some(SimpleValue::String(s)) => Some(s.as_str()),
-            _ => None,
-        };
-        assert_eq!(text(wire::ATTEMPT), Some("2"));
-        assert_eq!(text(wire::LAST_FAILURE), Some("timeout"));
-        assert_eq!(text("tenant"), Some("a"));
-        assert!(to_utc(sb.scheduled_enqueue_time()) >= at);
-    }
-
-    #[test]
-    fn a_past_not_before_is_not_scheduled() {
-        let now = Utc::now();
-        let m = Message::new("x").with_not_before(now - chrono::TimeDelta::seconds(1));
-        let sb = to_service_bus(&m, None, now).unwrap();
-        assert!(
-            sb.raw_amqp_message()
-                .message_annotations
-                .as_ref()
-                .is_none_or(|a| a.is_empty()),
-            "no scheduled enqueue time annotation"
-        );
-    }
-
-    #[test]
-    fn scheduled_times_round_up_to_the_millisecond() {
-        let at = DateTime::parse_from_rfc3339("2026-11-21T10:00:01.250400Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let rounded = to_utc(to_offset_date_time(at).unwrap());
-        assert_eq!(
-            rounded,
-            DateTime::parse_from_rfc3339("2026-11-21T10:00:01.251Z").unwrap()
-        );
-        let exact = DateTime::parse_from_rfc3339("2026-11-21T10:00:01.250Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        assert_eq!(to_utc(to_offset_date_time(exact).unwrap()), exact);
-    }
-
-    #[test]
-    fn header_sections_over_64_kib_are_an_invalid_message() {
-        let fits = Message::new("x").with_header("big", "h".repeat(60 * 1024));
-        to_service_bus(&fits, None, Utc::now()).unwrap();
-        let over = Message::new("x").with_header("big", "h".repeat(64 * 1024));
-        let e = to_service_bus(&over, None, Utc::now()).unwrap_err();
-        assert!(e.is_message_refused(), "{e:?}");
-        assert!(e.to_string().contains("65536"), "{e}");
-    }
-
-    #[test]
-    fn an_over_long_message_id_is_an_invalid_message() {
-        let m = Message::new("x").with_id("x".repeat(200));
-        let e = to_service_bus(&m, None, Utc::now()).unwrap_err();
-        assert!(matches!(e, Error::InvalidMessage { .. }), "{e}");
-    }
+    use crate::convert::ids::copy_id;
 
     fn received(
         body: Body<Value>,
@@ -676,31 +398,8 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_has_its_own_native_id_and_carries_the_framework_id() {
-        let m = Message::new("x").with_id("order-1");
-        let first = to_service_bus(&m, None, Utc::now()).unwrap();
-        assert_eq!(first.message_id().as_deref(), Some("order-1"));
-        assert!(
-            first
-                .application_properties()
-                .is_none_or(|p| p.0.get(MESSAGE_ID_PROPERTY).is_none()),
-            "a first send carries no extra property"
-        );
-
+    fn a_copy_is_read_back_with_the_framework_id() {
         let native = copy_id(42, "order-1");
-        assert_eq!(native, copy_id(42, "order-1"), "the same for one delivery");
-        assert_ne!(native, copy_id(43, "order-1"));
-        assert_ne!(
-            copy_id(0, "order-1"),
-            copy_id(0, "order-1"),
-            "unique without a number"
-        );
-        assert_eq!(copy_id(7, &"x".repeat(200)).len(), 128);
-        let cut = copy_id(7, &"é".repeat(100));
-        assert!(cut.len() <= 128 && cut.len() >= 126, "{}", cut.len());
-        let copy = to_service_bus(&m, Some(&native), Utc::now()).unwrap();
-        assert_eq!(copy.message_id().as_deref(), Some(native.as_str()));
-
         // Read back: the framework's id, and the property is no header.
         let raw = received(
             data(b"x"),
@@ -728,22 +427,5 @@ mod tests {
             Some(wire::mistyped(MESSAGE_ID_PROPERTY, "binary data"))
         );
         assert_eq!(r.message.id().as_str(), native, "the native id, unguessed");
-    }
-
-    #[test]
-    fn framework_properties_leave_application_headers_out() {
-        let m = Message::new("x")
-            .with_header("tenant", "a")
-            .with_dead_letter(Some(DeadLetterInfo {
-                reason: "corrupt".into(),
-                description: None,
-            }));
-        let props = framework_properties(&m);
-        assert!(props.get("tenant").is_none());
-        assert_eq!(
-            props.get(wire::DEAD_LETTER_REASON),
-            Some(&Value::String("corrupt".into()))
-        );
-        assert_eq!(props.get(wire::ATTEMPT), None, "attempt 1 goes without");
     }
 }

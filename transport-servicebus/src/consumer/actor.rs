@@ -1,58 +1,24 @@
-//! Consuming a queue or its dead letters in peek-lock mode.
-//!
-//! Every `azservicebus` receiver call takes `&mut self` (receive, settle, renew), so one task —
-//! the consumer — owns the receiver and does all of it: it receives while fewer than
-//! `prefetch` deliveries are out, carries out the settlements that deliveries send it, renews
-//! the lock of every delivery it holds halfway to its expiry, and abandons deliveries that were
-//! dropped unsettled. It outlives the delivery stream until every delivery handed out is
-//! settled, then closes the receiver and its client with `dispose()`.
-//!
-//! Two ways of receiving, both with credit granted per call (no link prefetch: `fe2o3-amqp`'s
-//! automatic credit tops the credit up on every settlement, however many messages wait
-//! unseen in the client, so what a link holds locked would not be bounded):
-//! - **One message at a time** (credit 1) while the queue seems empty. This call is abandoned
-//!   whenever a settlement or a renewal is due, or when it has waited [`receive_wait`] (before
-//!   the client's own wait ends and it drains the credit); that is safe because `fe2o3-amqp`'s
-//!   receive is cancel-safe and a single-message receive keeps nothing in between.
-//! - **A batch** of as many messages as the worker can take (`prefetch` minus those out) once
-//!   the last receive found a message. A batch call keeps the messages it has received inside
-//!   itself until it returns, so it is **never abandoned**: it ends when full, or after
-//!   [`receive_batch_wait`] by draining its credit; settlements and renewals wait meanwhile
-//!   (those already asked for are carried out before it starts). Every message it returns is
-//!   handed out, or given back if the stream closed meanwhile. A full batch is followed by
-//!   another; a short one goes back to one at a time.
-//!
-//! Either way no more than `prefetch` messages are handed out, and every message received is
-//! held in the consumer's table with its lock renewed until it is settled or given back.
-//! Messages that reach the client after a receive call ended (in answer to a drain, or on the
-//! credit of an abandoned single receive) are returned first by the next call; when the
-//! consumer closes, one last receive takes them and gives them back.
-//!
-//! [`receive_batch_wait`]: crate::ServiceBusOptions::receive_batch_wait
-//! [`receive_wait`]: crate::ServiceBusOptions::receive_wait
+//! The consumer task, which owns the receiver: it receives (one message at a time, or in
+//! batches), within the prefetch, carries out the settlements its deliveries ask for, renews
+//! their locks, gives held dead letters back when their retry is due, and closes the receiver.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
+use azservicebus::ServiceBusReceiver;
 use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage;
-use azservicebus::receiver::DeadLetterOptions;
-use azservicebus::{ServiceBusReceiver, ServiceBusReceiverOptions, SubQueue};
-use fe2o3_amqp_types::primitives::OrderedMap;
-use futures::StreamExt;
-use redeliver_core::clock::until;
-use redeliver_core::{
-    Clock, ConsumeOptions, Delivery, DeliveryStream, Error, Message, Settle, Source, Stored,
-};
-use serde_amqp::Value;
-use tokio::sync::{mpsc, oneshot};
+use redeliver_core::{Delivery, DeliveryStream, Error, Source};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::convert::{self, framework_properties};
-use crate::{Client, Shared};
+use super::commands::{Action, Command, Final};
+use super::locks::{Locked, lock_lost};
+use super::settler::Settler;
+use crate::convert::{ids, incoming};
+use crate::shared::{Client, Shared};
 
 /// How long closing waits for a drained credit to be answered.
 const DRAIN_WAIT: Duration = Duration::from_millis(50);
@@ -60,93 +26,16 @@ const DRAIN_WAIT: Duration = Duration::from_millis(50);
 /// try time-out never ends a receive first.
 const CLIENT_WAIT_MARGIN: Duration = Duration::from_millis(500);
 
-/// Consumes `source`: a stream that survives lost connections (see
-/// [Reconnecting](redeliver_core::transport#reconnecting)). Each receiver that fails reports its
-/// error and ends; the next poll opens a new receiver, with its own client, and an error to open
-/// it is reported the same way (the worker backs off after each).
-pub(crate) async fn consume(
+/// Starts the consumer task on `receiver` (attached on `client`, which the task closes with it);
+/// the stream ends when the receiver fails.
+pub(super) fn start(
     shared: &Arc<Shared>,
+    client: Client,
+    receiver: ServiceBusReceiver,
     source: &Source,
-    options: ConsumeOptions,
-) -> Result<DeliveryStream, Error> {
-    let first = open(shared, source, options.clone()).await?;
-    let reopening = Reopening {
-        shared: Arc::clone(shared),
-        source: source.clone(),
-        options,
-        current: Some(first),
-    };
-    Ok(Box::pin(futures::stream::unfold(
-        reopening,
-        Reopening::next,
-    )))
-}
-
-/// The receivers of one [`consume`], one after the other.
-struct Reopening {
-    shared: Arc<Shared>,
-    source: Source,
-    options: ConsumeOptions,
-    current: Option<DeliveryStream>,
-}
-
-impl Reopening {
-    async fn next(mut self) -> Option<(Result<Delivery, Error>, Self)> {
-        loop {
-            match self.current.as_mut() {
-                Some(stream) => match stream.next().await {
-                    Some(item) => return Some((item, self)),
-                    None => {
-                        info!(source = %self.source, "opening a new receiver");
-                        self.current = None;
-                    }
-                },
-                None => match open(&self.shared, &self.source, self.options.clone()).await {
-                    Ok(stream) => self.current = Some(stream),
-                    Err(e) => return Some((Err(e), self)),
-                },
-            }
-        }
-    }
-}
-
-/// Opens a receiver on `source` with its own client and starts the consumer task; the stream
-/// ends when the receiver fails.
-async fn open(
-    shared: &Arc<Shared>,
-    source: &Source,
-    options: ConsumeOptions,
-) -> Result<DeliveryStream, Error> {
-    let queue = source.endpoint_name().to_owned();
-    let mut client = shared.new_client().await?;
-    let receiver_options = ServiceBusReceiverOptions {
-        // Credit is granted per receive call, so that only what is asked for is locked.
-        prefetch_count: 0,
-        sub_queue: if source.is_dead_letters() {
-            SubQueue::DeadLetter
-        } else {
-            SubQueue::None
-        },
-        ..ServiceBusReceiverOptions::default()
-    };
-    let operation = format!("attaching a receiver to `{source}`");
-    let attach = shared.bounded(
-        &operation,
-        client.create_receiver_for_queue(queue.clone(), receiver_options),
-    );
-    let receiver = match attach.await {
-        Ok(Ok(receiver)) => receiver,
-        Ok(Err(e)) => {
-            let error = shared.client_error(e, &operation, Some(("queue", &queue)));
-            shared.dispose_client(client).await;
-            return Err(error);
-        }
-        Err(timeout) => {
-            shared.dispose_client(client).await;
-            return Err(timeout);
-        }
-    };
-    let prefetch = options.prefetch.max(1);
+    prefetch: usize,
+) -> DeliveryStream {
+    let prefetch = prefetch.max(1);
     let (deliveries_tx, mut deliveries_rx) = mpsc::channel(prefetch);
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let consumer = Consumer {
@@ -166,75 +55,7 @@ async fn open(
     };
     tokio::spawn(consumer.run());
     let stream = futures::stream::poll_fn(move |cx| deliveries_rx.poll_recv(cx));
-    Ok(Box::pin(stream))
-}
-
-/// A delivery this consumer holds the lock of.
-struct Locked {
-    message: ServiceBusReceivedMessage,
-    /// When the lock runs out, on the local clock.
-    expires: Instant,
-    /// When to renew next; `None` once renewing failed (the broker will deliver it again).
-    renew_at: Option<Instant>,
-    /// A dead letter kept locked until its retry is due, then abandoned with these
-    /// properties; it no longer counts as handed out.
-    abandon_at: Option<(Instant, OrderedMap<String, Value>)>,
-}
-
-impl Locked {
-    fn new(message: ServiceBusReceivedMessage, clock: &Clock) -> Option<Self> {
-        let remaining = message
-            .locked_until()
-            .map(|at| until(clock.now(), convert::to_utc(at)))
-            .unwrap_or_default();
-        if remaining.is_zero() {
-            return None;
-        }
-        let now = Instant::now();
-        Some(Locked {
-            message,
-            expires: now + remaining,
-            renew_at: Some(now + remaining / 2),
-            abandon_at: None,
-        })
-    }
-
-    fn next_timer(&self) -> Option<Instant> {
-        let abandon = self.abandon_at.as_ref().map(|(at, _)| *at);
-        match (self.renew_at, abandon) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    fn lock_lost(&self) -> bool {
-        Instant::now() >= self.expires
-    }
-}
-
-/// What a delivery asks the consumer to do.
-enum Action {
-    /// Settle now.
-    Now(Final),
-    /// Keep the lock until `at`, then abandon with these properties.
-    AbandonAt(Instant, OrderedMap<String, Value>),
-}
-
-/// A settlement carried out on the receiver.
-enum Final {
-    Complete,
-    Abandon,
-    DeadLetter(DeadLetterOptions),
-}
-
-enum Command {
-    Settle {
-        id: u64,
-        action: Action,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    /// The delivery was dropped (or its settlement abandoned) without settling: give it back.
-    Dropped { id: u64 },
+    Box::pin(stream)
 }
 
 enum Event {
@@ -472,21 +293,21 @@ impl Consumer {
             debug!(source = %self.source, "skipped a message whose lock had already run out");
             return;
         };
-        let received = convert::from_service_bus(&locked.message, self.source.is_dead_letters());
-        let copy_id = convert::copy_id(
+        let received = incoming::from_service_bus(&locked.message, self.source.is_dead_letters());
+        let copy_id = ids::copy_id(
             locked.message.sequence_number(),
             received.message.id().as_str(),
         );
         let id = self.next_id;
         self.next_id += 1;
         self.locked.insert(id, locked);
-        let settler = Settler {
+        let settler = Settler::new(
             id,
-            commands: Some(self.commands_tx.clone()),
-            shared: Arc::clone(&self.shared),
-            source: self.source.clone(),
+            self.commands_tx.clone(),
+            Arc::clone(&self.shared),
+            self.source.clone(),
             copy_id,
-        };
+        );
         let delivery = Delivery::new(received.message, self.source.clone(), settler)
             .with_problem(received.problem);
         let sent = match &self.deliveries {
@@ -541,44 +362,9 @@ impl Consumer {
         let Some(receiver) = self.receiver.as_mut() else {
             return Err(Error::Closed);
         };
-        let lost = locked.lock_lost();
-        let message = &locked.message;
-        let (what, result) = match settlement {
-            Final::Complete => (
-                "completing",
-                self.shared
-                    .bounded("completing a delivery", receiver.complete_message(message))
-                    .await,
-            ),
-            Final::Abandon => (
-                "abandoning",
-                self.shared
-                    .bounded(
-                        "abandoning a delivery",
-                        receiver.abandon_message(message, None),
-                    )
-                    .await,
-            ),
-            Final::DeadLetter(options) => (
-                "dead-lettering",
-                self.shared
-                    .bounded(
-                        "dead-lettering a delivery",
-                        receiver.dead_letter_message(message, options),
-                    )
-                    .await,
-            ),
-        };
-        match result {
-            Ok(Ok(())) if lost => Err(lock_lost(&self.source)),
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.shared.client_error(
-                e,
-                &format!("{what} a delivery from `{}`", self.source),
-                None,
-            )),
-            Err(timeout) => Err(timeout),
-        }
+        locked
+            .settle(settlement, receiver, &self.shared, &self.source)
+            .await
     }
 
     async fn on_timer(&mut self) {
@@ -604,62 +390,17 @@ impl Consumer {
     }
 
     async fn renew(&mut self, id: u64) {
-        let (Some(locked), Some(receiver)) = (self.locked.get_mut(&id), self.receiver.as_mut())
-        else {
-            return;
-        };
-        let renewed = self
-            .shared
-            .bounded(
-                "renewing a lock",
-                receiver.renew_message_lock(&mut locked.message),
-            )
-            .await;
-        let remaining = locked
-            .message
-            .locked_until()
-            .map(|at| until(self.shared.clock.now(), convert::to_utc(at)))
-            .unwrap_or_default();
-        match renewed {
-            Ok(Ok(())) if !remaining.is_zero() => {
-                let now = Instant::now();
-                locked.expires = now + remaining;
-                locked.renew_at = Some(now + remaining / 2);
-                debug!(source = %self.source, ?remaining, "lock renewed");
-            }
-            outcome => {
-                let error = match outcome {
-                    Ok(Ok(())) => "the renewed lock had already run out".to_owned(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                warn!(
-                    source = %self.source,
-                    message_id = ?locked.message.message_id(),
-                    error,
-                    "could not renew a lock; the broker will deliver the message again when it runs out"
-                );
-                locked.renew_at = None;
-            }
+        if let (Some(locked), Some(receiver)) = (self.locked.get_mut(&id), self.receiver.as_mut()) {
+            locked.renew(receiver, &self.shared, &self.source).await;
         }
     }
 
     /// Abandons a dead letter whose retry is due, with its new framework state.
     async fn abandon_held(&mut self, id: u64) {
-        let (Some(locked), Some(receiver)) = (self.locked.remove(&id), self.receiver.as_mut())
-        else {
-            return;
-        };
-        let properties = locked.abandon_at.map(|(_, p)| p);
-        let result = self
-            .shared
-            .bounded(
-                "abandoning a dead letter",
-                receiver.abandon_message(&locked.message, properties),
-            )
-            .await;
-        if !matches!(result, Ok(Ok(()))) {
-            warn!(source = %self.source, "could not abandon a dead letter whose retry is due; its lock will run out");
+        if let (Some(locked), Some(receiver)) = (self.locked.remove(&id), self.receiver.as_mut()) {
+            locked
+                .abandon_held(receiver, &self.shared, &self.source)
+                .await;
         }
     }
 
@@ -719,101 +460,4 @@ fn unknown_delivery() -> Error {
                   settled)"
             .to_owned(),
     )
-}
-
-fn lock_lost(source: &Source) -> Error {
-    Error::other(format!(
-        "the lock of a delivery from `{source}` ran out before it was settled; the broker \
-             delivers the message again"
-    ))
-}
-
-/// Settles one delivery through its consumer. Dropped unsettled (or with its settlement
-/// abandoned half-way), it asks the consumer to abandon the delivery.
-struct Settler {
-    id: u64,
-    commands: Option<mpsc::UnboundedSender<Command>>,
-    shared: Arc<Shared>,
-    source: Source,
-    /// The native id of the copy a retry or park of this delivery sends.
-    copy_id: String,
-}
-
-impl Drop for Settler {
-    fn drop(&mut self) {
-        if let Some(commands) = self.commands.take() {
-            let _ = commands.send(Command::Dropped { id: self.id });
-        }
-    }
-}
-
-impl Settler {
-    /// Asks the consumer to carry out `action`; the delivery is settled by it, whatever the
-    /// answer (a second command is refused).
-    async fn command(&mut self, action: Action) -> Result<(), Error> {
-        let commands = self.commands.take().ok_or(Error::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        commands
-            .send(Command::Settle {
-                id: self.id,
-                action,
-                reply,
-            })
-            .map_err(|_| Error::Closed)?;
-        answer.await.map_err(|_| Error::Closed)?
-    }
-}
-
-#[async_trait]
-impl Settle for Settler {
-    async fn remove(&mut self) -> Result<(), Error> {
-        self.command(Action::Now(Final::Complete)).await
-    }
-
-    async fn give_back(&mut self) -> Result<(), Error> {
-        self.command(Action::Now(Final::Abandon)).await
-    }
-
-    async fn store_copy(&mut self, next: &Message) -> Result<Stored, Error> {
-        if self.source.is_dead_letters() {
-            // A dead-letter sub-queue cannot be sent to: keep this dead letter locked until
-            // its not-before, then abandon it with its new state.
-            let at = due_instant(next, &self.shared.clock);
-            self.command(Action::AbandonAt(at, framework_properties(next)))
-                .await?;
-            return Ok(Stored::Moved);
-        }
-        let queue = self.source.endpoint_name();
-        self.shared
-            .send_entity(queue, "queue", next, Some(&self.copy_id))
-            .await?;
-        Ok(Stored::Copy)
-    }
-
-    async fn store_dead_letter(&mut self, dead: &Message) -> Result<Stored, Error> {
-        if self.source.is_dead_letters() {
-            return Err(Error::invalid_message(format!(
-                "message {} is already a dead letter and cannot be dead-lettered again",
-                dead.id(),
-            )));
-        }
-        let info = dead.dead_letter();
-        let options = DeadLetterOptions {
-            dead_letter_reason: info.map(|i| i.reason.clone()),
-            dead_letter_error_description: info.and_then(|i| i.description.clone()),
-            properties_to_modify: Some(framework_properties(dead)),
-        };
-        self.command(Action::Now(Final::DeadLetter(options)))
-            .await?;
-        Ok(Stored::Moved)
-    }
-}
-
-/// The local instant of `message`'s not-before (now if it has none).
-fn due_instant(message: &Message, clock: &Clock) -> Instant {
-    let wait = message
-        .not_before()
-        .map(|at| until(clock.now(), at))
-        .unwrap_or_default();
-    Instant::now() + wait
 }
