@@ -13,10 +13,12 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
+use super::admission::{Admission, Verdict};
 use super::decide::Disposition;
 use super::handling::{Shared, panic_text};
+use super::stats::bump;
 use crate::handler::Handler;
 use crate::payload::Payload;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryStream};
@@ -96,7 +98,13 @@ pub(super) struct Intake {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Runs `concurrency` lanes, each taking one delivery at a time and handling it, until `cancel`;
+/// How many lanes a worker runs (its concurrency), and what admits their deliveries.
+pub(super) struct Capacity {
+    pub(super) lanes: usize,
+    pub(super) admission: Option<Arc<dyn Admission>>,
+}
+
+/// Runs `capacity.lanes` lanes, each taking one delivery at a time and handling it, until `cancel`;
 /// then stops taking, lets handlers in flight finish until the deadline, and abandons the rest.
 ///
 /// A lane per handler slot, rather than a task per delivery: a lane takes only when its
@@ -106,7 +114,7 @@ pub(super) async fn run<T, S, H>(
     stream: DeliveryStream,
     ready: mpsc::UnboundedReceiver<Delivery>,
     options: ConsumeOptions,
-    concurrency: usize,
+    capacity: Capacity,
     shutdown_timeout: Duration,
     cancel: CancellationToken,
 ) where
@@ -123,12 +131,13 @@ pub(super) async fn run<T, S, H>(
         backoff: FIRST_BACKOFF,
     }));
     let mut lanes = JoinSet::new();
-    for _ in 0..concurrency {
+    for _ in 0..capacity.lanes {
         lanes.spawn(lane(
             Arc::clone(&shared),
             Arc::clone(&intake),
             Arc::clone(&stop_taking),
             Arc::clone(&hard_stop),
+            capacity.admission.clone(),
         ));
     }
 
@@ -183,11 +192,16 @@ pub(super) async fn run<T, S, H>(
 /// takes meanwhile, so `concurrency` handlers can be waiting at once), and before handling when
 /// its handlers take long without waiting (so such handlers run in parallel on several threads
 /// rather than one after another).
+///
+/// With an [`Admission`], a lane takes a place before it takes a delivery and keeps it until
+/// the delivery is settled; it never waits for a place while it has the intake, since the lane
+/// that could free one may be waiting for the intake.
 async fn lane<T, S, H>(
     shared: Arc<Shared<T, S, H>>,
     intake: Arc<AsyncMutex<Intake>>,
     stop_taking: Arc<Signal>,
     hard_stop: Arc<Signal>,
+    admission: Option<Arc<dyn Admission>>,
 ) where
     T: Payload,
     S: Send + Sync + 'static,
@@ -203,12 +217,43 @@ async fn lane<T, S, H>(
     let mut long_handlings = false;
     let mut handled_count: u32 = 0;
     loop {
+        let mut place = None;
+        if let Some(admission) = &admission {
+            if !admission.try_enter() {
+                turn = None;
+                if !enter(&**admission, &stop_taking).await {
+                    break;
+                }
+            }
+            place = Some(Place(Arc::clone(admission)));
+        }
         let intake_turn = match turn.as_mut() {
             Some(held) => held,
             None => turn.insert(intake.lock().await),
         };
         let Some((delivery, fresh)) = shared.take(intake_turn, &stop_taking).await else {
             break;
+        };
+        let delivery = match &admission {
+            None => delivery,
+            Some(admission) => {
+                let admitted =
+                    shared.admitted(admission, delivery, fresh, &mut place, &stop_taking);
+                // The intake is given up only while the delivery waits for a place.
+                match admitted.await {
+                    Admitted::Now(delivery) => delivery,
+                    Admitted::AfterWaiting(delivery) => {
+                        turn = None;
+                        delivery
+                    }
+                    Admitted::Settled { waited } => {
+                        if waited {
+                            turn = None;
+                        }
+                        continue;
+                    }
+                }
+            }
         };
         if long_handlings {
             turn = None;
@@ -234,6 +279,7 @@ async fn lane<T, S, H>(
                 handling.await
             }
         };
+        drop(place);
         match handled {
             Ok(Some((delivery, not_before))) => {
                 let room = Arc::clone(&shared);
@@ -252,6 +298,33 @@ async fn lane<T, S, H>(
         // runtime its turn now and then, as any tokio primitive would.
         tokio::task::coop::consume_budget().await;
     }
+}
+
+/// A place taken from an [`Admission`], given back when dropped.
+struct Place(Arc<dyn Admission>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// Waits for a place, returning `false` (and taking none) if stopped meanwhile.
+async fn enter(admission: &dyn Admission, stop: &Signal) -> bool {
+    tokio::select! {
+        _ = admission.enter() => true,
+        _ = stop.wait() => false,
+    }
+}
+
+/// What became of a delivery taken with a place.
+enum Admitted {
+    /// To be handled now.
+    Now(Delivery),
+    /// To be handled now, after waiting for a place (so the lane no longer has the intake).
+    AfterWaiting(Delivery),
+    /// Parked, or given back because taking stopped while it waited for a place.
+    Settled { waited: bool },
 }
 
 /// Sleeps for `backoff` (doubling it up to `max`), returning `false` if stopped meanwhile.
@@ -340,6 +413,45 @@ where
                     }
                 }
             }
+        }
+    }
+
+    /// Asks the admission about a delivery taken with `place`: parks it if it is to be put
+    /// off; holds it while the admission has no room for it (giving the place back and taking
+    /// another), or gives it back if taking stops meanwhile. Neither counts an attempt.
+    async fn admitted(
+        &self,
+        admission: &Arc<dyn Admission>,
+        delivery: Delivery,
+        fresh: bool,
+        place: &mut Option<Place>,
+        stop: &Signal,
+    ) -> Admitted {
+        let mut waited = false;
+        loop {
+            let disposition = match admission.check(delivery.message()) {
+                Verdict::Handle if waited => return Admitted::AfterWaiting(delivery),
+                Verdict::Handle => return Admitted::Now(delivery),
+                Verdict::Park(not_before) => {
+                    debug!(message_id = %delivery.message().id(), %not_before, "put off by the admission; parked");
+                    Disposition::Park(not_before)
+                }
+                Verdict::Wait => {
+                    *place = None;
+                    waited = true;
+                    if enter(&**admission, stop).await {
+                        *place = Some(Place(Arc::clone(admission)));
+                        continue;
+                    }
+                    Disposition::Abandon
+                }
+            };
+            // Settled here rather than handled: count it as received all the same.
+            if fresh {
+                bump(&self.stats.received);
+            }
+            self.settle(delivery, disposition).await;
+            return Admitted::Settled { waited };
         }
     }
 
