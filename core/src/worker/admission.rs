@@ -5,7 +5,9 @@
 //! ([`WorkerBuilder::admission`](super::WorkerBuilder::admission)), each lane takes a *place*
 //! from it before it takes a delivery from the transport, and gives the place back once the
 //! delivery is settled. While no place is free the lane takes nothing: deliveries stay with the
-//! transport, not in a handler slot or a worker queue.
+//! transport, not in a handler slot or a worker queue. The host's
+//! [`resilience`](crate::host::resilience) is the admission of a consumer with a circuit breaker,
+//! throttle-aware pausing and ramp-up.
 //!
 //! # What the worker guarantees
 //! - A lane holds a place from before it takes a delivery until that delivery is settled, so

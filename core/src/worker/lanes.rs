@@ -439,6 +439,9 @@ where
                 Verdict::Wait => {
                     *place = None;
                     waited = true;
+                    // An admission whose `enter` and `check` disagree must not starve the
+                    // runtime.
+                    tokio::task::coop::consume_budget().await;
                     if enter(&**admission, stop).await {
                         *place = Some(Place(Arc::clone(admission)));
                         continue;
