@@ -480,8 +480,8 @@ async fn retries_over_budget_are_dead_lettered_when_so_configured() {
 }
 
 /// A delivery taken just before the circuit opened is held by the worker, not handled and not
-/// counted as an attempt; after the cool-down it is the probe. At shutdown, a held delivery is
-/// given back.
+/// counted as an attempt; after the cool-down it is the probe, although another lane has been
+/// waiting for a delivery all along. At shutdown, a held delivery is given back.
 #[tokio::test(start_paused = true)]
 async fn a_delivery_taken_as_the_circuit_opens_waits_for_the_probe_or_goes_back() {
     for shut_down_while_held in [false, true] {
@@ -496,14 +496,14 @@ async fn a_delivery_taken_as_the_circuit_opens_waits_for_the_probe_or_goes_back(
         let host = Host::builder(transport.clone())
             .consumer(
                 Consumer::endpoint("orders")
-                    .concurrency(2)
+                    .concurrency(3)
                     .retry_policy(fixed(secs(60), 5))
                     .resilience(Resilience::new().circuit_breaker(breaker))
                     .handler(move |n: u32, ctx: Context| {
                         seen.lock().unwrap().push((n, ctx.attempt()));
                         async move {
                             if n == 1 {
-                                // Long enough for the other lane to wait for a delivery.
+                                // Long enough for the other lanes to wait for a delivery.
                                 tokio::time::sleep(secs(1)).await;
                                 Outcome::retry("downstream unavailable")
                             } else {
@@ -516,7 +516,7 @@ async fn a_delivery_taken_as_the_circuit_opens_waits_for_the_probe_or_goes_back(
             .await
             .unwrap();
         let monitor = host.resilience("orders").unwrap();
-        // One lane takes message 1; the other waits for a delivery with its place.
+        // One lane takes message 1; another waits for a delivery, the third for its turn.
         transport
             .send("orders", Message::json(&1).unwrap())
             .await
@@ -541,7 +541,9 @@ async fn a_delivery_taken_as_the_circuit_opens_waits_for_the_probe_or_goes_back(
 
         if shut_down_while_held {
             let stats = host.shutdown().await[0].1;
-            assert_eq!(stats.abandoned, 1);
+            // Given back once, or twice: the lane still waiting for a delivery as the worker
+            // stops may take it again, and give it back again.
+            assert!((1..=2).contains(&stats.abandoned), "{stats:?}");
             let pending = memory.pending("orders");
             assert_eq!(pending.len(), 1, "given back");
             assert_eq!(pending[0].attempt(), 1, "no attempt counted");

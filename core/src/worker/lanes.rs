@@ -193,9 +193,10 @@ pub(super) async fn run<T, S, H>(
 /// its handlers take long without waiting (so such handlers run in parallel on several threads
 /// rather than one after another).
 ///
-/// With an [`Admission`], a lane takes a place before it takes a delivery and keeps it until
-/// the delivery is settled; it never waits for a place while it has the intake, since the lane
-/// that could free one may be waiting for the intake.
+/// With an [`Admission`], a lane takes from the transport only while the admission has room,
+/// and hands a delivery to the handler only with a place, kept until the delivery is settled.
+/// It never waits for room while it has the intake: a lane holding a delivery for a place
+/// gives the intake up, so the others can take and settle meanwhile.
 async fn lane<T, S, H>(
     shared: Arc<Shared<T, S, H>>,
     intake: Arc<AsyncMutex<Intake>>,
@@ -216,16 +217,14 @@ async fn lane<T, S, H>(
     let mut turn = None;
     let mut long_handlings = false;
     let mut handled_count: u32 = 0;
-    loop {
-        let mut place = None;
-        if let Some(admission) = &admission {
-            if !admission.try_enter() {
-                turn = None;
-                if !enter(&**admission, &stop_taking).await {
-                    break;
-                }
+    'lane: loop {
+        if let Some(admission) = &admission
+            && !admission.has_room()
+        {
+            turn = None;
+            if !room(&**admission, &stop_taking).await {
+                break;
             }
-            place = Some(Place(Arc::clone(admission)));
         }
         let intake_turn = match turn.as_mut() {
             Some(held) => held,
@@ -234,27 +233,34 @@ async fn lane<T, S, H>(
         let Some((delivery, fresh)) = shared.take(intake_turn, &stop_taking).await else {
             break;
         };
-        let delivery = match &admission {
-            None => delivery,
-            Some(admission) => {
-                let admitted =
-                    shared.admitted(admission, delivery, fresh, &mut place, &stop_taking);
-                // The intake is given up only while the delivery waits for a place.
-                match admitted.await {
-                    Admitted::Now(delivery) => delivery,
-                    Admitted::AfterWaiting(delivery) => {
-                        turn = None;
-                        delivery
+        let mut place = None;
+        if let Some(admission) = &admission {
+            // Room may have gone while the lane waited for a delivery.
+            loop {
+                match admission.check(delivery.message()) {
+                    Verdict::Handle => {
+                        place = Some(Place(Arc::clone(admission)));
+                        break;
                     }
-                    Admitted::Settled { waited } => {
-                        if waited {
-                            turn = None;
+                    Verdict::Park(not_before) => {
+                        debug!(message_id = %delivery.message().id(), %not_before, "put off by the admission; parked");
+                        shared
+                            .put_off(delivery, fresh, Disposition::Park(not_before))
+                            .await;
+                        continue 'lane;
+                    }
+                    Verdict::Wait => {
+                        turn = None;
+                        // An admission that has room but no place must not starve the runtime.
+                        tokio::task::coop::consume_budget().await;
+                        if !room(&**admission, &stop_taking).await {
+                            shared.put_off(delivery, fresh, Disposition::Abandon).await;
+                            continue 'lane;
                         }
-                        continue;
                     }
                 }
             }
-        };
+        }
         if long_handlings {
             turn = None;
         }
@@ -300,7 +306,7 @@ async fn lane<T, S, H>(
     }
 }
 
-/// A place taken from an [`Admission`], given back when dropped.
+/// A place taken from an [`Admission`] ([`Verdict::Handle`]), given back when dropped.
 struct Place(Arc<dyn Admission>);
 
 impl Drop for Place {
@@ -309,22 +315,12 @@ impl Drop for Place {
     }
 }
 
-/// Waits for a place, returning `false` (and taking none) if stopped meanwhile.
-async fn enter(admission: &dyn Admission, stop: &Signal) -> bool {
+/// Waits until the admission has room, returning `false` if stopped meanwhile.
+async fn room(admission: &dyn Admission, stop: &Signal) -> bool {
     tokio::select! {
-        _ = admission.enter() => true,
+        _ = admission.room() => true,
         _ = stop.wait() => false,
     }
-}
-
-/// What became of a delivery taken with a place.
-enum Admitted {
-    /// To be handled now.
-    Now(Delivery),
-    /// To be handled now, after waiting for a place (so the lane no longer has the intake).
-    AfterWaiting(Delivery),
-    /// Parked, or given back because taking stopped while it waited for a place.
-    Settled { waited: bool },
 }
 
 /// Sleeps for `backoff` (doubling it up to `max`), returning `false` if stopped meanwhile.
@@ -416,46 +412,13 @@ where
         }
     }
 
-    /// Asks the admission about a delivery taken with `place`: parks it if it is to be put
-    /// off; holds it while the admission has no room for it (giving the place back and taking
-    /// another), or gives it back if taking stops meanwhile. Neither counts an attempt.
-    async fn admitted(
-        &self,
-        admission: &Arc<dyn Admission>,
-        delivery: Delivery,
-        fresh: bool,
-        place: &mut Option<Place>,
-        stop: &Signal,
-    ) -> Admitted {
-        let mut waited = false;
-        loop {
-            let disposition = match admission.check(delivery.message()) {
-                Verdict::Handle if waited => return Admitted::AfterWaiting(delivery),
-                Verdict::Handle => return Admitted::Now(delivery),
-                Verdict::Park(not_before) => {
-                    debug!(message_id = %delivery.message().id(), %not_before, "put off by the admission; parked");
-                    Disposition::Park(not_before)
-                }
-                Verdict::Wait => {
-                    *place = None;
-                    waited = true;
-                    // An admission whose `enter` and `check` disagree must not starve the
-                    // runtime.
-                    tokio::task::coop::consume_budget().await;
-                    if enter(&**admission, stop).await {
-                        *place = Some(Place(Arc::clone(admission)));
-                        continue;
-                    }
-                    Disposition::Abandon
-                }
-            };
-            // Settled here rather than handled: count it as received all the same.
-            if fresh {
-                bump(&self.stats.received);
-            }
-            self.settle(delivery, disposition).await;
-            return Admitted::Settled { waited };
+    /// Settles a delivery the admission put off, without handling it.
+    async fn put_off(&self, delivery: Delivery, fresh: bool, disposition: Disposition) {
+        // Received all the same.
+        if fresh {
+            bump(&self.stats.received);
         }
+        self.settle(delivery, disposition).await;
     }
 
     /// Waits for `not_before` holding only the delivery, then hands it back to the lanes; gives

@@ -39,7 +39,7 @@ pub(crate) struct Controller {
 
 #[derive(Debug)]
 struct State {
-    /// Places taken: deliveries being taken, held or handled.
+    /// Places taken: deliveries admitted and not yet settled.
     in_use: usize,
     breaker: Option<Breaker>,
     /// The consumer is paused by a Retry-After until then.
@@ -146,18 +146,13 @@ impl Controller {
         }
     }
 
-    /// Takes a place if one is free at `now`.
-    fn admit(&self, st: &mut State, now: Instant) -> bool {
-        self.refresh(st, now);
-        let free = match st.breaker.as_ref().map(|b| b.circuit) {
+    /// Whether a place is free at `now` (after [`refresh`](Self::refresh)).
+    fn has_place(&self, st: &State, now: Instant) -> bool {
+        match st.breaker.as_ref().map(|b| b.circuit) {
             // One probe at a time, and only once every call admitted before it is done.
             Some(Circuit::HalfOpen { probing }) => !probing && st.in_use == 0,
             _ => st.in_use < self.limit(st, now),
-        };
-        if free {
-            st.in_use += 1;
         }
-        free
     }
 
     /// When time alone may free a place next.
@@ -200,13 +195,23 @@ impl Controller {
     ) -> &'s mut Option<Spending> {
         match key {
             None => &mut st.budget,
-            Some(key) => {
-                if st.keys.len() > (st.keys_kept * 2).max(64) {
-                    self.forget_idle_keys(st, now);
-                }
-                &mut st.keys.entry(key.to_owned()).or_default().budget
-            }
+            Some(key) => &mut self.key_state(st, key, now).budget,
         }
+    }
+
+    /// What is known about `key`, made if need be. Keys with nothing left to remember are
+    /// forgotten now and then, so that many keys do not grow the state for ever.
+    fn key_state<'s>(&self, st: &'s mut State, key: &str, now: Instant) -> &'s mut Key {
+        if st.keys.len() > (st.keys_kept * 2).max(64) {
+            self.forget_idle_keys(st, now);
+        }
+        // Look up before inserting: `entry` would allocate the key on every call.
+        if !st.keys.contains_key(key) {
+            st.keys.insert(key.to_owned(), Key::default());
+        }
+        st.keys
+            .get_mut(key)
+            .expect("inserted above if it was missing")
     }
 
     fn forget_idle_keys(&self, st: &mut State, now: Instant) {
@@ -342,7 +347,7 @@ impl Controller {
         match key {
             Some(key) => {
                 let until = wall + to_chrono(pause);
-                let entry = st.keys.entry(key.to_owned()).or_default();
+                let entry = self.key_state(st, key, now);
                 let paused = entry.throttled_until.is_some_and(|u| u > wall);
                 if entry.throttled_until.is_none_or(|u| u < until) {
                     entry.throttled_until = Some(until);
@@ -495,11 +500,14 @@ impl Controller {
 }
 
 impl Admission for Controller {
-    fn try_enter(&self) -> bool {
-        self.admit(&mut self.lock(), Instant::now())
+    fn has_room(&self) -> bool {
+        let now = Instant::now();
+        let mut st = self.lock();
+        self.refresh(&mut st, now);
+        self.has_place(&st, now)
     }
 
-    fn enter(&self) -> BoxFuture<'_, ()> {
+    fn room(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             loop {
                 // Registered before looking, so that a change in between is not missed.
@@ -507,9 +515,10 @@ impl Admission for Controller {
                 tokio::pin!(changed);
                 changed.as_mut().enable();
                 let wake = {
-                    let mut st = self.lock();
                     let now = Instant::now();
-                    if self.admit(&mut st, now) {
+                    let mut st = self.lock();
+                    self.refresh(&mut st, now);
+                    if self.has_place(&st, now) {
                         return;
                     }
                     self.next_change(&st, now)
@@ -527,24 +536,11 @@ impl Admission for Controller {
         })
     }
 
-    fn leave(&self) {
-        {
-            let mut st = self.lock();
-            st.in_use = st.in_use.saturating_sub(1);
-            // While probing, the only place taken is the probe's: if it had a result, the
-            // circuit has moved on already.
-            if let Some(breaker) = st.breaker.as_mut() {
-                breaker.probe_ended_without_result();
-            }
-        }
-        self.changed.notify_waiters();
-    }
-
     fn check(&self, message: &Message) -> Verdict {
         let now = Instant::now();
         let mut st = self.lock();
         self.refresh(&mut st, now);
-        if st.in_use > self.limit(&st, now) {
+        if !self.has_place(&st, now) {
             return Verdict::Wait;
         }
         if let Some(key) = self.key(message) {
@@ -559,6 +555,7 @@ impl Admission for Controller {
                 return Verdict::Park(until);
             }
         }
+        st.in_use += 1;
         if let Some(breaker) = st.breaker.as_mut()
             && breaker.circuit == (Circuit::HalfOpen { probing: false })
         {
@@ -567,6 +564,19 @@ impl Admission for Controller {
             debug!(consumer = %self.name, message_id = %message.id(), "probe delivery");
         }
         Verdict::Handle
+    }
+
+    fn leave(&self) {
+        {
+            let mut st = self.lock();
+            st.in_use = st.in_use.saturating_sub(1);
+            // While probing, the only place taken is the probe's: if it had a result, the
+            // circuit has moved on already.
+            if let Some(breaker) = st.breaker.as_mut() {
+                breaker.probe_ended_without_result();
+            }
+        }
+        self.changed.notify_waiters();
     }
 }
 
@@ -583,5 +593,34 @@ impl<S: Send + Sync + 'static> Middleware<S> for Layer {
             let outcome = next.run().await;
             self.0.handled(message, key.as_deref(), outcome)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::resilience::RetryBudget;
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_with_nothing_to_remember_are_forgotten() {
+        let resilience = Resilience::new()
+            .retry_budget(RetryBudget::default())
+            .keyed_by_header("tenant");
+        let controller = Controller::new("c".into(), resilience, 4, Some(5), Clock::tokio());
+        let message = |key: usize| Message::new("x").with_header("tenant", key.to_string());
+        for key in 0..1000 {
+            let m = message(key);
+            controller.called(&m, controller.key(&m).as_deref());
+        }
+        assert_eq!(controller.lock().keys.len(), 1000, "all in the window");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        // Forgotten once the keys have doubled since the last clean-up (at 527 keys).
+        for key in 1000..1060 {
+            let m = message(key);
+            controller.called(&m, controller.key(&m).as_deref());
+        }
+        let st = controller.lock();
+        assert_eq!(st.keys.len(), 60, "only the new ones");
+        assert!((1000..1060).all(|key| st.keys.contains_key(&key.to_string())));
     }
 }

@@ -267,7 +267,7 @@ pub struct ResilienceSnapshot {
     /// Handler calls allowed at once now (0 while open or paused, 1 while half-open, growing
     /// during a ramp-up, else the consumer's concurrency).
     pub allowed_concurrency: usize,
-    /// Deliveries being taken, held or handled.
+    /// Deliveries admitted to the handler and not yet settled.
     pub in_flight: usize,
     /// Retries left in the consumer's budget's window, if it has one (keys' budgets are not
     /// included).
