@@ -20,9 +20,11 @@
 //! - **At-least-once is kept; nothing is lost.** The circuit, a pause and the ramp only change
 //!   how many deliveries the worker *takes* (its [`Admission`](crate::worker::admission)):
 //!   while they allow none, deliveries stay with the transport. A delivery taken just before
-//!   room was withdrawn is held by the worker — not by a handler — until there is room again;
-//!   a delivery of a paused key is put back until the pause ends (parked). Neither counts an
-//!   attempt, and at shutdown a held delivery is given back to the transport.
+//!   room was withdrawn (at most one per handler slot) is held by the worker — not by a
+//!   handler, unsettled — until there is room again; a delivery of a paused key is put back
+//!   until the pause ends (parked). Neither counts an attempt, and at shutdown a held delivery
+//!   is given back to the transport. (A broker may take back a delivery held for very long —
+//!   RabbitMQ's consumer timeout, a Service Bus lock — and deliver it again: at-least-once.)
 //! - **Nothing is dead-lettered because a circuit was open.** While it is open no handler is
 //!   called and no attempt is counted. Handler calls under way when it opens finish, and their
 //!   outcomes are carried out as always (they do not count for the breaker).
@@ -46,14 +48,19 @@
 //!   attempt counts, as the handler was called, and [`ResilienceStats`] counts it.
 //! - **A pause is exact.** A retry with a `Retry-After` (capped at
 //!   [`Throttle::max_pause`]) pauses the consumer from the moment the outcome is known: no
-//!   delivery is taken before the `Retry-After` has passed. Calls under way finish (a further
-//!   `Retry-After` extends the pause). The throttled message itself is retried not before its
-//!   `Retry-After`, as always.
+//!   handler call starts before the `Retry-After` has passed. Calls under way finish (a
+//!   further `Retry-After` extends the pause). The throttled message itself is retried not
+//!   before its `Retry-After`, as always. When the pause ends, a [`RampUp`] resumes at the
+//!   concurrency before the throttle times `decrease`.
 //! - **Keys.** With [`Resilience::keyed_by`] (or `key_header` in configuration), the retry
 //!   budget and the throttle apply per key — a downstream, a tenant — named by each message:
 //!   a throttled key's deliveries are parked until its `Retry-After` while the other keys go
 //!   on. A message without a key uses the consumer's. The circuit breaker and the ramp are the
 //!   consumer's.
+//! - **Ramp-up** starts at `initial` calls at once when the circuit closes, and grows by `step`
+//!   every `every` up to the consumer's concurrency (additive increase); a throttle multiplies
+//!   the concurrency by `decrease` (multiplicative decrease). Without a [`RampUp`], full
+//!   concurrency comes back at once.
 //! - **Observable.** Each change — circuit opened, half-open, closed; pause started and over;
 //!   ramp-up done; budget exhausted and with room again — is logged once (`tracing`, `warn`
 //!   when a consumer slows down, `info` when it recovers), with the consumer's name. The state,
