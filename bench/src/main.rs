@@ -13,6 +13,7 @@
 mod memory;
 mod rabbitmq;
 mod report;
+mod resilience;
 mod servicebus;
 mod support;
 
@@ -26,7 +27,7 @@ use crate::report::Report;
 static ALLOCATOR: PeakAlloc = PeakAlloc;
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 3] = ["memory", "rabbitmq", "servicebus"];
+const GROUPS: [&str; 4] = ["memory", "rabbitmq", "servicebus", "resilience"];
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
@@ -120,6 +121,10 @@ fn main() {
     if wanted("servicebus") {
         // On runtimes of its own (see the module).
         servicebus::run(&scale, &mut report);
+    }
+    if wanted("resilience") {
+        // In virtual time, on a runtime of its own (see the module).
+        resilience::run(&scale, &mut report);
     }
     report.print();
     if let Some(path) = json {

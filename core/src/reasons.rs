@@ -15,3 +15,7 @@ pub const COPY_REFUSED: &str = "copy refused";
 /// A message on an endpoint that routes by message type had no type, or one no handler takes
 /// (see [`Routes`](crate::host::Routes)).
 pub const UNKNOWN_MESSAGE_TYPE: &str = "unknown message type";
+
+/// A retry was over its consumer's retry budget, configured to dead-letter what is over (see
+/// [`resilience`](crate::host::resilience)).
+pub const RETRY_BUDGET_EXHAUSTED: &str = "retry budget exhausted";

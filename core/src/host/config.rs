@@ -58,6 +58,9 @@ pub struct ConsumerConfig {
     pub retry: Option<RetryConfig>,
     /// What to do with a body that cannot be decoded: `dead-letter` or `discard`.
     pub invalid_payload: Option<InvalidPayload>,
+    /// Retry budget, circuit breaker, throttle and ramp-up (see
+    /// [`resilience`](super::resilience)).
+    pub resilience: Option<super::resilience::ResilienceConfig>,
 }
 
 /// A [`BackoffPolicy`] as data.

@@ -16,6 +16,8 @@
 //! - [`HostConfig`]: consumer settings and retry policies from a configuration file, applied
 //!   with [`HostBuilder::configure`]; a bad value names its path.
 //! - [`Host::health`], [`Host::pause`] / [`Host::resume`]: for probes and operators.
+//! - [`resilience`]: retry budgets, circuit breaking, throttle-aware pausing and ramp-up per
+//!   consumer, against retry storms ([`ConsumerSettings::resilience`]).
 //!
 //! ```
 //! use std::{sync::Arc, time::Duration};
@@ -53,6 +55,7 @@
 
 mod config;
 pub mod middleware;
+pub mod resilience;
 mod routes;
 
 use std::fmt;
@@ -66,12 +69,13 @@ use tracing::info;
 use crate::Error;
 use crate::handler::Handler;
 use crate::payload::Payload;
-use crate::retry::RetryPolicy;
+use crate::retry::{BackoffPolicy, RetryPolicy};
 use crate::transport::{Source, Topology, Transport};
 use crate::worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
 
 pub use config::{BackoffConfig, ConsumerConfig, HostConfig, RetryConfig};
 use middleware::{ConcurrencyLimit, Layered, Middleware, Timeout};
+use resilience::{Resilience, ResilienceMonitor, ResilienceSnapshot};
 pub use routes::Routes;
 
 type Starting = Pin<Box<dyn Future<Output = Result<Worker, Error>> + Send>>;
@@ -103,6 +107,7 @@ pub struct ConsumerSettings {
     policy: Option<Arc<dyn RetryPolicy>>,
     timeout: Option<Duration>,
     invalid_payload: InvalidPayload,
+    resilience: Option<Resilience>,
 }
 
 impl Consumer {
@@ -139,6 +144,7 @@ impl ConsumerSettings {
             policy: None,
             timeout: None,
             invalid_payload: InvalidPayload::default(),
+            resilience: None,
         }
     }
 
@@ -165,6 +171,13 @@ impl ConsumerSettings {
     /// What to do with payloads that cannot be decoded. Default: dead-letter.
     pub fn on_invalid_payload(mut self, action: InvalidPayload) -> Self {
         self.invalid_payload = action;
+        self
+    }
+
+    /// Protects this consumer's downstream with `resilience`: a retry budget, a circuit
+    /// breaker, throttle-aware pausing, ramp-up (see [`resilience`]). Default: none.
+    pub fn resilience(mut self, resilience: Resilience) -> Self {
+        self.resilience = Some(resilience);
         self
     }
 
@@ -295,6 +308,13 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
             if let Some(invalid_payload) = entry.invalid_payload {
                 settings.invalid_payload = invalid_payload;
             }
+            if let Some(resilience) = &entry.resilience {
+                let current = settings.resilience.take().unwrap_or_default();
+                let applied = resilience
+                    .apply(current)
+                    .map_err(|e| config::under(&format!("{path}.resilience"), e))?;
+                settings.resilience = Some(applied);
+            }
             if let Some(retry) = &entry.retry {
                 let policy = retry
                     .build()
@@ -332,6 +352,7 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
     pub async fn start(self) -> Result<Host, Error> {
         self.transport.declare(&self.topology()).await?;
         let mut workers = Vec::with_capacity(self.consumers.len());
+        let mut monitors = Vec::with_capacity(self.consumers.len());
         for consumer in self.consumers {
             let settings = consumer.settings;
             let mut builder = Worker::builder(Arc::clone(&self.transport), settings.source.clone())
@@ -347,8 +368,33 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
             if let Some(limit) = settings.timeout {
                 layers.push(Arc::new(Timeout::new(limit)));
             }
+            let mut monitor = None;
+            if let Some(r) = settings.resilience.clone() {
+                let max_attempts = (!settings.source.is_dead_letters()).then(|| {
+                    settings
+                        .policy
+                        .as_ref()
+                        .map_or(BackoffPolicy::default().max_attempts(), |p| {
+                            p.max_attempts()
+                        })
+                });
+                let controller = Arc::new(resilience::Controller::new(
+                    settings.name(),
+                    r,
+                    settings.concurrency,
+                    max_attempts,
+                    self.transport.clock(),
+                ));
+                // Outermost, to see the outcome the worker carries out.
+                layers.insert(0, Arc::new(resilience::Layer(Arc::clone(&controller))));
+                builder = builder.admission(controller.clone());
+                monitor = Some(ResilienceMonitor::new(controller));
+            }
             match (consumer.start)(builder, layers).await {
-                Ok(worker) => workers.push(worker),
+                Ok(worker) => {
+                    workers.push(worker);
+                    monitors.push(monitor);
+                }
                 Err(e) => {
                     let _ = Host::stop_all(&mut workers).await;
                     return Err(e.in_consumer(&settings.name()));
@@ -356,7 +402,7 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
             }
         }
         info!(consumers = workers.len(), "host started");
-        Ok(Host { workers })
+        Ok(Host { workers, monitors })
     }
 }
 
@@ -364,6 +410,8 @@ impl<S: Send + Sync + 'static> HostBuilder<S> {
 #[derive(Debug)]
 pub struct Host {
     workers: Vec<Worker>,
+    /// Each worker's resilience, if it has one.
+    monitors: Vec<Option<ResilienceMonitor>>,
 }
 
 /// How one consumer of a host is doing.
@@ -378,6 +426,8 @@ pub struct ConsumerHealth {
     pub paused: bool,
     /// What it has done so far.
     pub stats: WorkerStats,
+    /// Its resilience (circuit, pauses, budget left), if it has one.
+    pub resilience: Option<ResilienceSnapshot>,
 }
 
 impl Host {
@@ -405,13 +455,25 @@ impl Host {
     pub fn health(&self) -> Vec<ConsumerHealth> {
         self.workers
             .iter()
-            .map(|w| ConsumerHealth {
+            .zip(&self.monitors)
+            .map(|(w, monitor)| ConsumerHealth {
                 source: w.source().clone(),
                 consuming: w.is_consuming(),
                 paused: w.is_paused(),
                 stats: w.stats(),
+                resilience: monitor.as_ref().map(ResilienceMonitor::snapshot),
             })
             .collect()
+    }
+
+    /// The resilience of the first consumer of `source` that has one, to watch it.
+    pub fn resilience(&self, source: impl Into<Source>) -> Option<ResilienceMonitor> {
+        let source = source.into();
+        self.workers
+            .iter()
+            .zip(&self.monitors)
+            .filter(|(w, _)| *w.source() == source)
+            .find_map(|(_, monitor)| monitor.clone())
     }
 
     /// Whether every consumer is consuming (a readiness probe).

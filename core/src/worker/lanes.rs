@@ -12,11 +12,13 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
+use super::admission::{Admission, Verdict};
 use super::decide::Disposition;
 use super::handling::{Shared, panic_text};
 use super::signal::Signal;
+use super::stats::bump;
 use crate::handler::Handler;
 use crate::payload::Payload;
 use crate::transport::{ConsumeOptions, Delivery, DeliveryStream};
@@ -34,7 +36,13 @@ pub(super) struct Intake {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Runs `concurrency` lanes, each taking one delivery at a time and handling it, until `cancel`;
+/// How many lanes a worker runs (its concurrency), and what admits their deliveries.
+pub(super) struct Capacity {
+    pub(super) lanes: usize,
+    pub(super) admission: Option<Arc<dyn Admission>>,
+}
+
+/// Runs `capacity.lanes` lanes, each taking one delivery at a time and handling it, until `cancel`;
 /// then stops taking, lets handlers in flight finish until the deadline, and abandons the rest.
 ///
 /// A lane per handler slot, rather than a task per delivery: a lane takes only when its
@@ -44,7 +52,7 @@ pub(super) async fn run<T, S, H>(
     stream: DeliveryStream,
     ready: mpsc::UnboundedReceiver<Delivery>,
     options: ConsumeOptions,
-    concurrency: usize,
+    capacity: Capacity,
     shutdown_timeout: Duration,
     cancel: CancellationToken,
 ) where
@@ -61,12 +69,13 @@ pub(super) async fn run<T, S, H>(
         backoff: FIRST_BACKOFF,
     }));
     let mut lanes = JoinSet::new();
-    for _ in 0..concurrency {
+    for _ in 0..capacity.lanes {
         lanes.spawn(lane(
             Arc::clone(&shared),
             Arc::clone(&intake),
             Arc::clone(&stop_taking),
             Arc::clone(&hard_stop),
+            capacity.admission.clone(),
         ));
     }
 
@@ -121,11 +130,17 @@ pub(super) async fn run<T, S, H>(
 /// takes meanwhile, so `concurrency` handlers can be waiting at once), and before handling when
 /// its handlers take long without waiting (so such handlers run in parallel on several threads
 /// rather than one after another).
+///
+/// With an [`Admission`], a lane takes from the transport only while the admission has room,
+/// and hands a delivery to the handler only with a place, kept until the delivery is settled.
+/// It never waits for room while it has the intake: a lane holding a delivery for a place
+/// gives the intake up, so the others can take and settle meanwhile.
 async fn lane<T, S, H>(
     shared: Arc<Shared<T, S, H>>,
     intake: Arc<AsyncMutex<Intake>>,
     stop_taking: Arc<Signal>,
     hard_stop: Arc<Signal>,
+    admission: Option<Arc<dyn Admission>>,
 ) where
     T: Payload,
     S: Send + Sync + 'static,
@@ -140,7 +155,15 @@ async fn lane<T, S, H>(
     let mut turn = None;
     let mut long_handlings = false;
     let mut handled_count: u32 = 0;
-    loop {
+    'lane: loop {
+        if let Some(admission) = &admission
+            && !admission.has_room()
+        {
+            turn = None;
+            if !room(&**admission, &stop_taking).await {
+                break;
+            }
+        }
         let intake_turn = match turn.as_mut() {
             Some(held) => held,
             None => turn.insert(intake.lock().await),
@@ -148,6 +171,34 @@ async fn lane<T, S, H>(
         let Some((delivery, fresh)) = shared.take(intake_turn, &stop_taking).await else {
             break;
         };
+        let mut place = None;
+        if let Some(admission) = &admission {
+            // Room may have gone while the lane waited for a delivery.
+            loop {
+                match admission.check(delivery.message()) {
+                    Verdict::Handle => {
+                        place = Some(Place(Arc::clone(admission)));
+                        break;
+                    }
+                    Verdict::Park(not_before) => {
+                        debug!(message_id = %delivery.message().id(), %not_before, "put off by the admission; parked");
+                        shared
+                            .put_off(delivery, fresh, Disposition::Park(not_before))
+                            .await;
+                        continue 'lane;
+                    }
+                    Verdict::Wait => {
+                        turn = None;
+                        // An admission that has room but no place must not starve the runtime.
+                        tokio::task::coop::consume_budget().await;
+                        if !room(&**admission, &stop_taking).await {
+                            shared.put_off(delivery, fresh, Disposition::Abandon).await;
+                            continue 'lane;
+                        }
+                    }
+                }
+            }
+        }
         if long_handlings {
             turn = None;
         }
@@ -172,6 +223,7 @@ async fn lane<T, S, H>(
                 handling.await
             }
         };
+        drop(place);
         match handled {
             Ok(Some((delivery, not_before))) => {
                 let room = Arc::clone(&shared);
@@ -189,6 +241,23 @@ async fn lane<T, S, H>(
         // Nothing above has to wait while deliveries are ready and handlers quick: give the
         // runtime its turn now and then, as any tokio primitive would.
         tokio::task::coop::consume_budget().await;
+    }
+}
+
+/// A place taken from an [`Admission`] ([`Verdict::Handle`]), given back when dropped.
+struct Place(Arc<dyn Admission>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// Waits until the admission has room, returning `false` if stopped meanwhile.
+async fn room(admission: &dyn Admission, stop: &Signal) -> bool {
+    tokio::select! {
+        _ = admission.room() => true,
+        _ = stop.wait() => false,
     }
 }
 
@@ -279,6 +348,15 @@ where
                 }
             }
         }
+    }
+
+    /// Settles a delivery the admission put off, without handling it.
+    async fn put_off(&self, delivery: Delivery, fresh: bool, disposition: Disposition) {
+        // Received all the same.
+        if fresh {
+            bump(&self.stats.received);
+        }
+        self.settle(delivery, disposition).await;
     }
 
     /// Waits for `not_before` holding only the delivery, then hands it back to the lanes; gives

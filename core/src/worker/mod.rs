@@ -33,6 +33,7 @@
 //! [`Outcome`]: crate::Outcome
 //! [`MALFORMED_HEADERS`]: crate::reasons::MALFORMED_HEADERS
 
+pub mod admission;
 mod decide;
 mod handling;
 mod lanes;
@@ -55,6 +56,7 @@ use crate::payload::Payload;
 use crate::retry::{BackoffPolicy, RetryPolicy};
 use crate::transport::{ConsumeOptions, Source, Transport};
 
+use admission::Admission;
 use decide::Rules;
 use handling::Shared;
 use stats::{Control, StatsSource};
@@ -110,6 +112,7 @@ pub struct WorkerBuilder<S = ()> {
     policy: Arc<dyn RetryPolicy>,
     invalid_payload: InvalidPayload,
     shutdown_timeout: Duration,
+    admission: Option<Arc<dyn Admission>>,
 }
 
 impl<S: Send + Sync + 'static> WorkerBuilder<S> {
@@ -131,6 +134,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             policy: self.policy,
             invalid_payload: self.invalid_payload,
             shutdown_timeout: self.shutdown_timeout,
+            admission: self.admission,
         }
     }
 
@@ -163,6 +167,13 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
     /// Default 30 s.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How many deliveries may be handled at once right now, below the concurrency (see
+    /// [`admission`]). Default: none, the concurrency alone.
+    pub fn admission(mut self, admission: Arc<dyn Admission>) -> Self {
+        self.admission = Some(admission);
         self
     }
 
@@ -223,7 +234,10 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             stream,
             ready_rx,
             options,
-            self.concurrency,
+            lanes::Capacity {
+                lanes: self.concurrency,
+                admission: self.admission,
+            },
             self.shutdown_timeout,
             cancel.clone(),
         ));
@@ -288,6 +302,7 @@ impl Worker {
             policy: Arc::new(BackoffPolicy::default()),
             invalid_payload: InvalidPayload::default(),
             shutdown_timeout: Duration::from_secs(30),
+            admission: None,
         }
     }
 

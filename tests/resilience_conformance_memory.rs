@@ -1,0 +1,28 @@
+//! The resilience scenarios of the conformance suite on the in-memory transport, with tokio's
+//! clock paused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redeliver::memory::MemoryTransport;
+use redeliver::{Error, Topology, Transport};
+use redeliver_conformance::{Factory, Timing};
+
+struct Memory;
+
+#[async_trait]
+impl Factory for Memory {
+    async fn create(&self, topology: &Topology) -> Result<Arc<dyn Transport>, Error> {
+        let transport = MemoryTransport::new();
+        transport.declare(topology).await?;
+        Ok(Arc::new(transport))
+    }
+
+    fn timing(&self) -> Timing {
+        // Virtual time: an hour of patience costs nothing.
+        Timing::new(Duration::from_secs(1), Duration::from_secs(3600))
+    }
+}
+
+redeliver_conformance::resilience_tests!(Memory, #[tokio::test(start_paused = true)]);
