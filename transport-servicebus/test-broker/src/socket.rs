@@ -36,14 +36,15 @@
 //!   `rejected` with `com.microsoft:message-lock-lost` if the lock was gone; for any other
 //!   unsettled delivery at once.
 //! - a frame for a session that the application has not accepted yet closes the whole
-//!   connection with `amqp:not-found`; clients pipeline `begin` and `attach`. See
-//!   [`ClientStream`] for how such frames are held back.
+//!   connection with `amqp:not-found`; clients pipeline `begin` and `attach`. The frames of
+//!   such a session are held back until the broker has answered its `begin`, and only those:
+//!   see [`Inbound`] for the order the library then sees.
 //!
 //! Frames are parsed only as far as needed (the 8-byte frame header and the performative's
 //! descriptor); others pass through untouched, and a stream that does not parse as AMQP frames
 //! is passed through unchanged from that point on, for the library to refuse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -105,8 +106,6 @@ struct TapState {
     echoes: HashMap<[u8; 16], Echo>,
     /// The rewritten tag of a transfer that continues in further frames, by channel and handle.
     continuing: HashMap<(u16, u32), DeliveryTag>,
-    /// The broker closes the connection: nothing is held back any more.
-    closing: bool,
 }
 
 /// The wire-level corrections of one connection (see the module docs).
@@ -194,23 +193,16 @@ impl Tap {
     fn on_broker_frame(&self, channel: u16, code: u8, body: &[u8]) -> Option<Vec<u8>> {
         match code {
             BEGIN => {
-                let begin: Begin = serde_amqp::from_slice(body).ok()?;
                 let mut state = self.lock();
                 // A new session on this channel: forget what an earlier one left behind.
                 state.unsettled.retain(|(c, _), _| *c != channel);
                 state.continuing.retain(|(c, _), _| *c != channel);
-                if let Some(remote) = begin.remote_channel {
+                if let Some(remote) = answered_channel(body) {
                     state.channels.insert(remote, channel);
                 }
                 None
             }
             TRANSFER => self.on_broker_transfer(channel, body),
-            CLOSE => {
-                // A `begin` the broker will never answer must not hold back the client's
-                // answer to this `close`.
-                self.lock().closing = true;
-                None
-            }
             _ => None,
         }
     }
@@ -337,6 +329,11 @@ impl Tap {
             self.write_disposition(channel, delivery_id, outcome);
         }
     }
+}
+
+/// The client channel whose `begin` a `begin` of the broker answers.
+fn answered_channel(body: &[u8]) -> Option<u16> {
+    serde_amqp::from_slice::<Begin>(body).ok()?.remote_channel
 }
 
 fn is_terminal(state: &DeliveryState) -> bool {
@@ -475,6 +472,35 @@ fn with_symbol_info_keys(body: &[u8]) -> Option<Vec<u8>> {
     serde_amqp::to_vec(&value).ok()
 }
 
+/// What a [`Scanner`] found at the start of the bytes it writes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// Not a frame: a protocol header, or the rest of a stream that does not parse.
+    Raw,
+    /// A frame on `channel`; `code` is the descriptor of its performative, if it is an AMQP
+    /// frame with one (SASL frames and empty frames have none).
+    Frame {
+        channel: u16,
+        amqp: bool,
+        code: Option<u8>,
+    },
+}
+
+/// Where a [`Scanner`] writes the stream: the bytes, told where each unit starts.
+trait Sink {
+    /// The bytes written next, up to the next call, are `unit`.
+    fn start(&mut self, unit: Unit);
+    fn write(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    fn start(&mut self, _: Unit) {}
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 /// Splits a byte stream into AMQP frames and lets a callback replace the bodies of the frames
 /// it is interested in.
 #[derive(Debug, Default)]
@@ -485,27 +511,26 @@ struct Scanner {
     passing: usize,
     /// The stream did not parse: everything passes through.
     off: bool,
-    /// Where in the output a client's `begin` ended, and its channel (see [`ClientStream`]).
-    begins: Vec<(usize, u16)>,
 }
 
 impl Scanner {
     fn feed(
         &mut self,
         mut data: &[u8],
-        out: &mut Vec<u8>,
+        out: &mut impl Sink,
         interesting: impl Fn(u8) -> bool,
         mut inspect: impl FnMut(u16, u8, &[u8]) -> Option<Vec<u8>>,
     ) {
         loop {
             if self.off {
-                out.append(&mut self.pending);
-                out.extend_from_slice(data);
+                out.write(&self.pending);
+                self.pending.clear();
+                out.write(data);
                 return;
             }
             if self.passing > 0 {
                 let n = self.passing.min(data.len());
-                out.extend_from_slice(&data[..n]);
+                out.write(&data[..n]);
                 data = &data[n..];
                 self.passing -= n;
                 if self.passing > 0 {
@@ -519,7 +544,9 @@ impl Scanner {
                 return;
             }
             if self.pending.starts_with(b"AMQP") {
-                out.extend(self.pending.drain(..8));
+                out.start(Unit::Raw);
+                out.write(&self.pending[..8]);
+                self.pending.drain(..8);
                 continue;
             }
             let size = u32::from_be_bytes([
@@ -533,6 +560,7 @@ impl Scanner {
             let amqp = self.pending[5] == 0;
             if size < 8 || header < 8 || header > size {
                 self.off = true;
+                out.start(Unit::Raw);
                 continue;
             }
             let code = if amqp && size >= header + 3 {
@@ -543,10 +571,17 @@ impl Scanner {
             } else {
                 None
             };
-            let code = code.filter(|code| interesting(*code) && size <= MAX_INSPECTED_FRAME);
-            let Some(code) = code else {
+            let channel = u16::from_be_bytes([self.pending[6], self.pending[7]]);
+            let inspected = code.filter(|code| interesting(*code) && size <= MAX_INSPECTED_FRAME);
+            let Some(inspected) = inspected else {
+                out.start(Unit::Frame {
+                    channel,
+                    amqp,
+                    code,
+                });
                 let n = size.min(self.pending.len());
-                out.extend(self.pending.drain(..n));
+                out.write(&self.pending[..n]);
+                self.pending.drain(..n);
                 self.passing = size - n;
                 continue;
             };
@@ -554,34 +589,199 @@ impl Scanner {
                 return;
             }
             let whole: Vec<u8> = self.pending.drain(..size).collect();
-            let channel = u16::from_be_bytes([whole[6], whole[7]]);
-            match inspect(channel, code, &whole[header..]) {
-                Some(body) => out.extend_from_slice(&frame(channel, &body)),
-                None => out.extend_from_slice(&whole),
-            }
-            if code == BEGIN {
-                self.begins.push((out.len(), channel));
+            out.start(Unit::Frame {
+                channel,
+                amqp,
+                code,
+            });
+            match inspect(channel, inspected, &whole[header..]) {
+                Some(body) => out.write(&frame(channel, &body)),
+                None => out.write(&whole),
             }
         }
     }
 }
 
-/// A client connection as the broker's `fe2o3-amqp` connection sees it.
+/// What a frame means for the order of a client's frames (see [`Inbound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Belongs to the whole connection: protocol headers, SASL, `open`, `close`.
+    Connection,
+    /// A `begin` on this channel: what follows on the channel waits for the broker's answer.
+    Begin(u16),
+    /// Any other frame of the session on this channel.
+    Session(u16),
+}
+
+impl Place {
+    fn of(unit: Unit) -> Self {
+        match unit {
+            Unit::Frame {
+                channel,
+                amqp: true,
+                code,
+            } => match code {
+                Some(OPEN | CLOSE) => Place::Connection,
+                Some(BEGIN) => Place::Begin(channel),
+                _ => Place::Session(channel),
+            },
+            Unit::Raw | Unit::Frame { amqp: false, .. } => Place::Connection,
+        }
+    }
+}
+
+/// A frame held back, with its place.
+#[derive(Debug)]
+struct Held {
+    place: Place,
+    bytes: Vec<u8>,
+}
+
+/// A client's frames on their way to the library: a frame waits while it must not reach the
+/// library yet, and only as long as that.
 ///
-/// Besides the corrections of the module docs, it holds back what a client sends after a
-/// `begin` until the broker has answered that `begin`: clients pipeline (the Python SDK sends
-/// `begin` and its first `attach` frames before the broker's `open` has arrived), and
-/// `fe2o3-amqp`'s acceptor closes the connection with `amqp:not-found` when a frame reaches a
-/// session that has not been accepted yet.
+/// The frames of a session wait after its `begin` until the broker has answered it: clients
+/// pipeline (the Python SDK sends `begin` and its first `attach` before the broker's `open` has
+/// arrived), and `fe2o3-amqp`'s acceptor closes the connection with `amqp:not-found` when a
+/// frame reaches a session it has not accepted yet. The order the library sees differs from
+/// the client's only where AMQP allows it:
+///
+/// - the frames of one channel keep their order (a frame waits behind any earlier frame of its
+///   channel that waits);
+/// - frames of other channels do not wait for them: sessions are independent, and a session
+///   that is established goes on (credit, settlements) while another one begins;
+/// - a connection frame (`close`, `open`, SASL, a protocol header) keeps its place relative to
+///   everything before it, and nothing after it overtakes it.
+///
+/// Every `begin` is answered, or the broker closes the connection: then everything is released.
+#[derive(Debug, Default)]
+struct Inbound {
+    /// Bytes the library may read, in order.
+    readable: Vec<u8>,
+    /// Frames that wait, in the order they arrived; the last one may still be incomplete.
+    held: VecDeque<Held>,
+    /// How many frames of each channel wait, and how many connection frames.
+    held_on: HashMap<u16, usize>,
+    held_connection: usize,
+    /// Bytes in `held`.
+    held_bytes: usize,
+    /// Client channels whose `begin` the library has been given and the broker has not answered.
+    awaiting: HashSet<u16>,
+    /// The bytes of the frame being scanned go to the last held frame, not to `readable`.
+    current_held: bool,
+    /// The broker closes the connection: nothing waits any more.
+    released: bool,
+}
+
+impl Inbound {
+    fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Whether a frame at `place` may go to the library after what is handed over already and
+    /// what waits.
+    fn passes(&self, place: Place) -> bool {
+        if self.released {
+            return true;
+        }
+        match place {
+            Place::Connection => self.held.is_empty(),
+            Place::Begin(channel) | Place::Session(channel) => {
+                self.held_connection == 0
+                    && !self.held_on.contains_key(&channel)
+                    && !self.awaiting.contains(&channel)
+            }
+        }
+    }
+
+    fn hand_over(&mut self, place: Place, bytes: &[u8]) {
+        if let (Place::Begin(channel), false) = (place, self.released) {
+            self.awaiting.insert(channel);
+        }
+        self.readable.extend_from_slice(bytes);
+    }
+
+    fn hold(&mut self, held: Held) {
+        match held.place {
+            Place::Connection => self.held_connection += 1,
+            Place::Begin(channel) | Place::Session(channel) => {
+                *self.held_on.entry(channel).or_default() += 1;
+            }
+        }
+        self.held_bytes += held.bytes.len();
+        self.held.push_back(held);
+    }
+
+    /// The broker answered the `begin` of client `channel`.
+    fn answered(&mut self, channel: u16) {
+        if self.awaiting.remove(&channel) {
+            self.release();
+        }
+    }
+
+    /// The broker closes the connection: a `begin` it has not answered will not be, and the
+    /// client's answer to the `close` must reach it.
+    fn release_all(&mut self) {
+        self.released = true;
+        self.awaiting.clear();
+        self.release();
+    }
+
+    /// Hands over every held frame that may go now, in order.
+    fn release(&mut self) {
+        let waiting = std::mem::take(&mut self.held);
+        let last = waiting.len().saturating_sub(1);
+        self.held_on.clear();
+        self.held_connection = 0;
+        self.held_bytes = 0;
+        for (index, held) in waiting.into_iter().enumerate() {
+            if self.passes(held.place) {
+                self.hand_over(held.place, &held.bytes);
+                if index == last {
+                    // The rest of an incomplete frame follows it.
+                    self.current_held = false;
+                }
+            } else {
+                self.hold(held);
+            }
+        }
+    }
+}
+
+impl Sink for Inbound {
+    fn start(&mut self, unit: Unit) {
+        let place = Place::of(unit);
+        self.current_held = !self.passes(place);
+        if self.current_held {
+            self.hold(Held {
+                place,
+                bytes: Vec::new(),
+            });
+        } else {
+            self.hand_over(place, &[]);
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        match self.held.back_mut() {
+            Some(held) if self.current_held => {
+                held.bytes.extend_from_slice(bytes);
+                self.held_bytes += bytes.len();
+            }
+            _ => self.readable.extend_from_slice(bytes),
+        }
+    }
+}
+
+/// A client connection as the broker's `fe2o3-amqp` connection sees it: with the corrections
+/// of the module docs, and a session's frames held back until the broker has answered its
+/// `begin` (see [`Inbound`]).
 #[derive(Debug)]
 pub(crate) struct ClientStream {
     read: OwnedReadHalf,
-    /// Read bytes, already inspected, not yet handed to the library.
-    readable: Vec<u8>,
-    /// Offsets in `readable` after which bytes wait for the broker's answer to the `begin` of a
-    /// client channel.
-    held: std::collections::VecDeque<(usize, u16)>,
-    /// The reader, woken when the broker answers a `begin`.
+    /// Read bytes, already inspected, on their way to the library.
+    inbound: Inbound,
+    /// The reader, woken when the broker's answer to a `begin` releases held frames.
     held_reader: Option<std::task::Waker>,
     read_scanner: Scanner,
     write_scanner: Scanner,
@@ -616,29 +816,13 @@ impl ClientStream {
         });
         let stream = ClientStream {
             read,
-            readable: Vec::new(),
-            held: std::collections::VecDeque::new(),
+            inbound: Inbound::default(),
             held_reader: None,
             read_scanner: Scanner::default(),
             write_scanner: Scanner::default(),
             tap: tap.clone(),
         };
         (stream, tap)
-    }
-
-    /// How many bytes of `readable` may be handed to the library now.
-    fn available(&mut self) -> usize {
-        while let Some(&(offset, channel)) = self.held.front() {
-            let state = self.tap.lock();
-            let answered = state.closing || state.channels.contains_key(&channel);
-            drop(state);
-            if answered {
-                self.held.pop_front();
-            } else {
-                return offset;
-            }
-        }
-        self.readable.len()
     }
 }
 
@@ -665,20 +849,16 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            let available = this.available();
-            if available > 0 {
-                let n = available.min(buf.remaining());
-                buf.put_slice(&this.readable[..n]);
-                this.readable.drain(..n);
-                for (offset, _) in &mut this.held {
-                    *offset -= n;
-                }
+            let readable = &mut this.inbound.readable;
+            if !readable.is_empty() {
+                let n = readable.len().min(buf.remaining());
+                buf.put_slice(&readable[..n]);
+                readable.drain(..n);
                 return Poll::Ready(Ok(()));
             }
-            let holding = !this.held.is_empty();
-            if holding {
+            if this.inbound.holding() {
                 this.held_reader = Some(cx.waker().clone());
-                if this.readable.len() > MAX_HELD {
+                if this.inbound.held_bytes > MAX_HELD {
                     return Poll::Pending;
                 }
             }
@@ -697,11 +877,10 @@ impl AsyncRead for ClientStream {
             let tap = &this.tap;
             this.read_scanner.feed(
                 read,
-                &mut this.readable,
+                &mut this.inbound,
                 |code| matches!(code, OPEN | BEGIN | DISPOSITION),
                 |channel, code, body| tap.on_client_frame(channel, code, body),
             );
-            this.held.extend(this.read_scanner.begins.drain(..));
         }
     }
 }
@@ -717,20 +896,31 @@ impl AsyncWrite for ClientStream {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let mut out = Vec::new();
-        let tap = &this.tap;
+        let (tap, inbound) = (&this.tap, &mut this.inbound);
+        let mut released = false;
         this.write_scanner.feed(
             buf,
             &mut out,
             |code| matches!(code, BEGIN | TRANSFER | CLOSE),
-            |channel, code, body| tap.on_broker_frame(channel, code, body),
+            |channel, code, body| {
+                match code {
+                    BEGIN => {
+                        if let Some(client_channel) = answered_channel(body) {
+                            inbound.answered(client_channel);
+                            released = true;
+                        }
+                    }
+                    CLOSE => {
+                        inbound.release_all();
+                        released = true;
+                    }
+                    _ => {}
+                }
+                tap.on_broker_frame(channel, code, body)
+            },
         );
-        // The broker's `begin` answers (or its `close`) may release held client frames.
-        let closing = this.tap.lock().closing;
-        if !this.write_scanner.begins.is_empty() || closing {
-            this.write_scanner.begins.clear();
-            if let Some(reader) = this.held_reader.take() {
-                reader.wake();
-            }
+        if released && let Some(reader) = this.held_reader.take() {
+            reader.wake();
         }
         if !out.is_empty() && this.tap.writer.send(Out::Bytes(out)).is_err() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
@@ -807,6 +997,144 @@ mod tests {
         // The broker answers the begin of client channel 3 on its channel 0.
         stream.write_all(&frame(0, &begin(Some(3)))).await.unwrap();
         assert_eq!(read_some(&mut stream).await, attach_like, "released");
+    }
+
+    #[tokio::test]
+    async fn a_frame_of_an_established_session_does_not_wait_for_another_sessions_begin() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let (mut stream, _tap) = ClientStream::new(accepted);
+
+        let mut opening = b"AMQP\x00\x01\x00\x00".to_vec();
+        opening.extend_from_slice(&frame(0, &begin(None)));
+        client.write_all(&opening).await.unwrap();
+        let mut read = Vec::new();
+        while read.len() < opening.len() {
+            read.extend(read_some(&mut stream).await);
+        }
+        stream.write_all(&frame(0, &begin(Some(0)))).await.unwrap();
+
+        // Session 1 begins; before the broker answers, session 0 grants credit.
+        let begin_1 = frame(1, &begin(None));
+        let attach_1 = frame(1, &[0x00, 0x53, 0x12, 0x45]);
+        let flow_0 = frame(0, &[0x00, 0x53, 0x13, 0x45]);
+        client
+            .write_all(&[begin_1.clone(), attach_1.clone(), flow_0.clone()].concat())
+            .await
+            .unwrap();
+        let mut read = Vec::new();
+        while read.len() < begin_1.len() + flow_0.len() {
+            read.extend(read_some(&mut stream).await);
+        }
+        assert_eq!(
+            read,
+            [begin_1, flow_0].concat(),
+            "the flow overtakes the attach"
+        );
+
+        stream.write_all(&frame(1, &begin(Some(1)))).await.unwrap();
+        assert_eq!(read_some(&mut stream).await, attach_1, "released");
+    }
+
+    /// Scans `frames` into `inbound`, in two parts split at `split` bytes.
+    fn scan_into(inbound: &mut Inbound, frames: &[u8], split: usize) {
+        let mut scanner = Scanner::default();
+        for part in [&frames[..split], &frames[split..]] {
+            scanner.feed(part, inbound, |code| code == BEGIN, |_, _, _| None);
+        }
+    }
+
+    #[test]
+    fn a_session_waits_for_its_begin_and_others_overtake_it() {
+        let attach_1 = frame(1, &[0x00, 0x53, 0x12, 0x45]);
+        let flow_1 = frame(1, &[0x00, 0x53, 0x13, 0x45]);
+        let flow_0 = frame(0, &[0x00, 0x53, 0x13, 0x45]);
+        let frames = [
+            frame(1, &begin(None)),
+            attach_1.clone(),
+            flow_0.clone(),
+            flow_1.clone(),
+        ]
+        .concat();
+        for split in 0..frames.len() {
+            let mut inbound = Inbound::default();
+            scan_into(&mut inbound, &frames, split);
+            assert_eq!(
+                inbound.readable,
+                [frame(1, &begin(None)), flow_0.clone()].concat(),
+                "split at {split}"
+            );
+            inbound.answered(1);
+            assert_eq!(
+                inbound.readable,
+                [
+                    frame(1, &begin(None)),
+                    flow_0.clone(),
+                    attach_1.clone(),
+                    flow_1.clone()
+                ]
+                .concat(),
+                "split at {split}: channel 1 in order after its answer"
+            );
+            assert!(!inbound.holding());
+        }
+    }
+
+    #[test]
+    fn a_close_keeps_its_place_behind_held_frames() {
+        let attach_1 = frame(1, &[0x00, 0x53, 0x12, 0x45]);
+        let close = frame(0, &[0x00, 0x53, 0x18, 0x45]);
+        let flow_2 = frame(2, &[0x00, 0x53, 0x13, 0x45]);
+        let frames = [
+            frame(1, &begin(None)),
+            attach_1.clone(),
+            close.clone(),
+            flow_2.clone(),
+        ]
+        .concat();
+        let mut inbound = Inbound::default();
+        scan_into(&mut inbound, &frames, frames.len());
+        assert_eq!(
+            inbound.readable,
+            frame(1, &begin(None)),
+            "nothing passes the close"
+        );
+        inbound.answered(1);
+        assert_eq!(inbound.readable, frames, "in the client's order");
+    }
+
+    #[test]
+    fn a_close_with_nothing_held_before_it_passes_at_once() {
+        let close = frame(0, &[0x00, 0x53, 0x18, 0x45]);
+        let frames = [frame(1, &begin(None)), close].concat();
+        let mut inbound = Inbound::default();
+        scan_into(&mut inbound, &frames, 3);
+        assert_eq!(inbound.readable, frames);
+        assert!(!inbound.holding());
+    }
+
+    #[test]
+    fn the_brokers_close_releases_everything() {
+        let attach_1 = frame(1, &[0x00, 0x53, 0x12, 0x45]);
+        let begin_3 = frame(3, &begin(None));
+        let frames = [frame(1, &begin(None)), attach_1.clone()].concat();
+        let mut scanner = Scanner::default();
+        let mut inbound = Inbound::default();
+        let mut feed = |inbound: &mut Inbound, bytes: &[u8]| {
+            scanner.feed(bytes, inbound, |code| code == BEGIN, |_, _, _| None);
+        };
+        // The attach is still incomplete when the close releases it; its rest follows.
+        feed(&mut inbound, &frames[..frames.len() - 1]);
+        assert!(inbound.holding());
+        inbound.release_all();
+        feed(&mut inbound, &frames[frames.len() - 1..]);
+        feed(&mut inbound, &[begin_3.clone(), attach_1.clone()].concat());
+        assert_eq!(inbound.readable, [frames, begin_3, attach_1].concat());
+        assert!(!inbound.holding());
     }
 
     #[test]
