@@ -157,6 +157,11 @@
 //!   and the message is delivered again; watch `locked_until` instead. Use
 //!   [`BrokerHandle::wait_until`] in tests to observe settlements.
 //! - After the broker stops, client operations fail only when their try timeout runs out.
+//! - With `prefetch_count` 0, a receive call that waits in vain drains the link's credit and
+//!   returns without waiting for the broker's answer. Credit granted before that answer
+//!   arrives carries the delivery count from before the drain and is counted as zero (by
+//!   AMQP's rules, as Service Bus counts it), so the next receive call gets nothing until it
+//!   grants credit again: give a receive call that follows a drained one a short wait.
 //!
 //! # How it is built
 //!
