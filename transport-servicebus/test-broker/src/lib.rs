@@ -172,10 +172,12 @@
 //! library; see the `socket` module of the source for how.
 
 mod address;
+mod dead_letter;
 mod error;
 mod management;
 mod options;
 mod server;
+mod shared;
 mod socket;
 mod state;
 
@@ -186,12 +188,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use crate::dead_letter::DeadLetter;
 pub use crate::error::Error;
 pub use crate::options::{
     BrokerOptions, DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, QueueOptions,
     STANDARD_MAX_HEADER_SIZE, STANDARD_MAX_MESSAGE_SIZE, SubscriptionOptions, TopicOptions,
 };
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// The port `azservicebus` always dials.
 pub const AMQP_PORT: u16 = 5672;
@@ -200,26 +203,6 @@ pub const AMQP_PORT: u16 = 5672;
 pub const SHARED_ACCESS_KEY_NAME: &str = "RootManageSharedAccessKey";
 /// The key in [`BrokerHandle::connection_string`] (the broker accepts any).
 pub const SHARED_ACCESS_KEY: &str = "SAS_KEY_VALUE";
-
-/// A message in a dead-letter sub-queue, as seen by [`BrokerHandle::dead_letters`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// The message's sequence number.
-    pub sequence_number: i64,
-    /// The `message-id` property, if any (non-string ids in debug form).
-    pub message_id: Option<String>,
-    /// The `subject` property, if any.
-    pub subject: Option<String>,
-    /// The concatenated data sections of the body (empty for other body kinds).
-    pub body: Vec<u8>,
-    /// The `DeadLetterReason` application property.
-    pub reason: Option<String>,
-    /// The `DeadLetterErrorDescription` application property.
-    pub description: Option<String>,
-    /// How many times the message had been delivered when it was dead-lettered.
-    pub delivery_count: u32,
-}
 
 /// Starts a broker on the tokio runtime of the caller.
 ///

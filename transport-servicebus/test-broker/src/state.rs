@@ -16,8 +16,9 @@ use serde_amqp::Value;
 use tokio::time::Instant;
 
 use crate::address::{dead_letter_key, entity_key, subscription_key, valid_name};
+use crate::dead_letter::DeadLetter;
+use crate::error::Error;
 use crate::options::{QueueOptions, SubscriptionOptions, TopicOptions};
-use crate::{DeadLetter, Error};
 
 /// A message as the broker stores and forwards it.
 pub(crate) type Msg = Message<Body<Value>>;
