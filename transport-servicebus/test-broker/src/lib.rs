@@ -157,6 +157,11 @@
 //!   and the message is delivered again; watch `locked_until` instead. Use
 //!   [`BrokerHandle::wait_until`] in tests to observe settlements.
 //! - After the broker stops, client operations fail only when their try timeout runs out.
+//! - With `prefetch_count` 0, a receive call that waits in vain drains the link's credit and
+//!   returns without waiting for the broker's answer. Credit granted before that answer
+//!   arrives carries the delivery count from before the drain and is counted as zero (by
+//!   AMQP's rules, as Service Bus counts it), so the next receive call gets nothing until it
+//!   grants credit again: give a receive call that follows a drained one a short wait.
 //!
 //! # How it is built
 //!
@@ -167,10 +172,12 @@
 //! library; see the `socket` module of the source for how.
 
 mod address;
+mod dead_letter;
 mod error;
 mod management;
 mod options;
 mod server;
+mod shared;
 mod socket;
 mod state;
 
@@ -181,12 +188,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use crate::dead_letter::DeadLetter;
 pub use crate::error::Error;
 pub use crate::options::{
     BrokerOptions, DEFAULT_LOCK_DURATION, DEFAULT_MAX_DELIVERY_COUNT, QueueOptions,
     STANDARD_MAX_HEADER_SIZE, STANDARD_MAX_MESSAGE_SIZE, SubscriptionOptions, TopicOptions,
 };
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// The port `azservicebus` always dials.
 pub const AMQP_PORT: u16 = 5672;
@@ -195,26 +203,6 @@ pub const AMQP_PORT: u16 = 5672;
 pub const SHARED_ACCESS_KEY_NAME: &str = "RootManageSharedAccessKey";
 /// The key in [`BrokerHandle::connection_string`] (the broker accepts any).
 pub const SHARED_ACCESS_KEY: &str = "SAS_KEY_VALUE";
-
-/// A message in a dead-letter sub-queue, as seen by [`BrokerHandle::dead_letters`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// The message's sequence number.
-    pub sequence_number: i64,
-    /// The `message-id` property, if any (non-string ids in debug form).
-    pub message_id: Option<String>,
-    /// The `subject` property, if any.
-    pub subject: Option<String>,
-    /// The concatenated data sections of the body (empty for other body kinds).
-    pub body: Vec<u8>,
-    /// The `DeadLetterReason` application property.
-    pub reason: Option<String>,
-    /// The `DeadLetterErrorDescription` application property.
-    pub description: Option<String>,
-    /// How many times the message had been delivered when it was dead-lettered.
-    pub delivery_count: u32,
-}
 
 /// Starts a broker on the tokio runtime of the caller.
 ///

@@ -1,7 +1,7 @@
 //! AMQP plumbing: connections, sessions and links on top of `fe2o3-amqp`'s acceptor API.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
@@ -27,8 +27,9 @@ use tokio::time::Instant;
 
 use crate::address::{Node, node};
 use crate::management::{handle_cbs, handle_management};
+use crate::shared::Shared;
 use crate::socket::{Applied, ClientStream, Tap};
-use crate::state::{LockError, Msg, ReceiveMode, Refusal, Settlement, State, now_ms};
+use crate::state::{LockError, Msg, ReceiveMode, Refusal, Settlement, now_ms};
 
 /// Message format of a Service Bus batch: each data section is one whole message.
 const BATCH_FORMAT: u32 = 0x8001_3700;
@@ -38,28 +39,6 @@ const CREDIT_WAIT: Duration = Duration::from_millis(200);
 const REPLY_LINK_WAIT: Duration = Duration::from_secs(10);
 /// How long the broker waits for the peer's detach when it refuses a link.
 const DETACH_WAIT: Duration = Duration::from_secs(5);
-
-/// State shared by every task of one broker.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    state: Mutex<State>,
-    /// Notified (all waiters) whenever messages become available or deadlines change.
-    pub(crate) changed: Notify,
-}
-
-impl Shared {
-    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves the state usable for a test broker.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `f` on the state and wakes every waiter afterwards.
-    pub(crate) fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        let result = f(&mut self.state());
-        self.changed.notify_waiters();
-        result
-    }
-}
 
 /// Accepts SASL ANONYMOUS and PLAIN with any credentials: the broker is for tests.
 #[derive(Debug, Clone, Default)]
