@@ -1,5 +1,9 @@
 //! An Azure Service Bus-compatible AMQP 1.0 broker for tests, in process and in pure Rust.
 //!
+//! It is a product of its own, for anyone whose code talks to Service Bus: it does not depend
+//! on redeliver and needs none of it. The name only says where it is developed, next to
+//! redeliver's Service Bus transport, which is tested against it.
+//!
 //! It speaks enough of the Service Bus AMQP dialect for real Service Bus clients to send,
 //! receive and settle messages over the wire, without Azure, without Docker and without the
 //! official emulator. Two clients are checked against it on every change:
