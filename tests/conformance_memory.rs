@@ -25,3 +25,5 @@ impl Factory for Memory {
 }
 
 redeliver_conformance::conformance_tests!(Memory, #[tokio::test(start_paused = true)]);
+
+redeliver_conformance::resilience_tests!(Memory, #[tokio::test(start_paused = true)]);
