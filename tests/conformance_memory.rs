@@ -25,5 +25,3 @@ impl Factory for Memory {
 }
 
 redeliver_conformance::conformance_tests!(Memory, #[tokio::test(start_paused = true)]);
-
-redeliver_conformance::resilience_tests!(Memory, #[tokio::test(start_paused = true)]);

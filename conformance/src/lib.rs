@@ -112,7 +112,10 @@ macro_rules! conformance_tests {
             dead_letter_handler_once_per_dead_letter,
             request_reply_round_trip,
             request_reply_timeout_and_retry,
-            request_reply_unusable_replies
+            request_reply_unusable_replies,
+            outage_then_recovery,
+            retry_after_pauses_the_consumer,
+            a_throttled_key_is_put_off
         );
     };
     (@each [$(#[$attr:meta])*] $factory:expr;) => {};

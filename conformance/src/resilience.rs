@@ -1,7 +1,7 @@
 //! Resilience scenarios (see `redeliver_core::host::resilience`): a downstream outage behind a
 //! circuit breaker and a retry budget, and `Retry-After` pauses of a consumer and of a key.
-//! They run against any [`Factory`], like the [`scenarios`](crate::scenarios), with
-//! [`resilience_tests!`](crate::resilience_tests), and assert what every transport must keep:
+//! They are part of [`conformance_tests!`](crate::conformance_tests) (re-exported from
+//! [`scenarios`](crate::scenarios)) and assert what every transport must keep:
 //! no handler call while the circuit is open, one call at a time while it is half-open, no
 //! call during a pause, nothing lost and nothing dead-lettered.
 //!
@@ -573,32 +573,4 @@ pub async fn a_throttled_key_is_put_off(factory: &dyn Factory) {
         "every delivery put off was parked: {stats:?}, {after:?}"
     );
     stage.finish().await;
-}
-
-/// Expands to one test per resilience scenario, each running it against `factory`; the
-/// attributes after the factory (such as `#[tokio::test]`) are put on every test. Bounded like
-/// [`conformance_tests!`](crate::conformance_tests).
-#[macro_export]
-macro_rules! resilience_tests {
-    ($factory:expr $(, #[$attr:meta])* $(,)?) => {
-        $crate::resilience_tests!(@each [$(#[$attr])*] $factory;
-            outage_then_recovery,
-            retry_after_pauses_the_consumer,
-            a_throttled_key_is_put_off
-        );
-    };
-    (@each [$(#[$attr:meta])*] $factory:expr;) => {};
-    (@each [$(#[$attr:meta])*] $factory:expr; $scenario:ident $(, $rest:ident)*) => {
-        $(#[$attr])*
-        async fn $scenario() {
-            let factory = $factory;
-            $crate::run_bounded(
-                stringify!($scenario),
-                $crate::scenario_limit(&factory),
-                $crate::resilience::$scenario(&factory),
-            )
-            .await;
-        }
-        $crate::resilience_tests!(@each [$(#[$attr])*] $factory; $($rest),*);
-    };
 }

@@ -61,5 +61,3 @@ impl Factory for RabbitMq {
 }
 
 redeliver_conformance::conformance_tests!(RabbitMq::default(), #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
-
-redeliver_conformance::resilience_tests!(RabbitMq::default(), #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);

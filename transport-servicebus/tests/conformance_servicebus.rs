@@ -37,5 +37,3 @@ impl Factory for ServiceBus {
 // a transfer answered faster than it files the transfer as unsettled (see the crate docs), and a
 // broker on loopback answers that fast.
 redeliver_conformance::conformance_tests!(ServiceBus::default(), #[tokio::test]);
-
-redeliver_conformance::resilience_tests!(ServiceBus::default(), #[tokio::test]);

@@ -15,3 +15,7 @@ pub use outcomes::*;
 pub use request_reply::*;
 pub use shutdown::*;
 pub use topics::*;
+// The resilience scenarios live with their downstream model, which tests use too.
+pub use crate::resilience::{
+    a_throttled_key_is_put_off, outage_then_recovery, retry_after_pauses_the_consumer,
+};
