@@ -51,7 +51,7 @@ pub(super) fn start(
         next_id: 0,
         credit_outstanding: 0,
         backlog: false,
-        after_drain: false,
+        wait_after_drain: None,
     };
     tokio::spawn(consumer.run());
     let stream = futures::stream::poll_fn(move |cx| deliveries_rx.poll_recv(cx));
@@ -84,9 +84,12 @@ struct Consumer {
     credit_outstanding: u32,
     /// The last receive found messages waiting: receive the next ones in a batch.
     backlog: bool,
-    /// The last batch ended by draining its credit: give the next single receive up early and
-    /// grant its credit again (see [`Consumer::receive_batch`]).
-    after_drain: bool,
+    /// Set when a receive ended by draining the link's credit: how long the next single receive
+    /// waits before it is given up and its credit granted again. It starts at
+    /// [`receive_batch_wait`](crate::ServiceBusOptions::receive_batch_wait) and doubles with every
+    /// receive that comes up empty, until it would reach the receive wait (see
+    /// [`Consumer::receive_batch`]).
+    wait_after_drain: Option<Duration>,
 }
 
 async fn stream_closed(deliveries: &Option<mpsc::Sender<Result<Delivery, Error>>>) {
@@ -123,11 +126,9 @@ impl Consumer {
             }
             let can_receive = self.deliveries.is_some() && self.handed_out() < self.prefetch;
             let next_timer = self.locked.values().filter_map(Locked::next_timer).min();
-            let wait = if self.after_drain {
-                self.shared.options.receive_batch_wait
-            } else {
-                self.shared.options.receive_wait
-            };
+            let wait = self
+                .wait_after_drain
+                .unwrap_or(self.shared.options.receive_wait);
             let client_wait = self
                 .shared
                 .options
@@ -165,8 +166,18 @@ impl Consumer {
             } else if asked.load(Ordering::Relaxed) {
                 self.credit_outstanding = 1;
             }
-            if matches!(event, Event::Received(_) | Event::Idle) {
-                self.after_drain = false;
+            match &event {
+                Event::Idle => {
+                    self.wait_after_drain = self.wait_after_drain.and_then(|wait| {
+                        Some(wait * 2).filter(|&next| next < self.shared.options.receive_wait)
+                    })
+                }
+                // The client's own wait ended: it drained the credit.
+                Event::Received(Ok(None)) => {
+                    self.wait_after_drain = Some(self.shared.options.receive_batch_wait);
+                }
+                Event::Received(_) => self.wait_after_drain = None,
+                _ => {}
             }
             match &event {
                 Event::Received(Ok(Some(_))) => self.backlog = true,
@@ -214,9 +225,13 @@ impl Consumer {
     ///
     /// A short batch ends with the client draining the credit without waiting for the broker's
     /// answer. Credit granted before that answer arrives is counted by the broker from a stale
-    /// delivery count and can come to nothing (seen against the test broker: the link then
-    /// stayed silent for a whole receive wait). So the single receive that follows is given up
-    /// after [`receive_batch_wait`] and its credit granted again.
+    /// delivery count, as nothing, while the client believes it granted some: the link would
+    /// stay silent for a whole receive wait. How long the answer takes is a round trip to the
+    /// namespace, which the consumer does not know. So the single receives that follow a drain
+    /// are given up and their credit granted again after a wait that starts at
+    /// [`receive_batch_wait`] and doubles each time nothing came: a message sent after a drain
+    /// waits at most about twice the round trip, and an idle link is asked again only a few
+    /// times (about a dozen flows until the wait reaches the receive wait).
     ///
     /// [`receive_batch_wait`]: crate::ServiceBusOptions::receive_batch_wait
     async fn receive_batch(&mut self) {
@@ -265,7 +280,7 @@ impl Consumer {
                 // A full batch: more may be waiting. A short one ended by draining the credit.
                 let full = messages.len() >= free;
                 self.backlog = full;
-                self.after_drain = !full;
+                self.wait_after_drain = (!full).then_some(self.shared.options.receive_batch_wait);
                 self.credit_outstanding = ask.saturating_sub(messages.len() as u32);
                 for message in messages {
                     self.on_message(message);

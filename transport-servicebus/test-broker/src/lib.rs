@@ -230,7 +230,11 @@ pub async fn start(options: BrokerOptions) -> Result<BrokerHandle, Error> {
         source,
     })?;
     let shared = Arc::new(Shared::default());
-    let listener_task = tokio::spawn(server::run_listener(listener, shared.clone()));
+    let listener_task = tokio::spawn(server::run_listener(
+        listener,
+        shared.clone(),
+        options.latency,
+    ));
     let timer_task = tokio::spawn(server::run_timers(shared.clone()));
     tracing::info!(%address, "Service Bus test broker listening");
     Ok(BrokerHandle {

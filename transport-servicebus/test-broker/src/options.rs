@@ -13,6 +13,12 @@ pub struct BrokerOptions {
     /// address with another port is only useful for clients that honour ports (for example
     /// `fe2o3-amqp` used directly).
     pub address: Option<SocketAddr>,
+    /// How long every frame to a client takes to arrive, as over the network to a real
+    /// namespace (a round trip is this plus the client's own way, which is immediate). Zero,
+    /// the default, writes at once. Clients then see the broker's answers as late as a
+    /// distant broker's: for example, credit a client grants before the answer to its drain
+    /// has arrived is counted from a stale delivery count.
+    pub latency: Duration,
 }
 
 impl BrokerOptions {
@@ -20,6 +26,13 @@ impl BrokerOptions {
     #[must_use]
     pub fn with_address(mut self, address: SocketAddr) -> Self {
         self.address = Some(address);
+        self
+    }
+
+    /// Sets [`latency`](Self::latency).
+    #[must_use]
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
         self
     }
 }

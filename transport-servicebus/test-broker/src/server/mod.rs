@@ -9,6 +9,7 @@ mod route;
 mod session;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, SaslAcceptor, SessionAcceptor, sasl_acceptor::SaslServerFrame,
@@ -79,13 +80,13 @@ pub(crate) async fn run_timers(shared: Arc<Shared>) {
 }
 
 /// Accepts connections until the task is aborted; dropping it ends every connection task.
-pub(crate) async fn run_listener(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn run_listener(listener: TcpListener, shared: Arc<Shared>, latency: Duration) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    connections.spawn(handle_connection(stream, shared.clone()));
+                    connections.spawn(handle_connection(stream, shared.clone(), latency));
                 }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -93,12 +94,12 @@ pub(crate) async fn run_listener(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle_connection(stream: TcpStream, shared: Arc<Shared>) {
+async fn handle_connection(stream: TcpStream, shared: Arc<Shared>, latency: Duration) {
     let acceptor = ConnectionAcceptor::builder()
         .container_id("servicebus-test-broker")
         .sasl_acceptor(AnyCredentials)
         .build();
-    let (stream, tap) = ClientStream::new(stream);
+    let (stream, tap) = ClientStream::new(stream, latency);
     let mut connection = match acceptor.accept(stream).await {
         Ok(connection) => connection,
         Err(error) => {

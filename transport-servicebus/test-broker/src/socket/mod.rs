@@ -53,6 +53,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -84,8 +85,9 @@ pub(crate) struct ClientStream {
 }
 
 impl ClientStream {
-    /// Wraps an accepted connection; the returned [`Tap`] confirms settlements on it.
-    pub(crate) fn new(stream: TcpStream) -> (Self, Arc<Tap>) {
+    /// Wraps an accepted connection whose frames to the client arrive `latency` after they are
+    /// written; the returned [`Tap`] confirms settlements on it.
+    pub(crate) fn new(stream: TcpStream, latency: Duration) -> (Self, Arc<Tap>) {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
@@ -95,7 +97,11 @@ impl ClientStream {
         tokio::spawn(async move {
             while let Some(out) = outgoing.recv().await {
                 match out {
-                    Out::Bytes(bytes) => {
+                    Out::Bytes(queued, bytes) => {
+                        // In order: every frame is delayed by the same amount.
+                        if !latency.is_zero() {
+                            tokio::time::sleep_until(tokio::time::Instant::from_std(queued + latency)).await;
+                        }
                         if write.write_all(&bytes).await.is_err() {
                             return;
                         }
@@ -254,7 +260,7 @@ mod tests {
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        let (mut stream, _tap) = ClientStream::new(accepted);
+        let (mut stream, _tap) = ClientStream::new(accepted, Duration::ZERO);
 
         let client_begin = frame(3, &begin_body(None));
         let attach_like = frame(3, &[0x00, 0x53, 0x12, 0x45]);
@@ -289,7 +295,7 @@ mod tests {
             .await
             .unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        let (mut stream, _tap) = ClientStream::new(accepted);
+        let (mut stream, _tap) = ClientStream::new(accepted, Duration::ZERO);
 
         let mut opening = b"AMQP\x00\x01\x00\x00".to_vec();
         opening.extend_from_slice(&frame(0, &begin_body(None)));

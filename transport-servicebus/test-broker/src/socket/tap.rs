@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use fe2o3_amqp::types::definitions::{
     AmqpError, DeliveryNumber, DeliveryTag, Error as AmqpErrorFrame, ErrorCondition, Role,
@@ -29,7 +30,8 @@ const LOCK_LOST: &str = "com.microsoft:message-lock-lost";
 
 /// What the writer task writes.
 pub(super) enum Out {
-    Bytes(Vec<u8>),
+    /// Bytes, with the instant they were queued.
+    Bytes(Instant, Vec<u8>),
     Shutdown,
 }
 
@@ -64,7 +66,7 @@ pub(crate) struct Tap {
 impl std::fmt::Debug for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Out::Bytes(bytes) => write!(f, "Bytes({})", bytes.len()),
+            Out::Bytes(_, bytes) => write!(f, "Bytes({})", bytes.len()),
             Out::Shutdown => f.write_str("Shutdown"),
         }
     }
@@ -94,7 +96,7 @@ impl Tap {
 
     /// Queues bytes for the client; `false` once the connection's writer has stopped.
     pub(super) fn write(&self, bytes: Vec<u8>) -> bool {
-        self.writer.send(Out::Bytes(bytes)).is_ok()
+        self.writer.send(Out::Bytes(Instant::now(), bytes)).is_ok()
     }
 
     /// Whether the connection's writer has stopped.
