@@ -165,7 +165,10 @@
 //!   returns without waiting for the broker's answer. Credit granted before that answer
 //!   arrives carries the delivery count from before the drain and is counted as zero (by
 //!   AMQP's rules, as Service Bus counts it), so the next receive call gets nothing until it
-//!   grants credit again: give a receive call that follows a drained one a short wait.
+//!   grants credit again: give a receive call that follows a drained one a short wait, and
+//!   keep granting again until the answer has arrived. On loopback the answer takes
+//!   microseconds and the race is rare; [`BrokerOptions::with_latency`] delays every frame to
+//!   the client the way a distant namespace does, which makes it certain.
 //!
 //! # How it is built
 //!

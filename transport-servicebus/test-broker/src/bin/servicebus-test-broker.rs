@@ -9,7 +9,7 @@ use redeliver_servicebus_testbroker::{
 };
 
 const USAGE: &str = "\
-usage: servicebus-test-broker [--address IP:PORT] [ENTITY...]
+usage: servicebus-test-broker [--address IP:PORT] [--latency MS] [ENTITY...]
 
 entities:
   --queue NAME[,lock=SECS][,max-delivery=N][,max-size=BYTES][,duplicate-window=SECS]
@@ -19,7 +19,9 @@ entities:
                [,ttl=SECS][,expired-to-dlq=true]
 
 Without --address the broker listens on the first free 127.0.0.x:5672 (x >= 2), because
-azservicebus always dials port 5672. The connection string is printed on standard output.";
+azservicebus always dials port 5672. --latency delays every frame to a client by MS
+milliseconds, as over the network to a real namespace. The connection string is printed on
+standard output.";
 
 enum Entity {
     Queue(String, QueueOptions),
@@ -136,6 +138,8 @@ fn parse_args() -> Result<(BrokerOptions, Vec<Entity>), String> {
                     .parse()
                     .map_err(|_| format!("--address {value}: not IP:PORT"))?,
             );
+        } else if flag == "--latency" {
+            options = options.with_latency(Duration::from_millis(number(&flag, &value)?));
         } else {
             entities.push(parse_entity(&flag, &value)?);
         }

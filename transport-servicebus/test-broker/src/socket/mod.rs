@@ -100,7 +100,10 @@ impl ClientStream {
                     Out::Bytes(queued, bytes) => {
                         // In order: every frame is delayed by the same amount.
                         if !latency.is_zero() {
-                            tokio::time::sleep_until(tokio::time::Instant::from_std(queued + latency)).await;
+                            tokio::time::sleep_until(tokio::time::Instant::from_std(
+                                queued + latency,
+                            ))
+                            .await;
                         }
                         if write.write_all(&bytes).await.is_err() {
                             return;
