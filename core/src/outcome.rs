@@ -5,6 +5,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 /// A server's request to wait before trying again (HTTP `Retry-After`).
+///
+/// The worker waits at least this long before the retry (the policy's delay if that is longer),
+/// but never longer than the transport can hold a message, nor longer than 100 years: a
+/// misbehaving server's `Retry-After` of 2^64 seconds is a retry in 100 years, not a crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryAfter {
     /// Not before this instant.

@@ -13,6 +13,11 @@ use crate::message::Message;
 use crate::outcome::{Outcome, RetryAfter};
 use crate::retry::{FailedAttempt, RetryPolicy};
 
+/// The longest delay the worker ever schedules, whatever the policy, a `Retry-After` or the
+/// transport allow: 100 years. A not-before that far ahead is still a time every wire can carry
+/// (a `Retry-After` of 2^64 seconds, from a misbehaving server, would not be).
+pub(super) const LONGEST_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// How a delivery ends up, decided before settling.
 #[derive(Debug, PartialEq)]
 pub(super) enum Disposition {
@@ -125,11 +130,12 @@ impl Rules {
             .with_previous_delay(message.last_delay())
             .with_retry_after(floor);
         let mut delay = self.policy.delay(&failed).max(floor.unwrap_or_default());
-        if let Some(max) = self.max_delay.filter(|max| delay > *max) {
+        let max = self.max_delay.map_or(LONGEST_DELAY, |max| max.min(LONGEST_DELAY));
+        if delay > max {
             warn!(
                 ?delay,
                 ?max,
-                "the retry delay exceeds the transport's longest delay; using the longest"
+                "the retry delay exceeds the longest delay the transport can hold; using the longest"
             );
             delay = max;
         }
@@ -277,6 +283,25 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_after_too_long_for_any_clock_is_capped_at_the_longest_delay() {
+        let uncapped = Rules {
+            max_delay: None,
+            ..rules(5, S, false)
+        };
+        for value in ["18446744073709551615", "9999999999999"] {
+            let outcome = crate::http::outcome_for_status(429, Some(value));
+            let Disposition::Retry {
+                delay, not_before, ..
+            } = uncapped.after_handling(&Message::new("x"), outcome, now())
+            else {
+                panic!("a retry")
+            };
+            assert_eq!(delay, LONGEST_DELAY, "Retry-After: {value}");
+            assert_eq!(not_before, now() + to_chrono(LONGEST_DELAY));
+        }
+    }
+
+    #[test]
     fn outcomes_map_to_dispositions() {
         let r = rules(3, S, false);
         let m = Message::new("x");
@@ -333,3 +358,4 @@ mod tests {
         ));
     }
 }
+
