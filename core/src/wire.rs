@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 
 use crate::message::{DeadLetterInfo, FrameworkState, Headers, Message};
 
@@ -76,9 +76,15 @@ pub fn encode_headers(message: &Message) -> Headers {
     }
     if let Some(at) = message.not_before() {
         // Millisecond precision on the wire, rounded up: a not-before is never moved earlier.
-        let at = at
-            .duration_round_up(TimeDelta::milliseconds(1))
-            .unwrap_or(at);
+        // (By hand: chrono's rounding fails past the year 2262 and would leave `at` to be
+        // truncated, earlier, by the formatting.)
+        let sub_millisecond = i64::from(at.timestamp_subsec_nanos() % 1_000_000);
+        let at = match sub_millisecond {
+            0 => at,
+            nanos => at
+                .checked_add_signed(TimeDelta::nanoseconds(1_000_000 - nanos))
+                .unwrap_or(at),
+        };
         headers.insert(NOT_BEFORE, at.to_rfc3339_opts(SecondsFormat::Millis, true));
     }
     if let Some(reason) = message.last_failure() {
@@ -181,6 +187,19 @@ pub fn decode_headers(message: Message) -> Decoded {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_far_not_before_is_rounded_up_on_the_wire_too() {
+        // Found by the `wire_headers` fuzz target: past 2262 the not-before came back earlier.
+        for secs in [1_700_000_000, 163_208_849_255] {
+            let at = DateTime::from_timestamp(secs, 73_730).unwrap();
+            let wire = encode_headers(&Message::new("x").with_not_before(at));
+            let back = decode_headers(Message::new("x").with_headers(wire)).message;
+            let read = back.not_before().unwrap();
+            assert!(read >= at, "{read} is earlier than {at}");
+            assert_eq!(read - at, TimeDelta::nanoseconds(1_000_000 - 73_730));
+        }
+    }
 
     #[test]
     fn framework_state_round_trips_through_headers() {

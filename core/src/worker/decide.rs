@@ -130,7 +130,9 @@ impl Rules {
             .with_previous_delay(message.last_delay())
             .with_retry_after(floor);
         let mut delay = self.policy.delay(&failed).max(floor.unwrap_or_default());
-        let max = self.max_delay.map_or(LONGEST_DELAY, |max| max.min(LONGEST_DELAY));
+        let max = self
+            .max_delay
+            .map_or(LONGEST_DELAY, |max| max.min(LONGEST_DELAY));
         if delay > max {
             warn!(
                 ?delay,
@@ -358,4 +360,3 @@ mod tests {
         ));
     }
 }
-
