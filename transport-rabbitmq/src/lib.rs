@@ -228,6 +228,31 @@ mod options;
 mod topology;
 mod transport;
 
+/// Entry points for the fuzz targets in the repository's `fuzz/` (compiled only with
+/// `--cfg fuzzing`, which `cargo fuzz` sets); not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use lapin::BasicProperties;
+    use redeliver_core::Message;
+
+    /// The message a delivery with these properties and body becomes, for a consumer of
+    /// `prefix`'s queues, and the problem found in its framework headers.
+    pub fn incoming(
+        prefix: &str,
+        properties: &BasicProperties,
+        body: Vec<u8>,
+        from_dead_letters: bool,
+    ) -> (Message, Option<String>) {
+        crate::convert::incoming(prefix, properties, body, from_dead_letters)
+    }
+
+    /// The properties that carry `message`, or why it cannot be sent.
+    pub fn properties(message: &Message) -> Result<BasicProperties, redeliver_core::Error> {
+        crate::convert::properties(message)
+    }
+}
+
 pub use connector::RabbitMqConnector;
 pub use options::{
     DEFAULT_DELIVERY_LIMIT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS,

@@ -212,6 +212,26 @@ mod errors;
 mod options;
 mod shared;
 
+/// Entry points for the fuzz targets in the repository's `fuzz/` (compiled only with
+/// `--cfg fuzzing`, which `cargo fuzz` sets); not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use fe2o3_amqp_types::messaging::{Body, Message as AmqpMessage};
+    use redeliver_core::Message;
+    use serde_amqp::Value;
+
+    /// The message a received AMQP message becomes, and the problem found in its properties.
+    pub fn from_amqp(
+        raw: &AmqpMessage<Body<Value>>,
+        sequence_number: i64,
+        dead_letter: bool,
+    ) -> (Message, Option<String>) {
+        let received = crate::convert::incoming::from_amqp(raw, sequence_number, dead_letter);
+        (received.message, received.problem)
+    }
+}
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;

@@ -188,6 +188,66 @@ mod shared;
 mod socket;
 mod state;
 
+/// Entry points for the fuzz targets in the repository's `fuzz/` (compiled only with
+/// `--cfg fuzzing`, which `cargo fuzz` sets); not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use fe2o3_amqp_types::messaging::{Body, Message};
+    use serde_amqp::Value;
+    use tokio::time::Instant;
+
+    use crate::options::QueueOptions;
+    use crate::state::{ReceiveMode, State, now_ms};
+
+    type Msg = Message<Body<Value>>;
+
+    /// The broker's replies to requests sent in order to `$cbs` (entity `None`) or to an
+    /// entity's `$management` node. Queue `q` holds `messages` (what its limits let in), the
+    /// first `locked` of them locked by a peek-lock receive; `requests` is given their lock
+    /// tokens.
+    pub fn answer(
+        messages: Vec<Msg>,
+        locked: usize,
+        requests: impl FnOnce(&[[u8; 16]]) -> Vec<(Option<String>, Msg)>,
+    ) -> Vec<Msg> {
+        let mut state = State::default();
+        state
+            .create_queue("q", &QueueOptions::default())
+            .expect("a new queue");
+        let now = Instant::now();
+        // Refused sends (too large, say) are part of what is fuzzed.
+        let _ = state.send("q", messages, now, now_ms());
+        let mut tokens = Vec::new();
+        for _ in 0..locked {
+            let Some(picked) = state.pick("q", ReceiveMode::PeekLock, now_ms()) else {
+                break;
+            };
+            state.transferred(
+                "q",
+                picked.sequence_number,
+                picked.lock_token,
+                ReceiveMode::PeekLock,
+                now,
+                now_ms(),
+            );
+            tokens.push(picked.lock_token);
+        }
+        requests(&tokens)
+            .into_iter()
+            .map(|(entity, request)| {
+                let reply = match entity {
+                    None => crate::management::handle_cbs(&request),
+                    Some(entity) => {
+                        crate::management::handle_management(&mut state, &entity, &request)
+                    }
+                };
+                reply.into_message(&request)
+            })
+            .collect()
+    }
+}
+
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
