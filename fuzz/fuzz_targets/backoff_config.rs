@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         let failed = FailedAttempt::new(attempt).with_previous_delay(previous);
         let delay = policy.delay(&failed);
         if let Some(cap) = config.max_delay {
-            assert!(delay <= cap, "attempt {attempt}: {delay:?} over the cap {cap:?}");
+            assert!(
+                delay <= cap,
+                "attempt {attempt}: {delay:?} over the cap {cap:?}"
+            );
         }
         let retry_after = Duration::from_secs(u64::from(attempt % 90));
         let _ = policy.delay(&failed.clone().with_retry_after(Some(retry_after)));

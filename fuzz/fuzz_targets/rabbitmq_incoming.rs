@@ -5,6 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use redeliver_fuzz::assert_same_state;
 use redeliver_rabbitmq::fuzzing::{incoming, properties};
 
 const PREFIX: &str = "rdlv.";
@@ -27,12 +28,5 @@ fuzz_target!(|data: &[u8]| {
     let (back, problem) = incoming(PREFIX, &sent, message.body().to_vec(), from_dead_letters);
     assert_eq!(problem, None, "what the framework writes reads back");
     assert_eq!(back.id(), message.id());
-    assert_eq!(back.attempt(), message.attempt());
-    assert_eq!(back.last_failure(), message.last_failure());
-    assert_eq!(back.dead_letter(), message.dead_letter());
-    match (message.not_before(), back.not_before()) {
-        (None, None) => {}
-        (Some(sent), Some(read)) => assert!(read >= sent, "a not-before moved earlier"),
-        (sent, read) => panic!("not-before {sent:?} came back as {read:?}"),
-    }
+    assert_same_state(&message, &back);
 });

@@ -13,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, wire)) = data.split_first() else {
         return;
     };
-    let Ok(Deserializable(raw)) = serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(wire)
+    let Ok(Deserializable(raw)) =
+        serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(wire)
     else {
         return;
     };

@@ -4,6 +4,20 @@ use arbitrary::Arbitrary;
 use fe2o3_amqp_types::primitives::{Array, Binary, OrderedMap, Timestamp, Uuid};
 use serde_amqp::Value;
 
+/// Asserts that `back`, what the framework wrote of `sent` and read again, carries the same
+/// framework state, with a not-before never earlier.
+pub fn assert_same_state(sent: &redeliver_core::Message, back: &redeliver_core::Message) {
+    assert_eq!(back.attempt(), sent.attempt());
+    assert_eq!(back.last_failure(), sent.last_failure());
+    assert_eq!(back.last_delay(), sent.last_delay());
+    assert_eq!(back.dead_letter(), sent.dead_letter());
+    match (sent.not_before(), back.not_before()) {
+        (None, None) => {}
+        (Some(sent), Some(read)) => assert!(read >= sent, "a not-before moved earlier"),
+        (sent, read) => panic!("not-before {sent:?} came back as {read:?}"),
+    }
+}
+
 /// A header name: one of the framework's, or any other text.
 #[derive(Debug, Arbitrary)]
 pub enum HeaderName {
@@ -30,7 +44,9 @@ impl HeaderName {
     /// The name as text.
     pub fn as_str(&self) -> &str {
         match self {
-            HeaderName::Framework(i) => FRAMEWORK_HEADERS[usize::from(*i) % FRAMEWORK_HEADERS.len()],
+            HeaderName::Framework(i) => {
+                FRAMEWORK_HEADERS[usize::from(*i) % FRAMEWORK_HEADERS.len()]
+            }
             HeaderName::Other(name) => name,
         }
     }
@@ -118,10 +134,7 @@ impl AmqpValue {
             AmqpValue::Map(entries) => {
                 let mut map = OrderedMap::new();
                 for (key, value) in entries {
-                    map.insert(
-                        Value::String(key.build(keys)),
-                        value.build(keys, tokens),
-                    );
+                    map.insert(Value::String(key.build(keys)), value.build(keys, tokens));
                 }
                 Value::Map(map)
             }

@@ -8,20 +8,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use redeliver_core::{
-    ConsumeOptions, Delivery, DeliveryStream, Message, Source, Topology, Transport,
-};
+use redeliver_core::{ConsumeOptions, Message, Source, Topology, Transport};
 use redeliver_servicebus::ServiceBusTransport;
 use redeliver_servicebus_testbroker::{BrokerOptions, QueueOptions, start};
-use support::PROMPT;
-
-async fn next(stream: &mut DeliveryStream, within: Duration) -> Delivery {
-    tokio::time::timeout(within, stream.next())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream is open")
-        .expect("no consumer error")
-}
+use support::{PROMPT, next_within};
 
 /// A short batch ends with the client draining its credit; the broker's answer takes a while
 /// to arrive (as from a real namespace), and credit granted before it is counted from a stale
@@ -57,13 +47,17 @@ async fn a_message_sent_after_a_drained_batch_does_not_wait_out_the_receive_wait
 
     // The first message is received alone; the batch that follows finds nothing and drains.
     transport.send("q", Message::new("first")).await.unwrap();
-    next(&mut stream, PROMPT).await.complete().await.unwrap();
+    next_within(&mut stream, PROMPT)
+        .await
+        .complete()
+        .await
+        .unwrap();
     // A quiet second: the consumer's credit after the drain is what this test is about.
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     transport.send("q", Message::new("second")).await.unwrap();
     let sent = Instant::now();
-    let second = next(&mut stream, receive_wait + PROMPT).await;
+    let second = next_within(&mut stream, receive_wait + PROMPT).await;
     let waited = sent.elapsed();
     assert_eq!(&second.message().body()[..], b"second");
     second.complete().await.unwrap();
@@ -95,7 +89,11 @@ async fn a_stream_goes_on_after_its_receiver_failed() {
         .await
         .unwrap();
     transport.send("q", Message::new("before")).await.unwrap();
-    next(&mut stream, PROMPT).await.complete().await.unwrap();
+    next_within(&mut stream, PROMPT)
+        .await
+        .complete()
+        .await
+        .unwrap();
 
     broker.shutdown().await;
     let broker = start(BrokerOptions::default().with_address(address))

@@ -46,11 +46,7 @@ fn fixed(delay: Duration, max_attempts: u32) -> BackoffPolicy {
 }
 
 async fn next(stream: &mut DeliveryStream) -> Delivery {
-    tokio::time::timeout(PROMPT, stream.next())
-        .await
-        .expect("a delivery in time")
-        .expect("the stream is open")
-        .expect("no consumer error")
+    support::next_within(stream, PROMPT).await
 }
 
 /// Whole milliseconds, the precision of timestamps on the wire.

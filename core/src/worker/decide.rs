@@ -16,7 +16,7 @@ use crate::retry::{FailedAttempt, RetryPolicy};
 /// The longest delay the worker ever schedules, whatever the policy, a `Retry-After` or the
 /// transport allow: 100 years. A not-before that far ahead is still a time every wire can carry
 /// (a `Retry-After` of 2^64 seconds, from a misbehaving server, would not be).
-pub(super) const LONGEST_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+const LONGEST_DELAY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// How a delivery ends up, decided before settling.
 #[derive(Debug, PartialEq)]

@@ -198,7 +198,7 @@ pub mod fuzzing {
     use tokio::time::Instant;
 
     use crate::options::QueueOptions;
-    use crate::state::{ReceiveMode, State, now_ms};
+    use crate::state::{State, now_ms};
 
     type Msg = Message<Body<Value>>;
 
@@ -218,21 +218,10 @@ pub mod fuzzing {
         let now = Instant::now();
         // Refused sends (too large, say) are part of what is fuzzed.
         let _ = state.send("q", messages, now, now_ms());
-        let mut tokens = Vec::new();
-        for _ in 0..locked {
-            let Some(picked) = state.pick("q", ReceiveMode::PeekLock, now_ms()) else {
-                break;
-            };
-            state.transferred(
-                "q",
-                picked.sequence_number,
-                picked.lock_token,
-                ReceiveMode::PeekLock,
-                now,
-                now_ms(),
-            );
-            tokens.push(picked.lock_token);
-        }
+        let tokens: Vec<[u8; 16]> = (0..locked)
+            .map_while(|_| state.lock_next("q", now, now_ms()))
+            .map(|picked| picked.lock_token)
+            .collect();
         requests(&tokens)
             .into_iter()
             .map(|(entity, request)| {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redeliver_core::{Error, Topology, Transport};
+use redeliver_core::{Delivery, DeliveryStream, Error, Topology, Transport};
 use redeliver_servicebus::{ServiceBusOptions, ServiceBusTransport};
 use redeliver_servicebus_testbroker::{
     BrokerHandle, BrokerOptions, QueueOptions, SubscriptionOptions, TopicOptions, start,
@@ -11,6 +11,15 @@ use redeliver_servicebus_testbroker::{
 
 /// Upper bound for anything that should happen promptly.
 pub const PROMPT: Duration = Duration::from_secs(20);
+
+/// The next delivery of `stream`, within `within`.
+pub async fn next_within(stream: &mut DeliveryStream, within: Duration) -> Delivery {
+    tokio::time::timeout(within, futures::StreamExt::next(stream))
+        .await
+        .expect("a delivery in time")
+        .expect("the stream is open")
+        .expect("no consumer error")
+}
 
 pub async fn broker() -> BrokerHandle {
     start(BrokerOptions::default())

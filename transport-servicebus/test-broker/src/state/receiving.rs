@@ -99,6 +99,27 @@ impl State {
         }
     }
 
+    /// Picks the next message of `store_key` and records it as delivered in peek-lock mode at
+    /// once, as a link would after writing it: for the state's tests and the fuzz targets.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn lock_next(
+        &mut self,
+        store_key: &str,
+        now: Instant,
+        now_ms: i64,
+    ) -> Option<Picked> {
+        let picked = self.pick(store_key, ReceiveMode::PeekLock, now_ms)?;
+        self.transferred(
+            store_key,
+            picked.sequence_number,
+            picked.lock_token,
+            ReceiveMode::PeekLock,
+            now,
+            now_ms,
+        );
+        Some(picked)
+    }
+
     /// Locks deferred messages by sequence number (management `receive-by-sequence-number`),
     /// counting a delivery each. Returns the lock tokens with the messages as delivered, or the
     /// first sequence number that is not a deferred message of the store.

@@ -43,18 +43,8 @@ fn data(body: &[u8]) -> Msg {
 
 /// Picks and transfers the next message of `q`; returns its token and header delivery count.
 fn deliver(state: &mut State, now: Instant) -> ([u8; 16], u32) {
-    let picked = state
-        .pick("q", ReceiveMode::PeekLock, 0)
-        .expect("a message");
+    let picked = state.lock_next("q", now, 0).expect("a message");
     let header_count = picked.message.header.as_ref().unwrap().delivery_count;
-    state.transferred(
-        "q",
-        picked.sequence_number,
-        picked.lock_token,
-        ReceiveMode::PeekLock,
-        now,
-        0,
-    );
     (picked.lock_token, header_count)
 }
 
