@@ -164,8 +164,10 @@ pub(crate) fn message(
     let id = properties
         .message_id()
         .as_ref()
+        .filter(|id| !id.as_str().is_empty())
         .map(|id| MessageId::from(id.as_str()))
-        // A message from another producer without an id: give it one, which its retries keep.
+        // A message from another producer without an id (or with an empty one): give it one,
+        // which its retries keep.
         .unwrap_or_else(MessageId::random);
     let mut message = Message::new(body).with_id(id).with_headers(headers);
     if let Some(ct) = properties.content_type() {
@@ -303,6 +305,24 @@ mod tests {
 
     fn serde_json_value() -> std::collections::BTreeMap<&'static str, u32> {
         [("id", 7)].into_iter().collect()
+    }
+
+    #[test]
+    fn a_message_without_an_id_or_with_an_empty_one_gets_a_fresh_one() {
+        for props in [
+            BasicProperties::default(),
+            BasicProperties::default().with_message_id("".into()),
+        ] {
+            let (first, problem) = message(&props, b"{}".to_vec(), false);
+            assert_eq!(problem, None);
+            let (second, _) = message(&props, b"{}".to_vec(), false);
+            assert!(!first.id().as_str().is_empty(), "{props:?}");
+            assert_ne!(
+                first.id(),
+                second.id(),
+                "each delivery is a message of its own"
+            );
+        }
     }
 
     #[test]

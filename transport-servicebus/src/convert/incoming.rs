@@ -72,6 +72,8 @@ pub(crate) fn from_amqp(
     let native_id = properties
         .and_then(|p| p.message_id.as_ref())
         .map(id_text)
+        // Without an id, or with an empty one, the sequence number names the message.
+        .filter(|id| !id.is_empty())
         .unwrap_or_else(|| format!("sequence-{sequence_number}"));
 
     let mut headers = Headers::new();
@@ -86,7 +88,8 @@ pub(crate) fn from_amqp(
                 NATIVE_DEAD_LETTER_REASON => native_reason = simple_value_text(value),
                 NATIVE_DEAD_LETTER_DESCRIPTION => native_description = simple_value_text(value),
                 MESSAGE_ID_PROPERTY => match value {
-                    SimpleValue::String(id) => framework_id = Some(id.clone()),
+                    SimpleValue::String(id) if !id.is_empty() => framework_id = Some(id.clone()),
+                    SimpleValue::String(_) => {}
                     other => mistyped.push(wire::mistyped(key, simple_value_kind(other))),
                 },
                 framework if framework.starts_with(wire::PREFIX) => {
@@ -281,6 +284,21 @@ mod tests {
         assert_eq!(r.message.correlation_id(), Some("AB01"));
         let r = from_amqp(&received(data(b"x"), None, vec![]), 77, false);
         assert_eq!(r.message.id().as_str(), "sequence-77");
+    }
+
+    #[test]
+    fn an_empty_id_is_no_id() {
+        let raw = received(
+            data(b"x"),
+            Some(Properties {
+                message_id: Some(AmqpMessageId::String(String::new())),
+                ..Properties::default()
+            }),
+            vec![(MESSAGE_ID_PROPERTY, text(""))],
+        );
+        let r = from_amqp(&raw, 78, false);
+        assert_eq!(r.problem, None);
+        assert_eq!(r.message.id().as_str(), "sequence-78");
     }
 
     #[test]
