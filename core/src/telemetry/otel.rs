@@ -182,6 +182,10 @@ impl Instruments {
                 .f64_histogram(name)
                 .with_unit("s")
                 .with_description(description)
+                // From a millisecond to an hour: handler calls, retry delays, lateness.
+                .with_boundaries(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+                ])
                 .build()
         };
         Instruments {
