@@ -5,6 +5,7 @@
 //! cargo run --release -p redeliver-bench -- --json out.json # also writes the figures as JSON
 //! cargo run -p redeliver-bench -- --smoke                   # seconds: checks that it works (CI)
 //! cargo run --release -p redeliver-bench -- --only rabbitmq # only the groups named
+//! cargo run --release -p redeliver-bench -- --only telemetry # the opentelemetry feature's cost
 //! ```
 //!
 //! Every figure is the median of several runs; a comparison is a ratio of two figures measured
@@ -16,6 +17,7 @@ mod report;
 mod resilience;
 mod servicebus;
 mod support;
+mod telemetry;
 
 use std::time::Duration;
 
@@ -27,7 +29,13 @@ use crate::report::Report;
 static ALLOCATOR: PeakAlloc = PeakAlloc;
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 4] = ["memory", "rabbitmq", "servicebus", "resilience"];
+const GROUPS: [&str; 5] = [
+    "memory",
+    "rabbitmq",
+    "servicebus",
+    "resilience",
+    "telemetry",
+];
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +118,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
+    // Recording only in the telemetry group, which switches it on and off itself.
+    redeliver::telemetry::set_enabled(false);
     let mut report = Report::new(&scale);
     let wanted = |group: &str| only.as_ref().is_none_or(|o| o.iter().any(|g| g == group));
     if wanted("memory") {
@@ -125,6 +135,9 @@ fn main() {
     if wanted("resilience") {
         // In virtual time, on a runtime of its own (see the module).
         resilience::run(&scale, &mut report);
+    }
+    if wanted("telemetry") {
+        runtime.block_on(telemetry::run(&scale, &mut report));
     }
     report.print();
     if let Some(path) = json {

@@ -104,6 +104,11 @@ async fn fill(transport: &MemoryTransport, messages: usize, body: &Bytes) {
     }
 }
 
+/// [`worker_throughput`] with the bench's payload (for the telemetry group).
+pub(crate) async fn no_op_throughput(messages: usize, concurrency: usize) -> f64 {
+    worker_throughput(messages, concurrency, payload()).await
+}
+
 async fn worker_throughput(messages: usize, concurrency: usize, body: Bytes) -> f64 {
     let memory = MemoryTransport::new();
     fill(&memory, messages, &body).await;

@@ -296,6 +296,32 @@ pub(crate) async fn run(scale: &Scale, report: &mut Report) {
     bench.clean_up().await;
 }
 
+/// Consume throughput on a classic queue with telemetry recording on and switched off,
+/// alternating run by run: the medians (on, off), or `None` without a broker.
+pub(crate) async fn telemetry_throughput(scale: &Scale) -> Option<(f64, f64)> {
+    let url = amqp_url();
+    let raw = connect_or_skip(&url).await?;
+    let sizes = Sizes::new(scale);
+    let bench = Bench::new(&url, raw).await;
+    let endpoint = "telemetry-throughput";
+    let transport = bench.endpoint(QueueType::Classic, endpoint).await;
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for run in 0..sizes.runs {
+        for recording in [run % 2 == 1, run % 2 == 0] {
+            redeliver::telemetry::set_enabled(recording);
+            redeliver_publish(&transport, endpoint, sizes.messages).await;
+            let rate = redeliver_consume(&transport, endpoint, sizes.messages).await;
+            if recording {
+                on.push(rate)
+            } else {
+                off.push(rate)
+            }
+        }
+    }
+    bench.clean_up().await;
+    Some((median_of(on), median_of(off)))
+}
+
 /// Publish then consume the same messages, redeliver and raw lapin alternating run by run.
 async fn throughput(bench: &Bench, sizes: &Sizes, queue_type: QueueType, report: &mut Report) {
     let kind = label(queue_type);

@@ -134,6 +134,26 @@ macro_rules! conformance_tests {
     };
 }
 
+/// Expands to one test per telemetry scenario in [`scenarios::telemetry`], like
+/// [`conformance_tests!`]. Put it into a test binary of its own (the scenarios install global
+/// OpenTelemetry providers), built with the transport's `opentelemetry` feature.
+#[cfg(feature = "opentelemetry")]
+#[macro_export]
+macro_rules! telemetry_tests {
+    ($factory:expr $(, #[$attr:meta])* $(,)?) => {
+        $(#[$attr])*
+        async fn trace_context_crosses_the_broker() {
+            let factory = $factory;
+            $crate::run_bounded(
+                "trace_context_crosses_the_broker",
+                $crate::scenario_limit(&factory),
+                $crate::scenarios::telemetry::trace_context_crosses_the_broker(&factory),
+            )
+            .await;
+        }
+    };
+}
+
 /// The longest a whole scenario may run on `factory`'s transport: ten times its
 /// [`Timing::patience`], and at least five minutes.
 pub fn scenario_limit(factory: &dyn Factory) -> Duration {

@@ -33,6 +33,8 @@
 //! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
 //! - [`secret`] — [`SecretUrl`]: URLs and connection strings whose secrets never show.
 //! - [`wire`] — the header names broker transports carry the framework's state in.
+//! - [`telemetry`] — OpenTelemetry traces across the broker and the worker's metrics
+//!   (`opentelemetry` feature); see its module docs for the attribute and metric names.
 //!
 //! # Feature flags
 #![doc = document_features::document_features!()]
@@ -52,6 +54,7 @@ pub mod reasons;
 pub mod request_reply;
 pub mod retry;
 pub mod secret;
+pub mod telemetry;
 pub mod transport;
 pub mod wire;
 pub mod worker;

@@ -326,6 +326,12 @@ impl Message {
         &self.headers
     }
 
+    /// The application headers, to change (the trace context is written into them).
+    #[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
+    pub(crate) fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
     /// The correlation id, if set.
     pub fn correlation_id(&self) -> Option<&str> {
         self.correlation_id.as_deref()

@@ -38,6 +38,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redeliver_core::telemetry::{self, Operation};
 use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
     Transport,
@@ -50,6 +51,9 @@ mod state;
 pub use connector::MemoryConnector;
 
 use crate::state::{Endpoint, Inner, Now, State};
+
+/// The `messaging.system` this transport's spans and metrics carry.
+pub const MESSAGING_SYSTEM: &str = "memory";
 
 /// The in-memory transport. Cheap to clone: clones share the same queues.
 #[derive(Clone, Debug)]
@@ -156,7 +160,7 @@ impl MemoryTransport {
 #[async_trait]
 impl Transport for MemoryTransport {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(Duration::ZERO)
+        Capabilities::new(Duration::ZERO).with_messaging_system(MESSAGING_SYSTEM)
     }
 
     fn clock(&self) -> Clock {
@@ -177,11 +181,16 @@ impl Transport for MemoryTransport {
     }
 
     async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
+        let (message, span) =
+            telemetry::produce(MESSAGING_SYSTEM, Operation::Send, endpoint, message);
         self.change(|state, now| state.enqueue(&Source::endpoint(endpoint), message, now));
+        span.finish(&Ok(()));
         Ok(())
     }
 
     async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        let (message, span) =
+            telemetry::produce(MESSAGING_SYSTEM, Operation::Publish, topic, message);
         self.change(|state, now| {
             let subscribers: Vec<String> = state
                 .topics
@@ -192,6 +201,7 @@ impl Transport for MemoryTransport {
                 state.enqueue(&Source::Endpoint(endpoint), message.clone(), &mut *now);
             }
         });
+        span.finish(&Ok(()));
         Ok(())
     }
 

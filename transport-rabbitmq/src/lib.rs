@@ -258,4 +258,4 @@ pub use options::{
     DEFAULT_DELIVERY_LIMIT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL, DelayMode, MAX_DELAY_LEVELS,
     QueueType, RabbitMqOptions, TopologyMode,
 };
-pub use transport::{Infrastructure, RabbitMqTransport};
+pub use transport::{Infrastructure, MESSAGING_SYSTEM, RabbitMqTransport};

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use redeliver_core::clock::until;
+use redeliver_core::telemetry::{self, Operation};
 use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
     Transport,
@@ -17,6 +18,10 @@ use crate::connection::{Shared, Target};
 use crate::convert;
 use crate::naming::{Destination, cascade_route, check_destination, whole_seconds};
 use crate::options::{DelayMode, RabbitMqOptions};
+
+/// The `messaging.system` this transport's spans and metrics carry (OpenTelemetry's name for
+/// RabbitMQ).
+pub const MESSAGING_SYSTEM: &str = "rabbitmq";
 
 /// The RabbitMQ transport. Cheap to clone; clones share one connection.
 ///
@@ -300,6 +305,7 @@ impl Transport for RabbitMqTransport {
             // rather than parking once more for a whole `ttl`.
             (DelayMode::FixedTtlRetryQueue { ttl, .. }, _) => Capabilities::new(*ttl),
         }
+        .with_messaging_system(MESSAGING_SYSTEM)
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
@@ -311,6 +317,37 @@ impl Transport for RabbitMqTransport {
     /// is sent to as it is, so a responder can answer it with
     /// [`request_reply::reply_to`](redeliver_core::request_reply::reply_to) whatever the prefix.
     async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
+        let (message, span) =
+            telemetry::produce(MESSAGING_SYSTEM, Operation::Send, endpoint, message);
+        let result = self.send_to_endpoint(endpoint, message).await;
+        span.finish(&result);
+        result
+    }
+
+    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+        let (message, span) =
+            telemetry::produce(MESSAGING_SYSTEM, Operation::Publish, topic, message);
+        let result = self.publish_to_topic(topic, message).await;
+        span.finish(&result);
+        result
+    }
+
+    async fn consume(
+        &self,
+        source: &Source,
+        options: ConsumeOptions,
+    ) -> Result<DeliveryStream, Error> {
+        let limit = self.shared.options.prefetch_limit;
+        let prefetch = u16::try_from(options.prefetch)
+            .unwrap_or(u16::MAX)
+            .clamp(1, limit);
+        crate::consumer::consume(self.clone(), source.clone(), prefetch).await
+    }
+}
+
+impl RabbitMqTransport {
+    /// [`Transport::send`] once the trace context is in the headers.
+    async fn send_to_endpoint(&self, endpoint: &str, message: Message) -> Result<(), Error> {
         let queue = convert::destination_queue(&self.shared.names, endpoint);
         let delayed = message
             .not_before()
@@ -321,7 +358,8 @@ impl Transport for RabbitMqTransport {
         self.schedule(&queue, &message, false).await
     }
 
-    async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
+    /// [`Transport::publish`] once the trace context is in the headers.
+    async fn publish_to_topic(&self, topic: &str, message: Message) -> Result<(), Error> {
         let exchange = self.shared.names.topic_exchange(topic);
         let properties = convert::outgoing(&self.shared.names, &message)?;
         // Not mandatory: a topic nobody subscribes to drops the message, as the contract says.
@@ -339,17 +377,5 @@ impl Transport for RabbitMqTransport {
                 &format!("publishing message `{}` to topic `{topic}`", message.id()),
             )
             .await
-    }
-
-    async fn consume(
-        &self,
-        source: &Source,
-        options: ConsumeOptions,
-    ) -> Result<DeliveryStream, Error> {
-        let limit = self.shared.options.prefetch_limit;
-        let prefetch = u16::try_from(options.prefetch)
-            .unwrap_or(u16::MAX)
-            .clamp(1, limit);
-        crate::consumer::consume(self.clone(), source.clone(), prefetch).await
     }
 }

@@ -238,6 +238,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redeliver_core::secret::SecretUrl;
+use redeliver_core::telemetry::{self, Operation};
 use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
     Transport,
@@ -302,6 +303,10 @@ impl ServiceBusTransport {
     }
 }
 
+/// The `messaging.system` this transport's spans and metrics carry (OpenTelemetry's name for
+/// Azure Service Bus).
+pub const MESSAGING_SYSTEM: &str = "servicebus";
+
 #[async_trait]
 impl Transport for ServiceBusTransport {
     fn clock(&self) -> Clock {
@@ -309,7 +314,7 @@ impl Transport for ServiceBusTransport {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(Duration::from_secs(1))
+        Capabilities::new(Duration::from_secs(1)).with_messaging_system(MESSAGING_SYSTEM)
     }
 
     async fn declare(&self, topology: &Topology) -> Result<(), Error> {
@@ -317,15 +322,25 @@ impl Transport for ServiceBusTransport {
     }
 
     async fn send(&self, endpoint: &str, message: Message) -> Result<(), Error> {
-        self.shared
+        let (message, span) =
+            telemetry::produce(MESSAGING_SYSTEM, Operation::Send, endpoint, message);
+        let result = self
+            .shared
             .send_entity(endpoint, "queue", &message, None)
-            .await
+            .await;
+        span.finish(&result);
+        result
     }
 
     async fn publish(&self, topic: &str, message: Message) -> Result<(), Error> {
-        self.shared
+        let (message, span) =
+            telemetry::produce(MESSAGING_SYSTEM, Operation::Publish, topic, message);
+        let result = self
+            .shared
             .send_entity(topic, "topic", &message, None)
-            .await
+            .await;
+        span.finish(&result);
+        result
     }
 
     async fn consume(

@@ -7,6 +7,8 @@ mod outcomes;
 mod request_reply;
 mod setup;
 mod shutdown;
+#[cfg(feature = "opentelemetry")]
+pub mod telemetry;
 mod topics;
 
 pub use dead_letters::*;

@@ -430,6 +430,14 @@ pub struct ConsumerHealth {
     pub resilience: Option<ResilienceSnapshot>,
 }
 
+impl ConsumerHealth {
+    /// Whether the consumer is connected and taking deliveries: its consumer is open and it is
+    /// not paused. For a readiness probe; a consumer that is reconnecting is not ready.
+    pub fn is_ready(&self) -> bool {
+        self.consuming && !self.paused
+    }
+}
+
 impl Host {
     /// A builder for a host on `transport`, with no application state.
     pub fn builder(transport: Arc<dyn Transport>) -> HostBuilder<()> {
@@ -464,6 +472,11 @@ impl Host {
                 resilience: monitor.as_ref().map(ResilienceMonitor::snapshot),
             })
             .collect()
+    }
+
+    /// Whether every consumer [is ready](ConsumerHealth::is_ready) (for a readiness probe).
+    pub fn is_ready(&self) -> bool {
+        self.health().iter().all(ConsumerHealth::is_ready)
     }
 
     /// The resilience of the first consumer of `source` that has one, to watch it.

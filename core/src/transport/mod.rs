@@ -222,6 +222,10 @@ pub struct Capabilities {
     pub scheduling_precision: Duration,
     /// The longest delay the transport can hold a message for, if limited.
     pub max_delay: Option<Duration>,
+    /// The transport's `messaging.system` in OpenTelemetry's messaging conventions
+    /// (`rabbitmq`, `servicebus`, `memory`), recorded on spans and metrics
+    /// ([`telemetry`](crate::telemetry)). Default: `redeliver`.
+    pub messaging_system: &'static str,
 }
 
 impl Capabilities {
@@ -231,7 +235,16 @@ impl Capabilities {
         Capabilities {
             scheduling_precision,
             max_delay: None,
+            messaging_system: "redeliver",
         }
+    }
+
+    /// Declares the transport's `messaging.system` (see
+    /// [`messaging_system`](Capabilities::messaging_system)).
+    #[must_use]
+    pub fn with_messaging_system(mut self, system: &'static str) -> Self {
+        self.messaging_system = system;
+        self
     }
 
     /// Declares the longest delay the transport can hold.

@@ -12,6 +12,7 @@ use crate::clock::{to_chrono, until};
 use crate::message::Message;
 use crate::outcome::{Outcome, RetryAfter};
 use crate::retry::{FailedAttempt, RetryPolicy};
+use crate::telemetry::DelaySource;
 
 /// The longest delay the worker ever schedules, whatever the policy, a `Retry-After` or the
 /// transport allow: 100 years. A not-before that far ahead is still a time every wire can carry
@@ -31,6 +32,8 @@ pub(super) enum Disposition {
         not_before: DateTime<Utc>,
         reason: String,
         delay: Duration,
+        /// Whether the delay is the policy's or the handler's `Retry-After`.
+        source: DelaySource,
     },
     /// Early: back to the transport, to be delivered at the not-before.
     Park(DateTime<Utc>),
@@ -129,7 +132,11 @@ impl Rules {
         let failed = FailedAttempt::new(attempt)
             .with_previous_delay(message.last_delay())
             .with_retry_after(floor);
-        let mut delay = self.policy.delay(&failed).max(floor.unwrap_or_default());
+        let backoff = self.policy.delay(&failed);
+        let (mut delay, source) = match floor {
+            Some(floor) if floor > backoff => (floor, DelaySource::RetryAfter),
+            _ => (backoff, DelaySource::Backoff),
+        };
         let max = self
             .max_delay
             .map_or(LONGEST_DELAY, |max| max.min(LONGEST_DELAY));
@@ -145,6 +152,7 @@ impl Rules {
             not_before: now + to_chrono(delay),
             reason,
             delay,
+            source,
         }
     }
 
@@ -244,6 +252,7 @@ mod tests {
                 not_before: now() + chrono::TimeDelta::seconds(2),
                 reason: "timeout".into(),
                 delay: 2 * S,
+                source: DelaySource::Backoff,
             }
         );
         let second = first.clone().with_attempt(2);
@@ -253,6 +262,7 @@ mod tests {
                 not_before: now() + chrono::TimeDelta::seconds(4),
                 reason: "timeout".into(),
                 delay: 4 * S,
+                source: DelaySource::Backoff,
             }
         );
         let last = first.with_attempt(3);
@@ -270,14 +280,17 @@ mod tests {
         let r = rules(5, S, false);
         let m = Message::new("x");
         let after = |d: Duration| retry("429", Some(RetryAfter::Delay(d)));
-        let Disposition::Retry { delay, .. } = r.after_handling(&m, after(30 * S), now()) else {
+        let Disposition::Retry { delay, source, .. } = r.after_handling(&m, after(30 * S), now())
+        else {
             panic!()
         };
         assert_eq!(delay, 30 * S, "the floor wins over the policy's 2 s");
-        let Disposition::Retry { delay, .. } = r.after_handling(&m, after(S), now()) else {
+        assert_eq!(source, DelaySource::RetryAfter);
+        let Disposition::Retry { delay, source, .. } = r.after_handling(&m, after(S), now()) else {
             panic!()
         };
         assert_eq!(delay, 2 * S, "the policy wins over a shorter Retry-After");
+        assert_eq!(source, DelaySource::Backoff);
         let Disposition::Retry { delay, .. } = r.after_handling(&m, after(500 * S), now()) else {
             panic!()
         };
@@ -338,6 +351,7 @@ mod tests {
                 not_before: now() + chrono::TimeDelta::seconds(60),
                 reason: "still failing".into(),
                 delay: 60 * S,
+                source: DelaySource::Backoff,
             }
         );
         assert_eq!(
@@ -346,6 +360,7 @@ mod tests {
                 not_before: now() + chrono::TimeDelta::seconds(60),
                 reason: "again".into(),
                 delay: 60 * S,
+                source: DelaySource::Backoff,
             },
             "no attempt limit among dead letters"
         );

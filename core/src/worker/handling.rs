@@ -21,6 +21,7 @@ use crate::handler::{Context, Handler};
 use crate::outcome::Outcome;
 use crate::payload::Payload;
 use crate::reasons::{INVALID_PAYLOAD, MALFORMED_HEADERS};
+use crate::telemetry::{self, DeliverySpan, Settlement, Taken, WorkerTelemetry};
 use crate::transport::{Delivery, Settled, Source, Transport};
 
 /// What every lane of a worker shares.
@@ -37,6 +38,8 @@ pub(super) struct Shared<T, S, H> {
     pub(super) stats: Counters,
     pub(super) control: Arc<Control>,
     pub(super) waiting: WaitingRoom,
+    /// Spans and metrics (nothing without the `opentelemetry` feature).
+    pub(super) telemetry: WorkerTelemetry,
     pub(super) _payload: PhantomData<fn() -> T>,
 }
 
@@ -62,21 +65,36 @@ where
         hard_stop: &Signal,
     ) -> Option<(Delivery, DateTime<Utc>)> {
         let message = delivery.message();
-        let span = info_span!(
-            "delivery",
-            message_id = %message.id(),
-            endpoint = %self.source,
-            attempt = message.attempt(),
-            outcome = tracing::field::Empty,
-        );
-        async {
+        let mut otel = self.telemetry.start(message);
+        let span = {
+            // The `tracing` span is a child of the consumer span (with `tracing-opentelemetry`).
+            let _current = otel.enter();
+            info_span!(
+                "delivery",
+                message_id = %message.id(),
+                endpoint = %self.source,
+                attempt = message.attempt(),
+                outcome = tracing::field::Empty,
+            )
+        };
+        let scope = otel.scope();
+        let work = async {
             if fresh {
                 bump(&self.stats.received);
+                self.telemetry.received();
             }
-            let (delivery, disposition) = self.decide(delivery, hard_stop).await;
+            let (delivery, disposition) = self.decide(delivery, hard_stop, &mut otel).await;
             let disposition = match disposition {
                 Disposition::Wait(not_before) if self.waiting.enter() => {
                     debug!(%not_before, "arrived early by less than the transport's precision; waiting aside");
+                    tracing::Span::current().record("outcome", "waiting");
+                    let waiting = Settlement {
+                        outcome: "waiting",
+                        reason: None,
+                        retry: None,
+                        attempt: delivery.message().attempt(),
+                    };
+                    otel.settled(&waiting, Taken::AsAsked);
                     return Some((delivery, not_before));
                 }
                 // No room to wait aside: the transport holds it instead.
@@ -85,15 +103,19 @@ where
                     .rules
                     .keep_dead_letters(delivery.message(), other, self.clock.now()),
             };
-            self.settle(delivery, disposition).await;
+            self.settle(delivery, disposition, &otel).await;
             None
-        }
-        .instrument(span)
-        .await
+        };
+        scope.wrap(work.instrument(span)).await
     }
 
     /// Waits for `not_before` holding only the delivery, then hands it back to the lanes; gives
-    async fn decide(&self, delivery: Delivery, hard_stop: &Signal) -> (Delivery, Disposition) {
+    async fn decide(
+        &self,
+        delivery: Delivery,
+        hard_stop: &Signal,
+        otel: &mut DeliverySpan<'_>,
+    ) -> (Delivery, Disposition) {
         if let Some(problem) = delivery.problem() {
             let disposition = Disposition::DeadLetter {
                 reason: MALFORMED_HEADERS.to_owned(),
@@ -133,19 +155,50 @@ where
             Arc::clone(&self.transport),
         );
         bump(&self.stats.handled);
+        otel.handler_starting(delivery.message().not_before(), self.clock.now());
         let outcome = tokio::select! {
             biased;
             outcome = call(&self.handler, payload, context) => outcome,
             _ = hard_stop.wait() => return (delivery, Disposition::Abandon),
         };
+        otel.handler_finished();
         let disposition = self
             .rules
             .after_handling(delivery.message(), outcome, self.clock.now());
         (delivery, disposition)
     }
 
-    pub(super) async fn settle(&self, delivery: Delivery, disposition: Disposition) {
+    /// Settles `delivery` as decided; `otel` is its consumer span
+    /// ([`WorkerTelemetry::detached`] outside one).
+    pub(super) async fn settle(
+        &self,
+        delivery: Delivery,
+        disposition: Disposition,
+        otel: &DeliverySpan<'_>,
+    ) {
         tracing::Span::current().record("outcome", disposition.name());
+        // Taken apart before the disposition moves into the settlement, and recorded after it.
+        let reason = match &disposition {
+            Disposition::Discard(reason)
+            | Disposition::DeadLetter { reason, .. }
+            | Disposition::Retry { reason, .. } => telemetry_reason(reason),
+            _ => None,
+        };
+        let retry = match &disposition {
+            Disposition::Retry {
+                not_before,
+                delay,
+                source,
+                ..
+            } => Some(telemetry::Retry {
+                delay: *delay,
+                source: *source,
+                not_before: *not_before,
+            }),
+            _ => None,
+        };
+        let outcome = disposition.name();
+        let attempt = delivery.message().attempt();
         let counter = match &disposition {
             Disposition::Complete => &self.stats.completed,
             Disposition::Discard(_) => &self.stats.discarded,
@@ -173,6 +226,7 @@ where
                 not_before,
                 reason,
                 delay,
+                ..
             } => {
                 info!(reason, %not_before, ?delay, "retry scheduled");
                 delivery.retry(not_before, reason, delay).await
@@ -183,18 +237,34 @@ where
             }
             Disposition::Abandon | Disposition::Wait(_) => delivery.abandon().await,
         };
+        let settlement = Settlement {
+            outcome,
+            reason: reason.as_deref(),
+            retry,
+            attempt,
+        };
         match result {
-            Ok(Settled::AsAsked) => bump(counter),
+            Ok(Settled::AsAsked) => {
+                bump(counter);
+                otel.settled(&settlement, Taken::AsAsked);
+            }
             Ok(Settled::DeadLettered { reason }) => {
                 bump(&self.stats.dead_lettered);
+                otel.settled(&settlement, Taken::DeadLettered(&reason));
                 warn!(reason, "the transport dead-lettered the message instead");
             }
             Err(e) => {
                 bump(&self.stats.settle_failures);
+                otel.settled(&settlement, Taken::Failed);
                 error!(error = %e, "could not settle the delivery; the transport will deliver it again");
             }
         }
     }
+}
+
+/// The reason as telemetry records it: copied only when something records it.
+fn telemetry_reason(reason: &str) -> Option<String> {
+    telemetry::is_enabled().then(|| reason.to_owned())
 }
 
 /// Calls the handler, turning a panic (while creating or polling its future) into a retry.

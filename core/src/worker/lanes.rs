@@ -102,7 +102,9 @@ pub(super) async fn run<T, S, H>(
     };
     for delivery in back.drain(..) {
         shared.waiting.leave();
-        shared.settle(delivery, Disposition::Abandon).await;
+        shared
+            .settle(delivery, Disposition::Abandon, &shared.telemetry.detached())
+            .await;
     }
     shared.waiting.tasks.close();
     let deadline = tokio::time::sleep(shutdown_timeout);
@@ -318,6 +320,7 @@ where
                 }
                 Some(Err(e)) => {
                     self.control.set_consuming(false);
+                    self.telemetry.reconnected();
                     warn!(source = %self.source, error = %e, "the transport reported a consumer error");
                     if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
                         return None;
@@ -330,6 +333,7 @@ where
                     warn!(source = %self.source, "the consumer was closed by the transport; consuming again");
                     intake.stream = None;
                     self.control.set_consuming(false);
+                    self.telemetry.reconnected();
                     while intake.stream.is_none() {
                         if !pause(stop, &mut intake.backoff, MAX_BACKOFF).await {
                             return None;
@@ -355,8 +359,10 @@ where
         // Received all the same.
         if fresh {
             bump(&self.stats.received);
+            self.telemetry.received();
         }
-        self.settle(delivery, disposition).await;
+        self.settle(delivery, disposition, &self.telemetry.detached())
+            .await;
     }
 
     /// Waits for `not_before` holding only the delivery, then hands it back to the lanes; gives
@@ -368,11 +374,13 @@ where
                     return;
                 };
                 self.waiting.leave();
-                self.settle(delivery, Disposition::Abandon).await;
+                self.settle(delivery, Disposition::Abandon, &self.telemetry.detached())
+                    .await;
             }
             _ = stop.wait() => {
                 self.waiting.leave();
-                self.settle(delivery, Disposition::Abandon).await;
+                self.settle(delivery, Disposition::Abandon, &self.telemetry.detached())
+                    .await;
             }
         }
     }

@@ -209,6 +209,8 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             .consume(&self.source, options.clone())
             .await?;
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        let telemetry =
+            crate::telemetry::WorkerTelemetry::new(capabilities.messaging_system, &self.source);
         let control = Arc::new(Control::new());
         let shared = Arc::new(Shared {
             control: Arc::clone(&control),
@@ -226,6 +228,7 @@ impl<S: Send + Sync + 'static> WorkerBuilder<S> {
             invalid_payload: self.invalid_payload,
             stats: Default::default(),
             waiting: WaitingRoom::new(waiting_capacity, ready_tx),
+            telemetry,
             _payload: PhantomData,
         });
         let cancel = CancellationToken::new();
