@@ -42,7 +42,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::message::{FrameworkState, MESSAGE_TYPE, Message, MessageId};
-use crate::transport::{ConsumeOptions, Delivery, PassedOver, Source, Transport};
+use crate::transport::{Delivery, PassedOver, Transport};
 use crate::{Error, clock::to_chrono};
 
 /// The longest a replay or purge waits for the next dead letter of its snapshot before it gives
@@ -428,13 +428,10 @@ impl DeadLetters {
             return Ok(report);
         }
 
-        let source = Source::dead_letters(&self.endpoint);
-        // Deliveries passed over may be held until the end: the prefetch must leave room for
-        // all of them and the next one.
-        let prefetch = snapshot.len().saturating_add(1);
+        // Deliveries passed over may be held until the end: room for all of them.
         let mut stream = self
             .transport
-            .consume(&source, ConsumeOptions::default().with_prefetch(prefetch))
+            .take_dead_letters(&self.endpoint, snapshot.len())
             .await?;
         let mut held = Held(Vec::new());
         let mut copied_back = false;
@@ -443,6 +440,12 @@ impl DeadLetters {
         // Once every selected message is done, a transport that holds can stop; one that
         // copies back goes round the whole snapshot, which puts the queue back in its order.
         while seen < snapshot.len() && (report.done < report.selected || copied_back) {
+            // The rate limit waits before the next dead letter is taken, so that a replay
+            // stopped while it waits holds nothing.
+            if let (Action::Replay(_, Some(interval)), true) = (&action, report.done > 0) {
+                tokio::time::sleep_until(next_slot).await;
+                next_slot = tokio::time::Instant::now() + *interval;
+            }
             let delivery = match tokio::time::timeout(NEXT_DEAD_LETTER, stream.next()).await {
                 Ok(Some(Ok(delivery))) => delivery,
                 Ok(Some(Err(e))) => return Err(e),
@@ -479,7 +482,6 @@ impl DeadLetters {
             match &action {
                 Action::Replay(options, interval) => {
                     if let Some(interval) = interval {
-                        tokio::time::sleep_until(next_slot).await;
                         next_slot = tokio::time::Instant::now() + *interval;
                     }
                     let target = options.to.as_deref().unwrap_or(&self.endpoint);

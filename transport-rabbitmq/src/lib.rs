@@ -217,6 +217,7 @@
 //! [`with_prefetch_limit`](RabbitMqOptions::with_prefetch_limit).
 
 mod acks;
+mod browse;
 mod connection;
 mod connector;
 mod consumer;

@@ -98,6 +98,21 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
         Err(Error::unsupported("browsing dead letters"))
     }
 
+    /// The dead letters of `endpoint` to take one by one in a pass that settles each before the
+    /// next (a replay or purge, see [`DeadLetters`](crate::dead_letters::DeadLetters)), at most
+    /// `held` of them held unsettled at once. The default consumes
+    /// [`Source::DeadLetters`] with a prefetch of `held + 1`; a broker that pushes deliveries
+    /// ahead (and would have to give back those the pass does not get to) can hand them out
+    /// on demand instead, as RabbitMQ does with `basic.get`.
+    async fn take_dead_letters(
+        &self,
+        endpoint: &str,
+        held: usize,
+    ) -> Result<DeliveryStream, Error> {
+        let options = ConsumeOptions::default().with_prefetch(held.saturating_add(1));
+        self.consume(&Source::dead_letters(endpoint), options).await
+    }
+
     /// How many dead letters `endpoint` has waiting (not counting those being handled by a
     /// consumer at the time, on brokers that cannot tell). The default fails with
     /// [`Error::Unsupported`].
