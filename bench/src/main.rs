@@ -12,6 +12,7 @@
 
 mod memory;
 mod rabbitmq;
+mod replay;
 mod report;
 mod resilience;
 mod servicebus;
@@ -27,7 +28,7 @@ use crate::report::Report;
 static ALLOCATOR: PeakAlloc = PeakAlloc;
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 4] = ["memory", "rabbitmq", "servicebus", "resilience"];
+const GROUPS: [&str; 5] = ["memory", "rabbitmq", "replay", "servicebus", "resilience"];
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
@@ -117,6 +118,9 @@ fn main() {
     }
     if wanted("rabbitmq") {
         runtime.block_on(rabbitmq::run(&scale, &mut report));
+    }
+    if wanted("replay") {
+        runtime.block_on(replay::run(&scale, &mut report));
     }
     if wanted("servicebus") {
         // On runtimes of its own (see the module).
