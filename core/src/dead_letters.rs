@@ -3,9 +3,10 @@
 //!
 //! [`DeadLetters`] works on one endpoint through its `Arc<dyn Transport>`, with the transport
 //! author's primitives only: [`Transport::peek_dead_letters`] and
-//! [`Transport::count_dead_letters`] to look, and deliveries from
-//! [`Source::DeadLetters`] settled by [`Delivery::move_to`], [`Delivery::complete`] and
-//! [`Delivery::pass_over`] to change anything.
+//! [`Transport::count_dead_letters`] to look, and deliveries taken with
+//! [`Transport::take_dead_letters`] (by default a consumer of
+//! [`Source::DeadLetters`](crate::Source::DeadLetters)), settled by [`Delivery::move_to`],
+//! [`Delivery::complete`] and [`Delivery::pass_over`], to change anything.
 //!
 //! # Guarantees
 //! - **Looking changes nothing.** [`list`](DeadLetters::list), [`show`](DeadLetters::show),
@@ -29,7 +30,7 @@
 //!   [`replay_count`](Message::replay_count) + 1 and [`replayed_at`](Message::replayed_at). Its
 //!   failure times are kept, so a message that fails again shows when it first failed.
 //!
-//! Dead letters that a consumer of [`Source::DeadLetters`] holds at the time are not seen by a
+//! Dead letters that a consumer of [`Source::DeadLetters`](crate::Source::DeadLetters) holds at the time are not seen by a
 //! snapshot; run replays and purges while no worker consumes the same dead letters.
 
 use std::collections::BTreeMap;
