@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
@@ -65,10 +65,24 @@ pub(crate) async fn run(scale: &Scale, report: &mut Report) {
         median_of(theirs),
         "msg/s",
     );
-    for q in [queue, dead, transport.quarantine_queue_name(endpoint)] {
-        let _ = channel
+    // The endpoint's queues, then the delay infrastructure its prefix declared.
+    let infrastructure = transport.infrastructure();
+    let queues = [queue, dead, transport.quarantine_queue_name(endpoint)];
+    for q in queues.into_iter().chain(infrastructure.queues) {
+        if let Err(e) = channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
+            .await
+        {
+            eprintln!("replay bench: could not delete queue `{q}`: {e}");
+        }
+    }
+    for exchange in infrastructure.exchanges {
+        if let Err(e) = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+        {
+            eprintln!("replay bench: could not delete exchange `{exchange}`: {e}");
+        }
     }
     transport.close().await;
     let _ = raw.close(200, "bench done".into()).await;
