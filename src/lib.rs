@@ -18,7 +18,7 @@ pub use redeliver_core::{
     RetryPolicy, SecretUrl, Source, Topology, Transport, Worker, WorkerBuilder, WorkerStats,
     outcome_for_status,
 };
-pub use redeliver_core::{host, reasons, request_reply, telemetry};
+pub use redeliver_core::{dead_letters, host, reasons, request_reply, telemetry};
 
 #[cfg(feature = "mock")]
 pub use redeliver_core::MockTransport;

@@ -25,3 +25,4 @@ impl Factory for Memory {
 }
 
 redeliver_conformance::conformance_tests!(Memory, #[tokio::test(start_paused = true)]);
+redeliver_conformance::dead_letter_ops_tests!(Memory, #[tokio::test(start_paused = true)]);

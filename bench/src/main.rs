@@ -13,6 +13,7 @@
 
 mod memory;
 mod rabbitmq;
+mod replay;
 mod report;
 mod resilience;
 mod servicebus;
@@ -29,9 +30,10 @@ use crate::report::Report;
 static ALLOCATOR: PeakAlloc = PeakAlloc;
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 5] = [
+const GROUPS: [&str; 6] = [
     "memory",
     "rabbitmq",
+    "replay",
     "servicebus",
     "resilience",
     "telemetry",
@@ -127,6 +129,9 @@ fn main() {
     }
     if wanted("rabbitmq") {
         runtime.block_on(rabbitmq::run(&scale, &mut report));
+    }
+    if wanted("replay") {
+        runtime.block_on(replay::run(&scale, &mut report));
     }
     if wanted("servicebus") {
         // On runtimes of its own (see the module).

@@ -80,13 +80,13 @@ impl Sizes {
     }
 }
 
-fn amqp_url() -> String {
+pub(crate) fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| redeliver::rabbitmq::DEFAULT_URL.to_owned())
 }
 
 /// The broker connection, or `None` after saying loudly that the group is skipped. With
 /// `REDELIVER_REQUIRE_BROKERS=1` an unreachable broker is a failure.
-async fn connect_or_skip(url: &str) -> Option<Connection> {
+pub(crate) async fn connect_or_skip(url: &str) -> Option<Connection> {
     let attempt = tokio::time::timeout(
         Duration::from_secs(5),
         Connection::connect(url, ConnectionProperties::default()),

@@ -154,6 +154,22 @@ macro_rules! telemetry_tests {
     };
 }
 
+/// Expands to one test per dead-letter operation scenario
+/// ([`scenarios::dead_letters_listed_and_grouped_in_place`] and the replay and purge ones), for
+/// transports that implement [`Transport::peek_dead_letters`] and
+/// [`Transport::count_dead_letters`]; the same form as [`conformance_tests!`].
+#[macro_export]
+macro_rules! dead_letter_ops_tests {
+    ($factory:expr $(, #[$attr:meta])* $(,)?) => {
+        $crate::conformance_tests!(@each [$(#[$attr])*] $factory;
+            dead_letters_listed_and_grouped_in_place,
+            dead_letter_replay_moves_exactly_the_selection,
+            dead_letter_purge_removes_exactly_the_selection,
+            dead_letter_replay_interrupted_loses_nothing
+        );
+    };
+}
+
 /// The longest a whole scenario may run on `factory`'s transport: ten times its
 /// [`Timing::patience`], and at least five minutes.
 pub fn scenario_limit(factory: &dyn Factory) -> Duration {

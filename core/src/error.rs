@@ -101,6 +101,16 @@ pub enum Error {
         source: Option<BoxError>,
     },
 
+    /// The transport does not offer this operation (a third-party transport that has not
+    /// implemented an optional part of the [`Transport`](crate::Transport) contract, such as
+    /// browsing dead letters). Trying again fails the same way.
+    #[error("{operation} is not supported by this transport")]
+    #[non_exhaustive]
+    Unsupported {
+        /// What was asked (`browsing dead letters`).
+        operation: String,
+    },
+
     /// The transport has been shut down.
     #[error("the transport is closed")]
     Closed,
@@ -138,6 +148,8 @@ pub enum ErrorKind {
     Timeout,
     /// [`Error::InvalidMessage`]: the message itself is wrong or too large.
     InvalidMessage,
+    /// [`Error::Unsupported`]: the transport does not offer the operation.
+    Unsupported,
     /// [`Error::Closed`]: the transport was shut down.
     Closed,
     /// [`Error::Other`]: anything else; treated as transient.
@@ -205,6 +217,13 @@ impl Error {
         Error::Timeout {
             operation: operation.into(),
             after,
+        }
+    }
+
+    /// An [`Error::Unsupported`]: the transport does not offer `operation`.
+    pub fn unsupported(operation: impl Into<String>) -> Self {
+        Error::Unsupported {
+            operation: operation.into(),
         }
     }
 
@@ -320,6 +339,7 @@ impl Error {
             Error::Unroutable { .. } => ErrorKind::Unroutable,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::InvalidMessage { .. } => ErrorKind::InvalidMessage,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::Closed => ErrorKind::Closed,
             Error::Other { .. } => ErrorKind::Other,
         }

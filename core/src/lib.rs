@@ -29,6 +29,7 @@
 //! - [`worker`] — [`Worker`].
 //! - [`host`] — [`Host`]: many typed consumers on one transport, started and stopped together.
 //! - [`clock`] — [`Clock`], the source of "now" (controllable in tests).
+//! - [`dead_letters`] — [`DeadLetters`]: list, group, replay and purge an endpoint's dead letters.
 //! - [`connector`] — [`Connector`](connector::Connector): how a transport is reached from a URL.
 //! - [`request_reply`] — [`request_reply::Requester`], request/reply with time-outs and status envelopes.
 //! - [`secret`] — [`SecretUrl`]: URLs and connection strings whose secrets never show.
@@ -42,6 +43,7 @@
 
 pub mod clock;
 pub mod connector;
+pub mod dead_letters;
 pub mod error;
 pub mod failure;
 pub mod handler;
@@ -60,6 +62,7 @@ pub mod wire;
 pub mod worker;
 
 pub use clock::Clock;
+pub use dead_letters::DeadLetters;
 pub use error::{BoxError, Error, ErrorKind};
 pub use failure::{Classify, Failure, IntoOutcome, ResultExt};
 pub use handler::{Context, Handler};
@@ -71,8 +74,8 @@ pub use payload::{Payload, RawBody};
 pub use retry::{Backoff, BackoffPolicy, BackoffPolicyBuilder, FailedAttempt, Jitter, RetryPolicy};
 pub use secret::SecretUrl;
 pub use transport::{
-    Capabilities, ConsumeOptions, Delivery, DeliveryStream, Settle, Settled, Source, Stored,
-    Topology, Transport,
+    Capabilities, ConsumeOptions, Delivery, DeliveryStream, PassedOver, Settle, Settled, Source,
+    Stored, Topology, Transport,
 };
 pub use worker::{InvalidPayload, Worker, WorkerBuilder, WorkerStats};
 

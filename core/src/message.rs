@@ -170,6 +170,10 @@ pub struct Message {
     last_failure: Option<String>,
     last_delay: Option<Duration>,
     dead_letter: Option<DeadLetterInfo>,
+    first_failed_at: Option<DateTime<Utc>>,
+    last_failed_at: Option<DateTime<Utc>>,
+    replay_count: u32,
+    replayed_at: Option<DateTime<Utc>>,
 }
 
 impl Message {
@@ -188,6 +192,10 @@ impl Message {
             last_failure: None,
             last_delay: None,
             dead_letter: None,
+            first_failed_at: None,
+            last_failed_at: None,
+            replay_count: 0,
+            replayed_at: None,
         }
     }
 
@@ -303,7 +311,18 @@ impl Message {
         next.not_before = Some(not_before);
         next.last_failure = Some(reason);
         next.last_delay = Some(delay);
+        // The failure happened when the delay was chosen: `delay` before the not-before.
+        let failed_at = not_before
+            .checked_sub_signed(chrono::TimeDelta::from_std(delay).unwrap_or_default())
+            .unwrap_or(not_before);
+        next.record_failure(failed_at);
         next
+    }
+
+    /// Records a failure at `at`: the first failure time if there was none, and the last.
+    pub(crate) fn record_failure(&mut self, at: DateTime<Utc>) {
+        self.first_failed_at.get_or_insert(at);
+        self.last_failed_at = Some(at);
     }
 
     /// The message id, the same on every attempt.
@@ -375,6 +394,27 @@ impl Message {
     pub fn dead_letter(&self) -> Option<&DeadLetterInfo> {
         self.dead_letter.as_ref()
     }
+
+    /// When the first attempt that failed failed (a retry or a dead letter), if any did.
+    pub fn first_failed_at(&self) -> Option<DateTime<Utc>> {
+        self.first_failed_at
+    }
+
+    /// When the last failure happened (the one that dead-lettered a dead letter), if any.
+    pub fn last_failed_at(&self) -> Option<DateTime<Utc>> {
+        self.last_failed_at
+    }
+
+    /// How many times the message was replayed from the dead letters
+    /// ([`DeadLetters::replay`](crate::dead_letters::DeadLetters::replay)); 0 if never.
+    pub fn replay_count(&self) -> u32 {
+        self.replay_count
+    }
+
+    /// When the message was last replayed from the dead letters, if ever.
+    pub fn replayed_at(&self) -> Option<DateTime<Utc>> {
+        self.replayed_at
+    }
 }
 
 fn short_type_name<T>() -> &'static str {
@@ -399,6 +439,14 @@ pub trait FrameworkState: Sized + sealed::Sealed {
     /// Records why the message was dead-lettered.
     #[must_use]
     fn with_dead_letter(self, info: Option<DeadLetterInfo>) -> Self;
+
+    /// Sets when the first and the last failure happened.
+    #[must_use]
+    fn with_failure_times(self, first: Option<DateTime<Utc>>, last: Option<DateTime<Utc>>) -> Self;
+
+    /// Sets how many times the message was replayed from the dead letters, and when last.
+    #[must_use]
+    fn with_replay(self, count: u32, at: Option<DateTime<Utc>>) -> Self;
 }
 
 impl FrameworkState for Message {
@@ -415,6 +463,22 @@ impl FrameworkState for Message {
 
     fn with_dead_letter(mut self, info: Option<DeadLetterInfo>) -> Self {
         self.dead_letter = info;
+        self
+    }
+
+    fn with_failure_times(
+        mut self,
+        first: Option<DateTime<Utc>>,
+        last: Option<DateTime<Utc>>,
+    ) -> Self {
+        self.first_failed_at = first;
+        self.last_failed_at = last;
+        self
+    }
+
+    fn with_replay(mut self, count: u32, at: Option<DateTime<Utc>>) -> Self {
+        self.replay_count = count;
+        self.replayed_at = at;
         self
     }
 }

@@ -29,6 +29,15 @@ pub const DEAD_LETTER_REASON: &str = "redeliver-dead-letter-reason";
 /// Details of why the message was dead-lettered.
 pub const DEAD_LETTER_DESCRIPTION: &str = "redeliver-dead-letter-description";
 
+/// When the first failure of the message happened, RFC 3339 in UTC.
+pub const FIRST_FAILED_AT: &str = "redeliver-first-failed-at";
+/// When the last failure of the message happened, RFC 3339 in UTC.
+pub const LAST_FAILED_AT: &str = "redeliver-last-failed-at";
+/// How many times the message was replayed from the dead letters. Absent: never.
+pub const REPLAY_COUNT: &str = "redeliver-replay-count";
+/// When the message was last replayed from the dead letters, RFC 3339 in UTC.
+pub const REPLAYED_AT: &str = "redeliver-replayed-at";
+
 /// The longest failure or dead-letter reason the framework writes, in bytes. Longer reasons
 /// (an HTTP error body, say) are cut at this length with a marker, so that the framework's
 /// headers always fit a broker's limits (a RabbitMQ header frame, Service Bus's property size);
@@ -93,6 +102,19 @@ pub fn encode_headers(message: &Message) -> Headers {
     if let Some(delay) = message.last_delay() {
         headers.insert(LAST_DELAY_MS, delay.as_millis().to_string());
     }
+    let instant = |at: DateTime<Utc>| at.to_rfc3339_opts(SecondsFormat::Micros, true);
+    if let Some(at) = message.first_failed_at() {
+        headers.insert(FIRST_FAILED_AT, instant(at));
+    }
+    if let Some(at) = message.last_failed_at() {
+        headers.insert(LAST_FAILED_AT, instant(at));
+    }
+    if message.replay_count() > 0 {
+        headers.insert(REPLAY_COUNT, message.replay_count().to_string());
+    }
+    if let Some(at) = message.replayed_at() {
+        headers.insert(REPLAYED_AT, instant(at));
+    }
     if let Some(info) = message.dead_letter() {
         headers.insert(DEAD_LETTER_REASON, info.reason.clone());
         if let Some(description) = &info.description {
@@ -154,6 +176,24 @@ pub fn decode_headers(message: Message) -> Decoded {
             .map_err(|_| problems.push(format!("`{LAST_DELAY_MS}` is `{v}`, not milliseconds")))
             .ok()
     });
+    let mut instant = |key: &str| {
+        headers.remove(key).and_then(|v| {
+            DateTime::parse_from_rfc3339(v.trim())
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| problems.push(format!("`{key}` is `{v}`, not an RFC 3339 time")))
+                .ok()
+        })
+    };
+    let first_failed_at = instant(FIRST_FAILED_AT);
+    let last_failed_at = instant(LAST_FAILED_AT);
+    let replayed_at = instant(REPLAYED_AT);
+    let replay_count = match headers.remove(REPLAY_COUNT) {
+        None => 0,
+        Some(v) => v.trim().parse::<u32>().unwrap_or_else(|_| {
+            problems.push(format!("`{REPLAY_COUNT}` is `{v}`, not a whole number"));
+            0
+        }),
+    };
     let dead_letter = headers
         .remove(DEAD_LETTER_REASON)
         .map(|reason| DeadLetterInfo {
@@ -174,7 +214,9 @@ pub fn decode_headers(message: Message) -> Decoded {
         .with_headers(headers)
         .with_attempt(attempt)
         .with_last_failure(last_failure, last_delay)
-        .with_dead_letter(dead_letter);
+        .with_dead_letter(dead_letter)
+        .with_failure_times(first_failed_at, last_failed_at)
+        .with_replay(replay_count, replayed_at);
     if let Some(at) = not_before {
         message = message.with_not_before(at);
     }
@@ -212,8 +254,18 @@ mod tests {
             .with_dead_letter(Some(DeadLetterInfo {
                 reason: "rate-limited".into(),
                 description: Some("HTTP 429".into()),
-            }));
+            }))
+            .with_replay(2, Some(at));
+        assert_eq!(
+            m.first_failed_at(),
+            Some(at - TimeDelta::milliseconds(1500))
+        );
         let wire = encode_headers(&m);
+        assert_eq!(wire.get(REPLAY_COUNT), Some("2"));
+        assert_eq!(
+            wire.get(FIRST_FAILED_AT),
+            Some("2026-11-21T09:59:59.750000Z")
+        );
         assert_eq!(wire.get(ATTEMPT), Some("2"));
         let back = decode_headers(Message::new("x").with_id(m.id().clone()).with_headers(wire));
         assert_eq!(back.problem, None);

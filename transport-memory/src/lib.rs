@@ -11,6 +11,8 @@
 //!   failed on, and can be consumed through [`Source::DeadLetters`].
 //! - **Nothing is lost.** A delivery dropped without being settled goes back to the front of its
 //!   queue and is delivered again.
+//! - **Dead-letter operations** ([`DeadLetters`](redeliver_core::DeadLetters)): a peek of the
+//!   dead letters, which are held in place while a replay passes over them.
 //! - **Inspection**: [`pending`](MemoryTransport::pending),
 //!   [`scheduled`](MemoryTransport::scheduled), [`in_flight`](MemoryTransport::in_flight),
 //!   [`dead_letters`](MemoryTransport::dead_letters), and waiting for a condition with
@@ -211,6 +213,26 @@ impl Transport for MemoryTransport {
         options: ConsumeOptions,
     ) -> Result<DeliveryStream, Error> {
         Ok(consumer::consume(&self.inner, source, options))
+    }
+
+    /// The dead letters ready for delivery, in delivery order, then those waiting for a
+    /// not-before; not those a consumer holds.
+    async fn peek_dead_letters(&self, endpoint: &str, max: usize) -> Result<Vec<Message>, Error> {
+        Ok(self.inspect(endpoint, |e| {
+            e.dead
+                .ready
+                .iter()
+                .chain(e.dead.scheduled.values())
+                .take(max)
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn count_dead_letters(&self, endpoint: &str) -> Result<u64, Error> {
+        Ok(self.inspect(endpoint, |e| {
+            (e.dead.ready.len() + e.dead.scheduled.len()) as u64
+        }))
     }
 }
 

@@ -519,6 +519,13 @@ impl Settle for RabbitSettler {
             Err(e) => Err(e),
         }
     }
+
+    /// A copy at the end of the queue, confirmed, and then the original acknowledged: giving
+    /// it back would count toward a quorum queue's delivery limit.
+    async fn pass_over(&mut self, message: &Message) -> Result<Option<Stored>, Error> {
+        self.transport.send_now(&self.queue, message).await?;
+        Ok(Some(Stored::Copy))
+    }
 }
 
 impl Drop for RabbitSettler {

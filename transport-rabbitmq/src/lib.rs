@@ -98,6 +98,25 @@
 //! ([`Capabilities::scheduling_precision`](redeliver_core::Capabilities)) the worker waits out
 //! the rest itself. A consumer other than the worker sees these early returns.
 //!
+//! # Dead letters: inspect, replay, purge
+//! [`DeadLetters`](redeliver_core::DeadLetters) works on RabbitMQ with these costs and
+//! guarantees:
+//! - **Browsing** (list, show, group, dry runs) goes once round the dead-letter queue: each
+//!   message is taken with `basic.get`, its very properties and body are published to the end
+//!   of the queue and confirmed, and only then is the original acknowledged. After as many steps
+//!   as the queue held at the start, every message is back in its place and order. One get, one
+//!   confirmed publish and one ack per dead letter; never a requeue, which a quorum queue would
+//!   count toward `x-delivery-limit` (browsing often would then quarantine the dead letters). A
+//!   stream queue would be non-destructive, but dead letters live in a quorum (or classic)
+//!   queue that workers consume with acknowledgements. A crash half-way leaves at most one
+//!   message twice, never one missing.
+//! - **Replays and purges** take the dead letters one `basic.get` at a time on a channel of
+//!   their own (no prefetch pushing messages that would have to be given back); a replayed
+//!   copy is confirmed before its dead letter is acknowledged, and dead letters not selected are
+//!   copied to the end the same way, once round the queue.
+//! - Counts are the queue's ready messages (a passive declare): dead letters a consumer holds
+//!   are not counted.
+//!
 //! # Poison messages
 //! A message that can never be settled must not stop its endpoint. The broker's delivery count
 //! is the back-stop: quorum endpoint and dead-letter queues get `x-delivery-limit`
@@ -217,6 +236,7 @@
 //! [`with_prefetch_limit`](RabbitMqOptions::with_prefetch_limit).
 
 mod acks;
+mod browse;
 mod connection;
 mod connector;
 mod consumer;

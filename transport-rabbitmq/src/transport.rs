@@ -343,6 +343,26 @@ impl Transport for RabbitMqTransport {
             .clamp(1, limit);
         crate::consumer::consume(self.clone(), source.clone(), prefetch).await
     }
+
+    /// A browse once round the dead-letter queue: see the crate's "Dead letters: inspect,
+    /// replay, purge".
+    async fn peek_dead_letters(&self, endpoint: &str, max: usize) -> Result<Vec<Message>, Error> {
+        let queue = self.shared.names.dead_letter_queue(endpoint);
+        self.browse(&queue, max).await
+    }
+
+    async fn take_dead_letters(
+        &self,
+        endpoint: &str,
+        _held: usize,
+    ) -> Result<DeliveryStream, Error> {
+        self.take(endpoint).await
+    }
+
+    async fn count_dead_letters(&self, endpoint: &str) -> Result<u64, Error> {
+        let queue = self.shared.names.dead_letter_queue(endpoint);
+        self.ready_count(&queue).await
+    }
 }
 
 impl RabbitMqTransport {

@@ -61,3 +61,4 @@ impl Factory for RabbitMq {
 }
 
 redeliver_conformance::conformance_tests!(RabbitMq::default(), #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);
+redeliver_conformance::dead_letter_ops_tests!(RabbitMq::default(), #[tokio::test(flavor = "multi_thread", worker_threads = 2)]);

@@ -1,6 +1,7 @@
 //! The scenarios. Each takes a [`Factory`](crate::Factory), makes a transport with uniquely named endpoints,
 //! runs workers on it, asserts, and cleans up. A failed assertion panics with what differed.
 
+mod dead_letter_ops;
 mod dead_letters;
 mod delivery;
 mod outcomes;
@@ -11,6 +12,7 @@ mod shutdown;
 pub mod telemetry;
 mod topics;
 
+pub use dead_letter_ops::*;
 pub use dead_letters::*;
 pub use delivery::*;
 pub use outcomes::*;

@@ -10,6 +10,8 @@
 //! | [`abandon`](Delivery::abandon) | give back |
 //! | [`retry`](Delivery::retry), [`park`](Delivery::park) | store the copy, then remove the original |
 //! | [`dead_letter`](Delivery::dead_letter) | store the dead letter, then remove the original |
+//! | [`move_to`](Delivery::move_to) | send the copy to another endpoint, then remove the original |
+//! | [`pass_over`](Delivery::pass_over) | keep holding it, or store a copy in its place and remove the original |
 //!
 //! - A copy is stored, and the broker has confirmed it, **before** the original is removed. A
 //!   failure in between leaves both: the message is delivered twice, never lost.
@@ -97,6 +99,28 @@ pub trait Settle: Send + 'static {
     /// Stores `dead` — the delivered message with its [`DeadLetterInfo`] — among the dead
     /// letters of its endpoint. Returns once the broker has taken it.
     async fn store_dead_letter(&mut self, dead: &Message) -> Result<Stored, Error>;
+
+    /// Steps over the delivered message in a pass through its source that leaves it where it
+    /// is (browsing dead letters, replaying a selection of them). `None`, the default: nothing
+    /// to do, the caller holds the delivery unsettled until the pass ends and then drops it,
+    /// which gives it back in place. A transport on which holding or giving back costs the
+    /// message something (RabbitMQ's quorum queues count every give-back toward the delivery
+    /// limit) stores the same message again at the end of its source instead, confirmed,
+    /// and answers [`Stored::Copy`]; the original is then removed.
+    async fn pass_over(&mut self, _message: &Message) -> Result<Option<Stored>, Error> {
+        Ok(None)
+    }
+}
+
+/// What [`Delivery::pass_over`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PassedOver {
+    /// The delivery is still held: drop it once the pass is over, and it is given back in
+    /// place. Dropping deliveries in the reverse of the order they came keeps that order.
+    Held(Delivery),
+    /// A copy was stored at the end of the source and the original removed.
+    CopiedBack,
 }
 
 /// A message handed to a consumer, to be settled exactly once.
@@ -195,19 +219,69 @@ impl Delivery {
     }
 
     /// Moves the message to its endpoint's dead letters, recording `reason` and `description`
-    /// (cut to [`wire::MAX_REASON_BYTES`] and [`wire::MAX_DESCRIPTION_BYTES`]).
+    /// (cut to [`wire::MAX_REASON_BYTES`] and [`wire::MAX_DESCRIPTION_BYTES`]) and the system
+    /// clock's now as the failure time; see [`dead_letter_at`](Delivery::dead_letter_at).
     pub async fn dead_letter(
-        mut self,
+        self,
         reason: impl Into<String>,
         description: Option<String>,
     ) -> Result<Settled, Error> {
-        let dead = Message::clone(&self.message).with_dead_letter(Some(DeadLetterInfo {
+        self.dead_letter_at(reason, description, Utc::now()).await
+    }
+
+    /// Moves the message to its endpoint's dead letters like
+    /// [`dead_letter`](Delivery::dead_letter), recording `failed_at` as its last failure time
+    /// (and first, if it had not failed before). The worker passes its transport's clock.
+    pub async fn dead_letter_at(
+        mut self,
+        reason: impl Into<String>,
+        description: Option<String>,
+        failed_at: DateTime<Utc>,
+    ) -> Result<Settled, Error> {
+        let mut dead = Message::clone(&self.message).with_dead_letter(Some(DeadLetterInfo {
             reason: wire::truncate(reason.into(), wire::MAX_REASON_BYTES),
             description: description.map(|d| wire::truncate(d, wire::MAX_DESCRIPTION_BYTES)),
         }));
+        dead.record_failure(failed_at);
         self.settler.check_held()?;
         self.move_to_dead_letters(&dead).await?;
         Ok(Settled::AsAsked)
+    }
+
+    /// Sends `message` (usually a changed copy of this delivery's message) to `endpoint` through
+    /// `via`, then removes the delivered original: an at-least-once move. The copy is
+    /// confirmed by the broker ([`Transport::send`](crate::Transport::send) returns once it
+    /// is) before the original is removed, so a failure in between leaves both, never
+    /// neither. If sending fails, the original is given back and the error returned.
+    pub async fn move_to(
+        mut self,
+        via: &dyn crate::Transport,
+        endpoint: &str,
+        message: Message,
+    ) -> Result<Settled, Error> {
+        self.settler.check_held()?;
+        match via.send(endpoint, message).await {
+            Ok(()) => {
+                self.settler.remove().await?;
+                Ok(Settled::AsAsked)
+            }
+            Err(e) => Err(self.give_back_after(e).await),
+        }
+    }
+
+    /// Steps over the message in a pass through its source that must leave it in place: see
+    /// [`Settle::pass_over`]. Either the delivery comes back to be held until the pass ends,
+    /// or a confirmed copy took its place at the end of the source.
+    pub async fn pass_over(mut self) -> Result<PassedOver, Error> {
+        self.settler.check_held()?;
+        match self.settler.pass_over(&self.message).await {
+            Ok(None) => Ok(PassedOver::Held(self)),
+            Ok(Some(stored)) => {
+                self.finish(stored).await?;
+                Ok(PassedOver::CopiedBack)
+            }
+            Err(e) => Err(self.give_back_after(e).await),
+        }
     }
 
     /// Gives the message back for immediate redelivery, attempt unchanged.

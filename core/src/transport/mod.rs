@@ -42,7 +42,7 @@ use crate::{Clock, Error};
 pub mod delivery;
 
 pub use crate::message::FrameworkState;
-pub use delivery::{Delivery, Settle, Settled, Stored};
+pub use delivery::{Delivery, PassedOver, Settle, Settled, Stored};
 
 /// The stream of deliveries a consumer receives. An `Err` item reports a problem the transport
 /// could not hide, and the stream goes on (see [Reconnecting](self#reconnecting)); the end of the
@@ -88,6 +88,38 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
         source: &Source,
         options: ConsumeOptions,
     ) -> Result<DeliveryStream, Error>;
+
+    /// Up to `max` dead letters of `endpoint`, oldest first, **left in place and in order**
+    /// (a peek, or a browse that puts every message back where it was). Dead letters being
+    /// handled by a consumer at the time may be missing. The default fails with
+    /// [`Error::Unsupported`]. See [`DeadLetters`](crate::dead_letters::DeadLetters).
+    async fn peek_dead_letters(&self, endpoint: &str, max: usize) -> Result<Vec<Message>, Error> {
+        let _ = (endpoint, max);
+        Err(Error::unsupported("browsing dead letters"))
+    }
+
+    /// The dead letters of `endpoint` to take one by one in a pass that settles each before the
+    /// next (a replay or purge, see [`DeadLetters`](crate::dead_letters::DeadLetters)), at most
+    /// `held` of them held unsettled at once. The default consumes
+    /// [`Source::DeadLetters`] with a prefetch of `held + 1`; a broker that pushes deliveries
+    /// ahead (and would have to give back those the pass does not get to) can hand them out
+    /// on demand instead, as RabbitMQ does with `basic.get`.
+    async fn take_dead_letters(
+        &self,
+        endpoint: &str,
+        held: usize,
+    ) -> Result<DeliveryStream, Error> {
+        let options = ConsumeOptions::default().with_prefetch(held.saturating_add(1));
+        self.consume(&Source::dead_letters(endpoint), options).await
+    }
+
+    /// How many dead letters `endpoint` has waiting (not counting those being handled by a
+    /// consumer at the time, on brokers that cannot tell). The default fails with
+    /// [`Error::Unsupported`].
+    async fn count_dead_letters(&self, endpoint: &str) -> Result<u64, Error> {
+        let _ = endpoint;
+        Err(Error::unsupported("counting dead letters"))
+    }
 }
 
 /// What can be consumed: an endpoint's queue, or the dead letters of an endpoint.

@@ -220,7 +220,9 @@ where
                 description,
             } => {
                 warn!(reason, description, "dead-lettered");
-                delivery.dead_letter(reason, description).await
+                delivery
+                    .dead_letter_at(reason, description, self.clock.now())
+                    .await
             }
             Disposition::Retry {
                 not_before,
