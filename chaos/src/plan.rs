@@ -49,7 +49,7 @@ impl Mix {
         } else if draw < self.permanent + self.panics {
             Fate::Panic
         } else if draw < self.permanent + self.panics + self.transient {
-            Fate::Transient(1 + u32::from(spread(n ^ 0x5555) % 2 == 0))
+            Fate::Transient(1 + u32::from(spread(n ^ 0x5555).is_multiple_of(2)))
         } else {
             Fate::Succeed
         }

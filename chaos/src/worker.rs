@@ -81,7 +81,8 @@ pub(crate) fn options(url: &str, prefix: &str, levels: u8, name: &str) -> Rabbit
         .with_connect_attempts(10, Duration::from_secs(1))
         .with_connect_timeout(Duration::from_secs(20))
         .with_reconnect_delay(Duration::from_millis(200), Duration::from_secs(2))
-        .with_operation_timeout(Duration::from_secs(10))
+        // The default 30 s: a publish rides out a quorum queue's leader election (seconds).
+        .with_operation_timeout(Duration::from_secs(30))
 }
 
 pub(crate) async fn run(args: WorkerArgs) -> Result<(), String> {
