@@ -64,8 +64,9 @@ start_node() {
         return
     fi
     prepare "$n"
+    # From the node's own directory: an Erlang crash dump lands there, not in the caller's.
     # shellcheck disable=SC2046
-    env $(env_of "$n") "$BIN/rabbitmq-server" -detached
+    (cd "$DIR/n$n" && env $(env_of "$n") "$BIN/rabbitmq-server" -detached)
     ctl "$n" wait --timeout 60 "$DIR/n$n/pid" >/dev/null
     ctl "$n" await_startup --timeout 60 >/dev/null
     echo "$(node "$n") up on amqp://127.0.0.1:$(amqp_port "$n")"
