@@ -35,6 +35,9 @@ env_of() {
 ctl() {
     local n=$1
     shift
+    # Without the directory (no cluster) the CLI could not create its cookie and would leave
+    # an erl_crash.dump in the caller's directory: there is no node to ask.
+    [ -d "$DIR" ] || return 1
     env HOME="$DIR" "$BIN/rabbitmqctl" -n "$(node "$n")" "$@"
 }
 
