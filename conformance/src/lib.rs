@@ -36,6 +36,7 @@
 //! broker; [`Factory::remove`] cleans up after each.
 
 mod probe;
+pub mod proxy;
 pub mod resilience;
 pub mod scenarios;
 

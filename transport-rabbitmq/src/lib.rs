@@ -230,6 +230,26 @@
 //! - Sends and settlements while disconnected wait for the new connection up to
 //!   [`with_operation_timeout`](RabbitMqOptions::with_operation_timeout) (30 s), then fail with
 //!   [`Error::Timeout`](redeliver_core::Error::Timeout).
+//! - A negative confirm (a quorum queue with `reject-publish` refuses while it elects a leader)
+//!   is published again, pausing 100 ms doubling to 1 s, until the same bound; then it is
+//!   [`Error::Rejected`](redeliver_core::Error::Rejected).
+//!
+//! # Clusters
+//! List the nodes in the URL, separated by commas:
+//! `amqp://user:password@node1:5672,node2:5672,node3:5672/%2f`. Every connection goes to the node
+//! the transport is on, trying the others in list order when it does not answer; a lost
+//! connection moves the transport to the next node first, where it declares the topology again
+//! and its consumers resume. Endpoint, dead-letter and delay-level queues are quorum queues, so
+//! they keep their messages while a minority of nodes is down.
+//!
+//! After a node is lost, a delay level's at-least-once dead-lettering into the next level (or
+//! into the endpoint queue) may go unconfirmed while that target elects a new leader; RabbitMQ
+//! tries such a hop again only after `dead_letter_worker_publisher_confirm_timeout`, 180 s by
+//! default (3.10 to 4.x), and meanwhile the message waits in the level queue's dead-letter
+//! outbox (counted in `messages`, neither ready nor unacknowledged). Nothing is lost, but those
+//! messages come late: set it lower in `advanced.config`, for example
+//! `[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].`
+//! (`chaos/RESULTS.md` in the repository shows both.)
 //!
 //! Prefetch (`basic.qos`, per consumer) is the worker's concurrency
 //! ([`ConsumeOptions::prefetch`](redeliver_core::ConsumeOptions)), capped at

@@ -3,13 +3,18 @@
 //!
 //! One AMQP connection per transport. A supervisor task watches it; when it is lost, the
 //! supervisor reconnects with back-off until the transport is closed, declares the topology
-//! again (in [`TopologyMode::Declare`]) and only then hands the new connection out. Publishers
+//! again (in [`TopologyMode::Declare`]) and only then hands the new connection out.
+//!
+//! A URL may list a cluster's nodes. Every connection (the shared one and the consumers') goes
+//! to the node the transport is on, trying the others in turn when it does not answer; when the
+//! shared connection is lost the transport moves to the next node in the list first, since the
+//! one it was on is likely the one that went away. Publishers
 //! waiting meanwhile wait at most the publish timeout; consumers open a new consumer on the new
 //! connection.
 
 mod publish;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::errors;
 use crate::naming::Names;
-use crate::options::{RabbitMqOptions, TopologyMode};
+use crate::options::{RabbitMqOptions, TopologyMode, node_address};
 use crate::topology;
 
 /// How often the supervisor looks at the connection's state besides listening to its events.
@@ -61,6 +66,8 @@ pub(crate) struct Shared {
     closed: CancellationToken,
     broken: tokio::sync::Notify,
     generation: AtomicU64,
+    /// The node of the URL's list that connections go to first.
+    node: AtomicUsize,
     /// Every topology declared so far, declared again after a reconnection.
     declared: Mutex<Vec<Topology>>,
 }
@@ -86,6 +93,7 @@ impl Shared {
             closed: CancellationToken::new(),
             broken: tokio::sync::Notify::new(),
             generation: AtomicU64::new(0),
+            node: AtomicUsize::new(0),
             declared: Mutex::new(Vec::new()),
         });
         let attempts = shared.options.connect_attempts;
@@ -149,10 +157,48 @@ impl Shared {
         Ok(shared)
     }
 
-    /// Opens a connection, within the connect timeout; `purpose` is added to its name (the
-    /// shared connection has none).
+    /// Opens a connection, within the connect timeout per node tried; `purpose` is added to its
+    /// name (the shared connection has none). Tries the node the transport is on first, then
+    /// the others in list order, and stays on the one that answered.
     pub(crate) async fn open(&self, purpose: Option<&str>) -> Result<Arc<Connected>, Error> {
-        let uri = self.options.parsed_url()?;
+        let nodes = self.options.parsed_nodes()?;
+        let first = self.node.load(Ordering::Relaxed) % nodes.len();
+        let mut failure = None;
+        for index in (first..nodes.len()).chain(0..first) {
+            match self.open_node(&nodes[index], purpose).await {
+                Ok(conn) => {
+                    if index != first {
+                        info!(
+                            node = %node_address(&nodes[index]),
+                            "connected to another node of the cluster"
+                        );
+                    }
+                    self.node.store(index, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                // The same credentials are refused the same way by every node.
+                Err(e @ Error::AccessDenied { .. }) => return Err(e),
+                Err(e) => {
+                    if nodes.len() > 1 {
+                        debug!(node = %node_address(&nodes[index]), error = %e, "node unreachable");
+                    }
+                    failure = Some(e);
+                }
+            }
+        }
+        Err(failure.expect("a URL names at least one node"))
+    }
+
+    /// Moves the transport to the next node of the URL's list, for the next connections.
+    fn move_to_next_node(&self) {
+        self.node.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn open_node(
+        &self,
+        uri: &lapin::uri::AMQPUri,
+        purpose: Option<&str>,
+    ) -> Result<Arc<Connected>, Error> {
         let mut name = self
             .options
             .connection_name
@@ -163,6 +209,7 @@ impl Shared {
         }
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let url = self.options.redacted_url();
+        let node = node_address(uri);
         let tls = OwnedTLSConfig {
             identity: None,
             cert_chain: self.options.ca_certificates.clone(),
@@ -170,16 +217,21 @@ impl Shared {
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| errors::from_client(e, format!("connecting to {url}")))?;
         let bound = self.options.connect_timeout;
-        let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
+        let connect = Connection::connect_uri_with_config(uri.clone(), properties, tls, runtime);
+        let doing = if self.options.parsed_nodes().map_or(1, |n| n.len()) > 1 {
+            format!("connecting to {url} (node {node})")
+        } else {
+            format!("connecting to {url}")
+        };
         let connection = tokio::time::timeout(bound, connect)
             .await
             .map_err(|_| {
                 Error::timeout(
-                    format!("connecting to {url} (RabbitMqOptions::with_connect_timeout)"),
+                    format!("{doing} (RabbitMqOptions::with_connect_timeout)"),
                     bound,
                 )
             })?
-            .map_err(|e| errors::from_client(e, format!("connecting to {url}")))?;
+            .map_err(|e| errors::from_client(e, doing))?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         Ok(Arc::new(Connected {
             generation,
@@ -358,6 +410,8 @@ async fn supervise(shared: Arc<Shared>) {
             "lost the connection to the broker; reconnecting"
         );
         drop(conn);
+        shared.move_to_next_node();
+        let lost_at = Instant::now();
         let mut delay = shared.options.reconnect_delay;
         let mut attempt = 1u32;
         loop {
@@ -367,7 +421,7 @@ async fn supervise(shared: Arc<Shared>) {
             };
             match result {
                 Ok(conn) => {
-                    info!(attempt, "reconnected to the broker");
+                    info!(attempt, after = ?lost_at.elapsed(), "reconnected to the broker");
                     let published = shared.state.send_if_modified(|state| {
                         if matches!(state, ConnectionState::Connecting) {
                             *state = ConnectionState::Up(Arc::clone(&conn));

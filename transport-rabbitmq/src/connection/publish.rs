@@ -10,6 +10,10 @@ use tracing::debug;
 use super::{Connected, Shared, Target};
 use crate::{convert, errors, limits};
 
+/// The first pause before publishing again after a negative confirm, and the longest.
+const NACK_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+const NACK_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Connected {
     /// The publishing channel, in confirm mode; a new one if the last was closed (a channel
     /// error, such as publishing to a missing exchange, closes it).
@@ -46,7 +50,8 @@ enum Step<T> {
 
 impl Shared {
     /// Publishes and waits for the broker's confirm: `Ok` only once the broker has taken
-    /// responsibility for the message. A negative confirm is [`Error::Rejected`], a mandatory
+    /// responsibility for the message. A negative confirm is tried again, pausing 100 ms
+    /// doubling to 1 s, until the publish timeout; then it is [`Error::Rejected`]. A mandatory
     /// message that matched no queue is [`Error::Unroutable`], a missing exchange is
     /// [`Error::NotFound`]. If the connection is down the call waits for it within the publish
     /// timeout.
@@ -65,9 +70,22 @@ impl Shared {
             deadline: Instant::now() + self.options.operation_timeout,
         };
         let mut stale = None;
+        let mut pause = NACK_PAUSE;
         loop {
             let conn = self.current(publication.deadline, stale, doing).await?;
             match self.publish_on(&conn, &publication).await? {
+                // A negative confirm says the broker could not take the message now: a quorum
+                // queue with reject-publish answers so while it elects a leader after losing a
+                // node, for seconds. Publishing again (within the bound) rides that out; giving
+                // the delivery back instead would bring it straight back, at the same attempt,
+                // in a tight loop that burns the queue's delivery limit.
+                Step::Done(Confirmation::Nack(None))
+                    if Instant::now() + pause < publication.deadline =>
+                {
+                    debug!(doing, retry_in = ?pause, "negative confirm; publishing again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(NACK_PAUSE_MAX);
+                }
                 Step::Done(confirmation) => return confirmed(confirmation, &publication),
                 Step::ConnectionDown => {
                     self.report_broken();

@@ -15,6 +15,7 @@ use self::modes::DeliveryLimit;
 pub use self::modes::{
     DEFAULT_DELIVERY_LIMIT, DelayMode, MAX_DELAY_LEVELS, QueueType, TopologyMode,
 };
+pub(crate) use self::url::node_address;
 
 /// The URL used when none is given: the local broker's default virtual host.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -90,7 +91,10 @@ impl RabbitMqOptions {
         RabbitMqOptions::default().with_url(url)
     }
 
-    /// Sets the broker URL.
+    /// Sets the broker URL. For a cluster, list its nodes' addresses separated by commas:
+    /// `amqp://user:password@node1:5672,node2:5672,node3:5672/%2f`. The transport connects to
+    /// the first that answers and, when the connection is lost, tries the next node first
+    /// (going round the list), declares the topology again there and resumes its consumers.
     #[must_use]
     pub fn with_url(mut self, url: impl Into<String>) -> Self {
         self.url = SecretUrl::new(url);
@@ -316,7 +320,8 @@ impl RabbitMqOptions {
         }
     }
 
-    pub(crate) fn parsed_url(&self) -> Result<AMQPUri, Error> {
+    /// Every node the URL names, in order (one unless it is a cluster's list).
+    pub(crate) fn parsed_nodes(&self) -> Result<Vec<AMQPUri>, Error> {
         url::parse(&self.url)
     }
 }

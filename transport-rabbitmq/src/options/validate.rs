@@ -16,7 +16,7 @@ const MIN_MESSAGE_SIZE: usize = 16 * 1024;
 impl RabbitMqOptions {
     /// Checks every option, naming the first impossible one.
     pub fn validate(&self) -> Result<(), Error> {
-        self.parsed_url()?;
+        self.parsed_nodes()?;
         check_name_part("prefix", &self.prefix, true)?;
         check_name_part("dead_letter_suffix", &self.dead_letter_suffix, false)?;
         match &self.delays {
@@ -87,7 +87,11 @@ impl RabbitMqOptions {
         }
         if let Some(pem) = &self.ca_certificates {
             check_ca_certificates(pem)?;
-            if self.parsed_url()?.scheme != AMQPScheme::AMQPS {
+            if self
+                .parsed_nodes()?
+                .iter()
+                .any(|node| node.scheme != AMQPScheme::AMQPS)
+            {
                 return Err(Error::config(
                     "ca_certificate",
                     "is only used by `amqps://` URLs; this URL connects without TLS",

@@ -7,7 +7,6 @@ pub mod raw;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,8 +14,6 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 use redeliver_core::{Topology, Transport};
 use redeliver_rabbitmq::{DelayMode, RabbitMqOptions, RabbitMqTransport};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 pub fn amqp_url() -> String {
@@ -284,71 +281,26 @@ pub async fn raw_connection() -> Connection {
         .expect("raw connection to the test broker")
 }
 
-/// A TCP proxy in front of the broker that can cut every connection through it (as a network
-/// failure would), freeze them (a peer that stops answering but keeps the socket open) and
-/// refuse new ones.
+/// The shared TCP proxy ([`redeliver_conformance::proxy::Proxy`]) in front of the test broker.
 pub struct Proxy {
     pub addr: SocketAddr,
-    cut: watch::Sender<u64>,
-    frozen: watch::Sender<bool>,
-    accepting: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
+    inner: redeliver_conformance::proxy::Proxy,
 }
 
 impl Proxy {
     pub async fn start() -> Proxy {
-        let upstream = broker_addr();
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let addr = listener.local_addr().expect("proxy address");
-        let (cut, _) = watch::channel(0u64);
-        let (frozen, _) = watch::channel(false);
-        let accepting = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn({
-            let cut = cut.clone();
-            let frozen = frozen.clone();
-            let accepting = Arc::clone(&accepting);
-            async move {
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        return;
-                    };
-                    if !accepting.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let mut cut_rx = cut.subscribe();
-                    let mut frozen_rx = frozen.subscribe();
-                    tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(upstream).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = cut_rx.changed() => {}
-                            _ = async { frozen_rx.wait_for(|frozen| *frozen).await.is_ok() } => {
-                                // Stop copying but keep both sockets open until cut.
-                                let _ = cut_rx.changed().await;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Proxy {
-            addr,
-            cut,
-            frozen,
-            accepting,
-            task,
-        }
+        Proxy::to(broker_addr()).await
     }
 
-    /// Stops forwarding anything on every connection through the proxy, keeping them open:
-    /// the client sees no error, only silence.
-    pub fn freeze(&self) {
-        self.frozen.send_replace(true);
+    /// A proxy in front of `upstream` (a node of a cluster, say).
+    pub async fn to(upstream: SocketAddr) -> Proxy {
+        let inner = redeliver_conformance::proxy::Proxy::start(upstream)
+            .await
+            .expect("bind the proxy");
+        Proxy {
+            addr: inner.addr(),
+            inner,
+        }
     }
 
     /// The broker URL, through the proxy.
@@ -360,22 +312,13 @@ impl Proxy {
             uri.authority.userinfo.username, uri.authority.userinfo.password, self.addr
         )
     }
-
-    /// Cuts every connection through the proxy.
-    pub fn cut(&self) {
-        self.cut.send_modify(|n| *n += 1);
-    }
-
-    /// Refuses (`false`) or accepts (`true`) new connections.
-    pub fn set_accepting(&self, accepting: bool) {
-        self.accepting.store(accepting, Ordering::SeqCst);
-    }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.task.abort();
+impl std::ops::Deref for Proxy {
+    type Target = redeliver_conformance::proxy::Proxy;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
     }
 }
 
