@@ -1093,3 +1093,87 @@ async fn acks_out_of_order_with_requeues_settle_exactly_what_they_name() {
     };
     assert_eq!(state.message_count(), 0, "every delivery was acknowledged");
 }
+
+/// Signals once the transport logs that it publishes again after a negative confirm.
+struct NackSeen(Arc<tokio::sync::Notify>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for NackSeen {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        if text.0.contains("negative confirm") {
+            self.0.notify_one();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_for_a_moment_is_published_again() {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let Some(fx) = Fixture::new(|o| o).await else {
+        return;
+    };
+    let transport = fx.transport();
+    // A queue that holds one message and refuses more with a negative confirm, as a quorum
+    // queue does for seconds while it elects a leader.
+    let narrow = format!("{}narrow", fx.prefix);
+    fx.track_queue(narrow.clone());
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            narrow.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    transport
+        .send("narrow", Message::new("first"))
+        .await
+        .unwrap();
+
+    let nacked = Arc::new(tokio::sync::Notify::new());
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(NackSeen(nacked.clone())),
+    );
+    let send = transport.send("narrow", Message::new("second"));
+    tokio::pin!(send);
+    tokio::select! {
+        result = &mut send => panic!("the refused publish ended at once: {result:?}"),
+        () = nacked.notified() => {}
+    }
+    // Room again: the publish goes through within the publish timeout.
+    let first = channel
+        .basic_get(narrow.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the first message");
+    first.ack(BasicAckOptions::default()).await.unwrap();
+    send.await.expect("published again once there was room");
+
+    let second = channel
+        .basic_get(narrow.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the second message");
+    assert_eq!(second.data, b"second");
+}
