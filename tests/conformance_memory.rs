@@ -1,28 +1,9 @@
 //! The conformance suite on the in-memory transport, with tokio's clock paused.
 
-use std::sync::Arc;
-use std::time::Duration;
+#[path = "support/memory_factory.rs"]
+mod memory_factory;
 
-use async_trait::async_trait;
-use redeliver::memory::MemoryTransport;
-use redeliver::{Error, Topology, Transport};
-use redeliver_conformance::{Factory, Timing};
-
-struct Memory;
-
-#[async_trait]
-impl Factory for Memory {
-    async fn create(&self, topology: &Topology) -> Result<Arc<dyn Transport>, Error> {
-        let transport = MemoryTransport::new();
-        transport.declare(topology).await?;
-        Ok(Arc::new(transport))
-    }
-
-    fn timing(&self) -> Timing {
-        // Virtual time: an hour of patience costs nothing.
-        Timing::new(Duration::from_secs(1), Duration::from_secs(3600))
-    }
-}
+use memory_factory::Memory;
 
 redeliver_conformance::conformance_tests!(Memory, #[tokio::test(start_paused = true)]);
 redeliver_conformance::dead_letter_ops_tests!(Memory, #[tokio::test(start_paused = true)]);

@@ -269,24 +269,7 @@ async fn unroutable_and_refused_publishes_are_errors() {
     // The broker refuses: a full queue with reject-publish answers with a negative confirm.
     let full = format!("{}full", fx.prefix);
     fx.track_queue(full.clone());
-    let channel = raw_connection().await.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    channel
-        .queue_declare(
-            full.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    declare_refusing_queue(&full, 0).await;
     let e = transport.send("full", Message::new("x")).await.unwrap_err();
     assert!(matches!(e, Error::Rejected { .. }), "{e:?}");
 
@@ -1094,6 +1077,30 @@ async fn acks_out_of_order_with_requeues_settle_exactly_what_they_name() {
     assert_eq!(state.message_count(), 0, "every delivery was acknowledged");
 }
 
+/// Declares `queue` holding at most `max_length` messages and refusing more with a negative
+/// confirm (`reject-publish`); returns the raw channel it used.
+async fn declare_refusing_queue(queue: &str, max_length: i64) -> lapin::Channel {
+    let channel = raw_connection().await.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+}
+
 /// Signals once the transport logs that it publishes again after a negative confirm.
 struct NackSeen(Arc<tokio::sync::Notify>);
 
@@ -1128,24 +1135,7 @@ async fn a_publish_refused_for_a_moment_is_published_again() {
     // queue does for seconds while it elects a leader.
     let narrow = format!("{}narrow", fx.prefix);
     fx.track_queue(narrow.clone());
-    let channel = raw_connection().await.create_channel().await.unwrap();
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    channel
-        .queue_declare(
-            narrow.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .unwrap();
+    let channel = declare_refusing_queue(&narrow, 1).await;
     transport
         .send("narrow", Message::new("first"))
         .await

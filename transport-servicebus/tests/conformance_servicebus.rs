@@ -3,37 +3,9 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+#[path = "support/factory.rs"]
+mod factory;
 
-use async_trait::async_trait;
-use redeliver_conformance::{Factory, Timing};
-use redeliver_core::{Error, Topology, Transport};
-use redeliver_servicebus_testbroker::{BrokerHandle, QueueOptions};
+use factory::ServiceBus;
 
-/// Starts a broker per scenario and keeps it running as long as the scenario.
-#[derive(Default)]
-struct ServiceBus {
-    brokers: Mutex<Vec<BrokerHandle>>,
-}
-
-#[async_trait]
-impl Factory for ServiceBus {
-    async fn create(&self, topology: &Topology) -> Result<Arc<dyn Transport>, Error> {
-        let (broker, transport) = support::setup(topology, QueueOptions::default()).await;
-        self.brokers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(broker);
-        Ok(Arc::new(transport))
-    }
-
-    fn timing(&self) -> Timing {
-        Timing::new(Duration::from_secs(1), Duration::from_secs(20))
-    }
-}
-
-// A current-thread runtime: on a multi-threaded one, `fe2o3-amqp` 0.14.1 can lose the outcome of
-// a transfer answered faster than it files the transfer as unsettled (see the crate docs), and a
-// broker on loopback answers that fast.
 redeliver_conformance::conformance_tests!(ServiceBus::default(), #[tokio::test]);
