@@ -183,9 +183,11 @@
 //! - Duplicates arise (1) when a copy was confirmed but the acknowledgement of the original was
 //!   lost (connection cut in between): both come back; (2) when a handler finished but its
 //!   acknowledgement was lost with the connection: the broker delivers the message again and
-//!   the handler runs again (same message id and attempt); (3) when a publish failed without a
-//!   confirm (connection lost while waiting) and the caller sends again: the first may have
-//!   been stored. Handlers must be idempotent; use the message id.
+//!   the handler runs again (same message id and attempt); (3) when the connection was lost
+//!   while a publish waited for its confirm: the transport publishes it again on the next
+//!   connection (within the publish timeout), and the first may have been stored too; the same
+//!   holds when a publish fails with a time-out and the caller sends again. Handlers must be
+//!   idempotent; use the message id.
 //! - A [`Delivery`](redeliver_core::Delivery) dropped without settling is given back at once
 //!   with `basic.nack` (requeue), by the task that settles its channel's deliveries; if that
 //!   task is gone, it comes back when its channel closes. A consumer's channel stays open until every delivery

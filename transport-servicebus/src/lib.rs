@@ -136,6 +136,10 @@
 //!   state, so it is delivered again no earlier than asked. If the consumer closes first, such
 //!   dead letters are abandoned at once and parked again by the next worker. Dead-lettering a
 //!   dead letter is refused with an error (the worker never asks for it) and gives it back.
+//! - **Dead-letter operations** ([`redeliver_core::dead_letters`]): listing and grouping peek at
+//!   `<queue>/$DeadLetterQueue` (nothing is locked or moved); counting peeks through every dead
+//!   letter, in pages of 250, because Service Bus counts only through its administration API;
+//!   a replay or purge takes them in peek-lock and settles each after its copy is sent.
 //! - **Lock renewal.** A delivery's lock is renewed halfway to `locked_until` for as long as it
 //!   is held, and no longer once settled. If a renewal fails it is logged and not retried: the
 //!   lock runs out and the broker delivers the message again. Settling after the lock ran out
@@ -210,6 +214,7 @@ mod consumer;
 mod convert;
 mod errors;
 mod options;
+mod peek;
 mod shared;
 
 /// Entry points for the fuzz targets in the repository's `fuzz/` (compiled only with
@@ -349,6 +354,18 @@ impl Transport for ServiceBusTransport {
         options: ConsumeOptions,
     ) -> Result<DeliveryStream, Error> {
         consumer::consume(&self.shared, source, options).await
+    }
+
+    /// A peek at `<queue>/$DeadLetterQueue`: nothing is locked or moved.
+    async fn peek_dead_letters(&self, endpoint: &str, max: usize) -> Result<Vec<Message>, Error> {
+        peek::dead_letters(&self.shared, endpoint, Some(max)).await
+    }
+
+    /// Service Bus counts messages only through its administration API, which the transport
+    /// does not use: the count is a peek through every dead letter, in pages of 250.
+    async fn count_dead_letters(&self, endpoint: &str) -> Result<u64, Error> {
+        let all = peek::dead_letters(&self.shared, endpoint, None).await?;
+        Ok(u64::try_from(all.len()).unwrap_or(u64::MAX))
     }
 }
 

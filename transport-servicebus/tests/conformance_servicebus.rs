@@ -9,3 +9,4 @@ mod factory;
 use factory::ServiceBus;
 
 redeliver_conformance::conformance_tests!(ServiceBus::default(), #[tokio::test]);
+redeliver_conformance::dead_letter_ops_tests!(ServiceBus::default(), #[tokio::test]);

@@ -62,6 +62,9 @@ impl WorkerTelemetry {
     }
 }
 
+/// What [`DeliverySpan::enter`] returns: nothing to undo.
+pub(crate) struct Entered;
+
 pub(crate) struct Scope;
 
 impl Scope {
@@ -80,7 +83,9 @@ impl DeliverySpan<'_> {
     }
 
     #[inline(always)]
-    pub(crate) fn enter(&self) {}
+    pub(crate) fn enter(&self) -> Entered {
+        Entered
+    }
 
     #[inline(always)]
     pub(crate) fn handler_starting(

@@ -54,7 +54,8 @@ impl Shared {
     /// doubling to 1 s, until the publish timeout; then it is [`Error::Rejected`]. A mandatory
     /// message that matched no queue is [`Error::Unroutable`], a missing exchange is
     /// [`Error::NotFound`]. If the connection is down the call waits for it within the publish
-    /// timeout.
+    /// timeout; a message whose confirm was lost with its connection is published again on the
+    /// next one (the broker may then hold it twice).
     pub(crate) async fn publish(
         &self,
         target: Target<'_>,
@@ -108,9 +109,7 @@ impl Shared {
         let Step::Done(confirm) = self.send(conn, &channel, publication).await? else {
             return Ok(Step::ConnectionDown);
         };
-        self.confirmation(conn, confirm, publication)
-            .await
-            .map(Step::Done)
+        self.confirmation(conn, confirm, publication).await
     }
 
     /// The publishing channel of `conn`, opened in time.
@@ -209,7 +208,7 @@ impl Shared {
         conn: &Connected,
         confirm: PublisherConfirm,
         publication: &Publication<'_>,
-    ) -> Result<Confirmation, Error> {
+    ) -> Result<Step<Confirmation>, Error> {
         let doing = publication.doing;
         match tokio::time::timeout_at(publication.deadline, confirm).await {
             Err(_) => Err(Error::timeout(
@@ -223,18 +222,18 @@ impl Shared {
                     ),
                 )
             }
-            Ok(Err(e)) => {
-                if !conn.is_up() {
-                    self.report_broken();
-                }
-                // The message may or may not have reached the broker: the caller's retry
-                // may duplicate it, which at-least-once allows.
-                Err(errors::from_client(
-                    e,
-                    format!("{doing}: no confirm received, the message may not be stored"),
-                ))
+            // The connection went away before the confirm: the message may or may not have
+            // reached the broker. It is published again on the next connection, within the
+            // publish timeout, so the broker may hold it twice, which at-least-once allows.
+            Ok(Err(e)) if !conn.is_up() => {
+                debug!(error = %e, doing, "no confirm before the connection was lost; publishing again");
+                Ok(Step::ConnectionDown)
             }
-            Ok(Ok(confirmation)) => Ok(confirmation),
+            Ok(Err(e)) => Err(errors::from_client(
+                e,
+                format!("{doing}: no confirm received, the message may not be stored"),
+            )),
+            Ok(Ok(confirmation)) => Ok(Step::Done(confirmation)),
         }
     }
 }
