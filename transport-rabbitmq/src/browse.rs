@@ -17,8 +17,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::{Acker, Channel, Connection};
 use redeliver_core::{Delivery, DeliveryStream, Error, Message, Settle, Source, Stored};
 use tokio::time::Instant;
@@ -58,26 +57,10 @@ impl RabbitMqTransport {
     }
 
     async fn count_on(&self, channel: &Channel, queue: &str) -> Result<u64, Error> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let declared = channel
-            .queue_declare(
-                convert::short("queue name", queue)?,
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                if errors::is_not_found(&e) {
-                    Error::not_found("queue", queue.to_owned())
-                        .with_hint("declare the topology first (Transport::declare)".to_owned())
-                } else {
-                    errors::from_client(e, format!("counting the messages of queue `{queue}`"))
-                }
-            })?;
-        Ok(u64::from(declared.message_count()))
+        let doing = format!("counting the messages of queue `{queue}`");
+        Ok(u64::from(
+            crate::transport::passive_declare(channel, queue, &doing).await?,
+        ))
     }
 
     /// The dead letters of `endpoint` one `basic.get` at a time on a channel of their own, so

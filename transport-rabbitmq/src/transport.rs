@@ -245,36 +245,43 @@ impl RabbitMqTransport {
             .create_channel()
             .await
             .map_err(|e| crate::errors::from_client(e, "opening a channel to check a queue"))?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let result = channel
-            .queue_declare(
-                convert::short("queue name", queue)?,
-                passive,
-                FieldTable::default(),
-            )
-            .await;
-        match result {
-            Ok(_) => {
-                let _ = channel.close(200, "checked".into()).await;
-                self.known_queues
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(queue.to_owned());
-                Ok(())
-            }
-            Err(e) if crate::errors::is_not_found(&e) => {
-                Err(Error::not_found("queue", queue.to_owned())
-                    .with_hint("declare the topology first (Transport::declare)".to_owned()))
-            }
-            Err(e) => Err(crate::errors::from_client(
-                e,
-                format!("checking queue `{queue}`"),
-            )),
-        }
+        passive_declare(&channel, queue, &format!("checking queue `{queue}`")).await?;
+        let _ = channel.close(200, "checked".into()).await;
+        self.known_queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(queue.to_owned());
+        Ok(())
     }
+}
+
+/// A passive declare of `queue` on `channel`: how many messages it holds ready, or
+/// [`Error::NotFound`] if it does not exist; `doing` names any other failure.
+pub(crate) async fn passive_declare(
+    channel: &lapin::Channel,
+    queue: &str,
+    doing: &str,
+) -> Result<u32, Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(
+            convert::short("queue name", queue)?,
+            passive,
+            FieldTable::default(),
+        )
+        .await
+        .map(|declared| declared.message_count())
+        .map_err(|e| {
+            if crate::errors::is_not_found(&e) {
+                Error::not_found("queue", queue.to_owned())
+                    .with_hint("declare the topology first (Transport::declare)".to_owned())
+            } else {
+                crate::errors::from_client(e, doing.to_owned())
+            }
+        })
 }
 
 /// The queues and exchanges of the delay infrastructure
