@@ -149,7 +149,9 @@ impl SelectionArgs {
     }
 }
 
-#[tokio::main]
+// One operation at a time: a current-thread runtime is enough, and it keeps the Service Bus
+// client clear of its multi-threaded outcome race (see the Service Bus transport's docs).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
@@ -180,7 +182,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         )
     })?;
     let transport: Arc<dyn Transport> = redeliver::connect(&url).await?;
-    let json = cli.json;
+    let result = operate(command, cli.json, Arc::clone(&transport)).await;
+    // Gives back what the operation's consumers still hold, so that nothing stays locked
+    // after the process ends.
+    transport.close().await;
+    result
+}
+
+async fn operate(
+    command: DeadLetterCommand,
+    json: bool,
+    transport: Arc<dyn Transport>,
+) -> Result<ExitCode, Error> {
     match command {
         DeadLetterCommand::List { endpoint, max } => {
             let dead = DeadLetters::new(transport, &endpoint);

@@ -23,7 +23,9 @@
 //!   not be sent stays where it was.
 //! - **Exactly the selection.** A replay or purge first takes a snapshot (a peek), selects from
 //!   it, and then moves or removes only messages whose id was selected, as many as were
-//!   selected; the others are passed over in place. Dead letters that arrive during the
+//!   selected; the others are passed over in place. A replay or purge of everything
+//!   ([`Selection::all`], not a dry run) counts the dead letters instead of peeking at them
+//!   and moves or removes that many, oldest first. Dead letters that arrive during the
 //!   operation are not touched.
 //! - **Replayed messages start again.** The copy has attempt 1 (or its attempt, with
 //!   [`ReplayOptions::keep_attempt`]), no dead-letter reason, its original id, and records
@@ -45,6 +47,10 @@ use serde::Serialize;
 use crate::message::{FrameworkState, MESSAGE_TYPE, Message, MessageId};
 use crate::transport::{Delivery, PassedOver, Transport};
 use crate::{Error, clock::to_chrono};
+
+/// How many dead letters a replay or purge of everything lets the transport take ahead of
+/// the one it moves (a prefetch, on brokers that push).
+const AHEAD: usize = 64;
 
 /// The longest a replay or purge waits for the next dead letter of its snapshot before it gives
 /// up (the snapshot's messages are gone: another consumer took them).
@@ -401,6 +407,48 @@ impl DeadLetters {
             )
     }
 
+    /// What a pass goes through: how many dead letters, how many of each selected id (`None`:
+    /// every one), and the report so far. A pass that acts on everything only counts, where
+    /// the transport can, rather than look at each message first; otherwise the snapshot is
+    /// a [`list`](Self::list).
+    async fn snapshot(
+        &self,
+        selection: &Selection,
+        dry_run: bool,
+    ) -> Result<(usize, Option<BTreeMap<MessageId, u64>>, Report), Error> {
+        let mut report = Report {
+            seen: 0,
+            selected: 0,
+            done: 0,
+            dry_run,
+            ids: Vec::new(),
+        };
+        if selection.is_all() && !dry_run {
+            match self.transport.count_dead_letters(&self.endpoint).await {
+                Ok(count) => {
+                    report.seen = count;
+                    report.selected = count;
+                    let total = usize::try_from(count).unwrap_or(usize::MAX);
+                    return Ok((total, None, report));
+                }
+                Err(Error::Unsupported { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let snapshot = self.list(usize::MAX).await?;
+        let now = self.transport.clock().now();
+        let mut wanted: BTreeMap<MessageId, u64> = BTreeMap::new();
+        for message in &snapshot {
+            if selection.matches(message, &self.endpoint, now) {
+                *wanted.entry(message.id().clone()).or_default() += 1;
+                report.ids.push(message.id().to_string());
+            }
+        }
+        report.seen = snapshot.len() as u64;
+        report.selected = report.ids.len() as u64;
+        Ok((snapshot.len(), Some(wanted), report))
+    }
+
     async fn pass(
         &self,
         selection: &Selection,
@@ -408,31 +456,21 @@ impl DeadLetters {
         action: Action<'_>,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<Report, Error> {
-        let snapshot = self.list(usize::MAX).await?;
-        let now = self.transport.clock().now();
-        let mut wanted: BTreeMap<MessageId, u64> = BTreeMap::new();
-        let mut ids = Vec::new();
-        for message in &snapshot {
-            if selection.matches(message, &self.endpoint, now) {
-                *wanted.entry(message.id().clone()).or_default() += 1;
-                ids.push(message.id().to_string());
-            }
-        }
-        let mut report = Report {
-            seen: snapshot.len() as u64,
-            selected: ids.len() as u64,
-            done: 0,
-            dry_run,
-            ids,
-        };
+        let (total, mut wanted, mut report) = self.snapshot(selection, dry_run).await?;
         if dry_run || report.selected == 0 {
             return Ok(report);
         }
 
-        // Deliveries passed over may be held until the end: room for all of them.
+        // Deliveries passed over may be held until the end: room for all of them. A pass over
+        // everything passes nothing over, and lets the transport take a few ahead.
+        let held = if wanted.is_some() {
+            total
+        } else {
+            total.min(AHEAD)
+        };
         let mut stream = self
             .transport
-            .take_dead_letters(&self.endpoint, snapshot.len())
+            .take_dead_letters(&self.endpoint, held)
             .await?;
         let mut held = Held(Vec::new());
         let mut copied_back = false;
@@ -440,7 +478,7 @@ impl DeadLetters {
         let mut next_slot = tokio::time::Instant::now();
         // Once every selected message is done, a transport that holds can stop; one that
         // copies back goes round the whole snapshot, which puts the queue back in its order.
-        while seen < snapshot.len() && (report.done < report.selected || copied_back) {
+        while seen < total && (report.done < report.selected || copied_back) {
             // The rate limit waits before the next dead letter is taken, so that a replay
             // stopped while it waits holds nothing.
             if let (Action::Replay(_, Some(interval)), true) = (&action, report.done > 0) {
@@ -456,22 +494,26 @@ impl DeadLetters {
                         format!(
                             "waiting for the next dead letter of `{}` ({} of {} seen; another \
                              consumer may have taken the others)",
-                            self.endpoint,
-                            seen,
-                            snapshot.len()
+                            self.endpoint, seen, total
                         ),
                         NEXT_DEAD_LETTER,
                     ));
                 }
             };
             seen += 1;
-            let id = delivery.message().id().clone();
-            let selected = match wanted.get_mut(&id) {
-                Some(left) if *left > 0 => {
-                    *left -= 1;
+            let id = delivery.message().id();
+            let selected = match wanted.as_mut() {
+                None => {
+                    report.ids.push(id.to_string());
                     true
                 }
-                _ => false,
+                Some(wanted) => match wanted.get_mut(id) {
+                    Some(left) if *left > 0 => {
+                        *left -= 1;
+                        true
+                    }
+                    _ => false,
+                },
             };
             if !selected {
                 match delivery.pass_over().await? {

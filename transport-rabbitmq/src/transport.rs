@@ -370,6 +370,10 @@ impl Transport for RabbitMqTransport {
         let queue = self.shared.names.dead_letter_queue(endpoint);
         self.ready_count(&queue).await
     }
+
+    async fn close(&self) {
+        RabbitMqTransport::close(self).await;
+    }
 }
 
 impl RabbitMqTransport {

@@ -169,10 +169,14 @@
 //! had an order.
 //!
 //! # Closing
-//! Call [`ServiceBusTransport::close`] to close the senders and the connection with
-//! `dispose()`; consumers close themselves once their stream is dropped and every delivery is
-//! settled. (Dropping `azservicebus` links without `dispose()` can end the client's whole AMQP
-//! session.) Dropping the transport closes the sending connection in the background.
+//! Consumers close themselves once their stream is dropped and every delivery is settled:
+//! they give back (abandon) what they still hold, including messages received ahead of the
+//! stream, and close their receiver. Call [`ServiceBusTransport::close`] before the process
+//! ends: it waits for those consumers, then closes the senders and the connection with
+//! `dispose()`. A process that ends without it loses nothing, but the messages its consumers
+//! held stay locked until their lock duration runs out. (Dropping `azservicebus` links without
+//! `dispose()` can end the client's whole AMQP session.) Dropping the transport closes the
+//! sending connection in the background.
 //!
 //! # Known limits of the client stack (`azservicebus` 0.25.1, `fe2o3-amqp` 0.14.1)
 //! - `fe2o3-amqp` files a sent transfer (and a management or CBS request) as unsettled only
@@ -301,8 +305,11 @@ impl ServiceBusTransport {
         &self.shared.options
     }
 
-    /// Closes every sender and the sending connection with `dispose()`. Sending afterwards
-    /// connects again. Consumers are not affected: they close when their stream is dropped.
+    /// Waits for the consumers whose delivery streams were dropped to give back the messages
+    /// they still hold (locked deliveries not yet settled, and any received ahead) and close
+    /// (at most [`ServiceBusOptions::try_timeout`]), then closes every sender and the sending
+    /// connection with `dispose()`. Sending afterwards connects again. Consumers whose streams
+    /// are still open are not affected: they close when their stream is dropped.
     pub async fn close(&self) {
         self.shared.close().await;
     }
@@ -366,6 +373,10 @@ impl Transport for ServiceBusTransport {
     async fn count_dead_letters(&self, endpoint: &str) -> Result<u64, Error> {
         let all = peek::dead_letters(&self.shared, endpoint, None).await?;
         Ok(u64::try_from(all.len()).unwrap_or(u64::MAX))
+    }
+
+    async fn close(&self) {
+        ServiceBusTransport::close(self).await;
     }
 }
 

@@ -119,7 +119,7 @@ pub fn redeliver(url: &str, args: &[&str]) -> Command {
 pub async fn run(url: &str, args: &[&str], code: i32) -> Value {
     let output = tokio::time::timeout(PATIENCE, redeliver(url, args).output())
         .await
-        .expect("redeliver finished in time")
+        .unwrap_or_else(|_| panic!("redeliver {args:?} did not finish within {PATIENCE:?}"))
         .expect("redeliver runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(

@@ -120,6 +120,13 @@ pub trait Transport: fmt::Debug + Send + Sync + 'static {
         let _ = endpoint;
         Err(Error::unsupported("counting dead letters"))
     }
+
+    /// Closes the transport's connections, once the consumers whose delivery streams were
+    /// dropped have given back the messages they still held. Call it before a process ends (a
+    /// command-line tool, a test) so that no message waits for a lock or a broker time-out to
+    /// run out before it is delivered again; a process that ends without it loses nothing
+    /// either. Close after the workers have shut down. The default does nothing.
+    async fn close(&self) {}
 }
 
 /// What can be consumed: an endpoint's queue, or the dead letters of an endpoint.

@@ -3,15 +3,20 @@
 //! their locks, gives held dead letters back when their retry is due, and closes the receiver.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use azservicebus::ServiceBusReceiver;
 use azservicebus::primitives::service_bus_received_message::ServiceBusReceivedMessage;
+use futures::Stream;
 use redeliver_core::{Delivery, DeliveryStream, Error, Source};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
 use super::commands::{Action, Command, Final};
@@ -36,7 +41,7 @@ pub(super) fn start(
     prefetch: usize,
 ) -> DeliveryStream {
     let prefetch = prefetch.max(1);
-    let (deliveries_tx, mut deliveries_rx) = mpsc::channel(prefetch);
+    let (deliveries_tx, deliveries_rx) = mpsc::channel(prefetch);
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let consumer = Consumer {
         shared: Arc::clone(shared),
@@ -52,10 +57,40 @@ pub(super) fn start(
         credit_outstanding: 0,
         backlog: false,
         wait_after_drain: None,
+        closing: None,
     };
+    let commands = consumer.commands_tx.clone();
     tokio::spawn(consumer.run());
-    let stream = futures::stream::poll_fn(move |cx| deliveries_rx.poll_recv(cx));
-    Box::pin(stream)
+    Box::pin(Deliveries {
+        deliveries: deliveries_rx,
+        commands,
+        closing: shared.closing.clone(),
+    })
+}
+
+/// The stream of a consumer's deliveries. Dropped, it tells the consumer, which then gives
+/// back what it holds and closes; [`Shared::close`] waits for that.
+struct Deliveries {
+    deliveries: mpsc::Receiver<Result<Delivery, Error>>,
+    commands: mpsc::UnboundedSender<Command>,
+    closing: TaskTracker,
+}
+
+impl Stream for Deliveries {
+    type Item = Result<Delivery, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.deliveries.poll_recv(cx)
+    }
+}
+
+impl Drop for Deliveries {
+    fn drop(&mut self) {
+        // A consumer that has already ended hands the token straight back.
+        let _ = self
+            .commands
+            .send(Command::StreamDropped(self.closing.token()));
+    }
 }
 
 enum Event {
@@ -90,6 +125,8 @@ struct Consumer {
     /// receive that comes up empty, until it would reach the receive wait (see
     /// [`Consumer::receive_batch`]).
     wait_after_drain: Option<Duration>,
+    /// Held from the moment the delivery stream is dropped until the consumer is gone.
+    closing: Option<TaskTrackerToken>,
 }
 
 async fn stream_closed(deliveries: &Option<mpsc::Sender<Result<Delivery, Error>>>) {
@@ -342,6 +379,7 @@ impl Consumer {
                 let result = self.settle(id, action).await;
                 let _ = reply.send(result);
             }
+            Command::StreamDropped(token) => self.closing = Some(token),
             Command::Dropped { id } => {
                 if self.locked.contains_key(&id) {
                     debug!(source = %self.source, "a delivery was dropped unsettled; abandoning it");

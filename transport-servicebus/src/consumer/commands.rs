@@ -7,6 +7,7 @@ use redeliver_core::Error;
 use serde_amqp::Value;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// What a delivery asks the consumer to do.
 pub(super) enum Action {
@@ -32,4 +33,8 @@ pub(super) enum Command {
     },
     /// The delivery was dropped (or its settlement abandoned) without settling: give it back.
     Dropped { id: u64 },
+    /// The delivery stream was dropped: the consumer holds this token of
+    /// [`Shared::closing`](crate::shared::Shared) until it has given back what it holds and
+    /// closed its receiver, so that closing the transport can wait for that.
+    StreamDropped(TaskTrackerToken),
 }

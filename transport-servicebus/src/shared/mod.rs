@@ -16,7 +16,8 @@ use azservicebus::{
 use redeliver_core::secret::SecretUrl;
 use redeliver_core::{Clock, Error};
 use tokio::sync::Mutex;
-use tracing::debug;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
 
 use self::senders::Senders;
 use crate::connection_string;
@@ -40,6 +41,9 @@ pub(crate) struct Shared {
     client: Mutex<Option<Client>>,
     /// The senders of each queue or topic, made on first use.
     senders: Senders,
+    /// A token per consumer whose delivery stream was dropped and that is still giving back
+    /// what it holds (see [`close`](Self::close)).
+    pub(crate) closing: TaskTracker,
 }
 
 impl Shared {
@@ -57,6 +61,7 @@ impl Shared {
             options,
             clock: Clock::system(),
             client: Mutex::new(None),
+            closing: TaskTracker::new(),
         })
     }
 
@@ -67,8 +72,21 @@ impl Shared {
         Ok(())
     }
 
-    /// Closes every sender and the sending connection with `dispose()`.
+    /// Waits (up to the try time-out) for the consumers whose delivery streams were dropped to
+    /// give back what they hold and close, then closes every sender and the sending connection
+    /// with `dispose()`.
     pub(crate) async fn close(&self) {
+        self.closing.close();
+        if tokio::time::timeout(self.options.try_timeout, self.closing.wait())
+            .await
+            .is_err()
+        {
+            info!(
+                consumers = self.closing.len(),
+                "closing: consumers still giving back messages after the try time-out; the \
+                 locks of what they hold run out on their own"
+            );
+        }
         for (entity, pool) in self.senders.drain() {
             for slot in &pool.slots {
                 if let Some(sender) = slot.lock().await.take() {
