@@ -10,6 +10,7 @@
 //!   with the same entities) **loses every message it held**. The driver counts those apart
 //!   from messages lost by redeliver (see `driver::RestartLoss`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -203,13 +204,8 @@ impl TestBroker {
     /// Starts the program again on the same address, with the same entities and nothing in
     /// them.
     pub(crate) async fn start_again(&mut self) -> Result<(), String> {
-        let (child, _) = launch(
-            &self.program,
-            Some(self.address),
-            &self.entities,
-            &self.log,
-        )
-        .await?;
+        let (child, _) =
+            launch(&self.program, Some(self.address), &self.entities, &self.log).await?;
         self.child = child;
         Ok(())
     }
@@ -281,6 +277,59 @@ pub(crate) fn with_host(connection_string: &str, host: &str) -> String {
         .join(";")
 }
 
+/// The messages the Service Bus test broker still holds in `queue` (available, locked,
+/// scheduled or deferred), by the number in their body, with their state. Peeked, so nothing
+/// is locked or moved.
+pub(crate) async fn service_bus_held(
+    connection_string: &str,
+    queue: &str,
+) -> Result<BTreeMap<u64, String>, String> {
+    use azservicebus::core::BasicRetryPolicy;
+    use azservicebus::{
+        ServiceBusClient, ServiceBusClientOptions, ServiceBusReceiverOptions,
+        ServiceBusRetryOptions,
+    };
+    let options = ServiceBusClientOptions {
+        retry_options: ServiceBusRetryOptions {
+            max_retries: 0,
+            ..ServiceBusRetryOptions::default()
+        },
+        ..ServiceBusClientOptions::default()
+    };
+    let mut client = ServiceBusClient::<BasicRetryPolicy>::unsecured()
+        .new_from_connection_string(connection_string, options)
+        .await
+        .map_err(|e| format!("peeking: {e}"))?;
+    let mut receiver = client
+        .create_receiver_for_queue(queue, ServiceBusReceiverOptions::default())
+        .await
+        .map_err(|e| format!("peeking: {e}"))?;
+    let mut held = BTreeMap::new();
+    let mut from = None;
+    let result = loop {
+        let page = match receiver.peek_messages(250, from).await {
+            Ok(page) => page,
+            Err(e) => break Err(format!("peeking: {e}")),
+        };
+        let Some(last) = page.last() else {
+            break Ok(());
+        };
+        from = Some(last.sequence_number() + 1);
+        for message in &page {
+            let job = message
+                .body()
+                .ok()
+                .and_then(|body| serde_json::from_slice::<crate::Job>(body).ok());
+            if let Some(job) = job {
+                held.insert(job.n, format!("{:?}", message.state()));
+            }
+        }
+    };
+    let _ = receiver.dispose().await;
+    let _ = client.dispose().await;
+    result.map(|()| held)
+}
+
 /// A proxy to `upstream` on the first loopback address from 127.0.0.2 whose port 5672 is
 /// free, for Service Bus clients, which dial 5672.
 pub(crate) async fn service_bus_proxy(upstream: SocketAddr) -> Result<Proxy, String> {
@@ -309,7 +358,10 @@ mod tests {
             "Endpoint=sb://127.0.0.9/;SharedAccessKeyName=K;SharedAccessKey=V;UseDevelopmentEmulator=true"
         );
         assert!(host_of("nothing").is_err());
-        assert_eq!(Kind::from_arg(Kind::ServiceBus.to_arg()), Ok(Kind::ServiceBus));
+        assert_eq!(
+            Kind::from_arg(Kind::ServiceBus.to_arg()),
+            Ok(Kind::ServiceBus)
+        );
         assert!(Kind::from_arg("kafka").is_err());
     }
 }

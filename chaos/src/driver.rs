@@ -37,8 +37,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 const SLOW_IN_FLIGHT: u64 = 100;
 
 /// The Service Bus queue's lock duration: a message whose worker was killed comes back after
-/// it. Locks are renewed while a handler runs.
-const SERVICE_BUS_LOCK: Duration = Duration::from_secs(10);
+/// it. Locks are renewed while a handler runs. (With 10 s, deliveries were settled after their
+/// lock had run out by the thousand and the run stopped making progress: see RESULTS.md.)
+const SERVICE_BUS_LOCK: Duration = Duration::from_secs(30);
 /// The Service Bus queue's maximum delivery count: deliveries that end without a settlement
 /// (a cut, a kill, a restart) count towards it, the framework's retries do not. High, so that
 /// the faults never dead-letter a healthy message (that would be a wrong fate, not a loss).
@@ -181,6 +182,8 @@ struct Run {
     broker: tokio::sync::Mutex<Option<TestBroker>>,
     restart_loss: Mutex<Option<RestartLoss>>,
     dead: Arc<Mutex<BTreeMap<u64, u32>>>,
+    /// The Service Bus test broker's own connection string (not through a proxy).
+    sb_connection: Option<String>,
     dir: PathBuf,
     prefix: String,
     worker_url: String,
@@ -295,13 +298,9 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
     let (broker, upstreams, sb_connection) = match settings.kind {
         Kind::RabbitMq => (None, nodes(), None),
         Kind::ServiceBus => {
-            let (broker, connection) = TestBroker::start(
-                &dir,
-                ENDPOINT,
-                SERVICE_BUS_LOCK,
-                SERVICE_BUS_MAX_DELIVERY,
-            )
-            .await?;
+            let (broker, connection) =
+                TestBroker::start(&dir, ENDPOINT, SERVICE_BUS_LOCK, SERVICE_BUS_MAX_DELIVERY)
+                    .await?;
             let address = broker.address;
             (Some(broker), vec![address], Some(connection))
         }
@@ -352,6 +351,7 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         broker: tokio::sync::Mutex::new(broker),
         restart_loss: Mutex::default(),
         dead: Arc::clone(&dead),
+        sb_connection: sb_connection.clone(),
         dir: dir.clone(),
         prefix: prefix.clone(),
         processes: Mutex::default(),
@@ -433,7 +433,13 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         slow_shutdown(&run, &*shared).await?;
     }
 
-    // Drain: until every accepted message is accounted for, or nothing moved for 60 s.
+    // Drain: until every accepted message is accounted for, or nothing moved for 60 s (on
+    // Service Bus 60 s more than a lock lasts: messages locked by a killed worker, or by a
+    // connection that was cut, come back only when their lock runs out).
+    let patience = match run.settings.kind {
+        Kind::RabbitMq => Duration::from_secs(60),
+        Kind::ServiceBus => Duration::from_secs(60) + SERVICE_BUS_LOCK,
+    };
     let mut last = (usize::MAX, Instant::now());
     let reading = loop {
         let reading = Reading::of(&dir);
@@ -448,7 +454,7 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         }
         if open != last.0 {
             last = (open, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(60) {
+        } else if last.1.elapsed() > patience {
             // A quorum queue's at-least-once dead-letter outbox is retried only every
             // `dead_letter_worker_publisher_confirm_timeout` (180 s by default on 3.10): while
             // the broker holds messages there, they are late, not lost; wait for them, boundedly.
@@ -465,7 +471,7 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
                 ));
                 break reading;
             }
-            if last.1.elapsed() < Duration::from_secs(61) {
+            if last.1.elapsed() < patience + Duration::from_secs(1) {
                 run.event(format!(
                     "{open} accepted messages open, {outbox} in delay levels' dead-letter \
                      outboxes: waiting for the broker's next forwarding attempt"
@@ -477,6 +483,10 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
     let drained_after = started.elapsed();
     // What the broker still holds, queue by queue.
     let held = held(&run).await;
+    let sb_held = match &run.sb_connection {
+        Some(connection) => Some(backend::service_bus_held(connection, ENDPOINT).await),
+        None => None,
+    };
 
     let mut processes = std::mem::take(&mut *run.processes.lock().unwrap());
     for process in &mut processes {
@@ -494,6 +504,7 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         &reading,
         &dead.lock().unwrap(),
         held.as_ref(),
+        sb_held,
         publish_time,
         drained_after,
     )
@@ -586,7 +597,9 @@ async fn faults(
             }
             // Tried `send_attempts` (3) times, each try bounded by the try time-out; a
             // connection refused fails a try at once.
-            Kind::ServiceBus => result.is_err() && took < PUBLISH_TIMEOUT * 3 + Duration::from_secs(5),
+            Kind::ServiceBus => {
+                result.is_err() && took < PUBLISH_TIMEOUT * 3 + Duration::from_secs(5)
+            }
         };
         run.event(format!(
             "publish during an outage: {} after {took:?} ({})",
@@ -627,7 +640,9 @@ async fn first_completion_after(run: &Run, after: u64) -> Option<u64> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), first).await.ok()
+    tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .ok()
 }
 
 /// The broker restart: RabbitMQ's node 1 (the first every process connected to) stops, then
@@ -824,6 +839,7 @@ fn report(
     reading: &Reading,
     dead: &BTreeMap<u64, u32>,
     held: Option<&BTreeMap<String, (u64, u64, u64)>>,
+    sb_held: Option<Result<BTreeMap<u64, String>, String>>,
     publish_time: Duration,
     drained_after: Duration,
 ) -> Result<(), String> {
@@ -913,10 +929,29 @@ fn report(
     } else if held.is_some() {
         println!("  broker holds    nothing in the run's queues");
     } else {
-        println!(
-            "  broker holds    not asked (the Service Bus test broker, in a process of its own, \
-             answers no count)"
-        );
+        match &sb_held {
+            Some(Ok(sb)) => {
+                let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+                for state in sb.values() {
+                    *states.entry(state.as_str()).or_default() += 1;
+                }
+                println!(
+                    "  broker holds    {} messages in `{ENDPOINT}` (peeked, by state: {states:?})",
+                    sb.len()
+                );
+                let late = lost.iter().filter(|n| sb.contains_key(n)).count();
+                if !lost.is_empty() {
+                    println!(
+                        "  of the {} lost by redeliver, {late} are still in the broker (late, \
+                         not delivered in time) and {} are not in it",
+                        lost.len(),
+                        lost.len() - late
+                    );
+                }
+            }
+            Some(Err(e)) => println!("  broker holds    unknown ({e})"),
+            None => println!("  broker holds    unknown"),
+        }
     }
     if !lost.is_empty() {
         let shown: Vec<_> = lost.iter().take(20).collect();

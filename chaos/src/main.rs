@@ -65,8 +65,8 @@ fn main() {
     // Service Bus processes run on one thread: `fe2o3-amqp` files a sent transfer as unsettled
     // only after writing it, and on a multi-threaded runtime a broker on loopback can answer
     // first, losing the outcome (see the Service Bus transport's "Known limits").
-    let service_bus = mode == "servicebus"
-        || options.get("transport").map(String::as_str) == Some("servicebus");
+    let service_bus =
+        mode == "servicebus" || options.get("transport").map(String::as_str) == Some("servicebus");
     let runtime = if service_bus {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -90,6 +90,9 @@ fn main() {
             .and_then(|r| r),
         _ => Err(USAGE.to_owned()),
     };
+    // Tasks still running (a failed run's fault injector, say) hold worker processes, which
+    // are killed when dropped: drop them before exiting.
+    drop(runtime);
     if let Err(e) = result {
         eprintln!("redeliver-chaos {mode}: {e}");
         std::process::exit(1);
