@@ -940,6 +940,17 @@ fn report(
                     sb.len()
                 );
                 let late = lost.iter().filter(|n| sb.contains_key(n)).count();
+                let restart_late = lost_to_restart
+                    .iter()
+                    .filter(|n| sb.contains_key(n))
+                    .count();
+                if restart_late > 0 {
+                    println!(
+                        "  of the {} lost to the restart, {restart_late} are in the broker after \
+                         all (late)",
+                        lost_to_restart.len()
+                    );
+                }
                 if !lost.is_empty() {
                     println!(
                         "  of the {} lost by redeliver, {late} are still in the broker (late, \
