@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 
 use redeliver_conformance::proxy::Proxy;
 use redeliver_core::{Context, Error, Message, Outcome, Source, Topology, Transport, Worker};
-use redeliver_rabbitmq::RabbitMqTransport;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::Job;
+use crate::backend::{self, Connection, Kind, TestBroker, URL_VARIABLE};
 use crate::ledger::{Reading, now_ms};
 use crate::plan::{Fate, Mix, SLOW_BASE};
-use crate::worker::{WorkerArgs, options};
+use crate::worker::WorkerArgs;
 
 const WORKERS: usize = 3;
 const ENDPOINT: &str = "work";
@@ -36,9 +36,19 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Slow handlers in flight on one worker when it is told to shut down.
 const SLOW_IN_FLIGHT: u64 = 100;
 
+/// The Service Bus queue's lock duration: a message whose worker was killed comes back after
+/// it. Locks are renewed while a handler runs. (With 10 s, deliveries were settled after their
+/// lock had run out by the thousand and the run stopped making progress: see RESULTS.md.)
+const SERVICE_BUS_LOCK: Duration = Duration::from_secs(30);
+/// The Service Bus queue's maximum delivery count: deliveries that end without a settlement
+/// (a cut, a kill, a restart) count towards it, the framework's retries do not. High, so that
+/// the faults never dead-letter a healthy message (that would be a wrong fate, not a loss).
+const SERVICE_BUS_MAX_DELIVERY: u32 = 1000;
+
 /// What one run does.
 pub(crate) struct Settings {
     name: &'static str,
+    kind: Kind,
     messages: u64,
     mix: Mix,
     concurrency: usize,
@@ -63,6 +73,7 @@ impl Settings {
         let mut settings = match mode {
             "cluster" => Settings {
                 name: "cluster",
+                kind: Kind::RabbitMq,
                 messages: 20_000,
                 mix: Mix::from_arg("200,20,0,100")?,
                 concurrency: 32,
@@ -74,12 +85,18 @@ impl Settings {
                 node_down: Duration::from_secs(10),
             },
             _ => Settings {
-                name: if soak {
-                    "chaos --soak"
-                } else if short {
-                    "chaos --short"
+                name: match (mode, soak, short) {
+                    ("servicebus", true, _) => "servicebus --soak",
+                    ("servicebus", _, true) => "servicebus --short",
+                    ("servicebus", _, _) => "servicebus",
+                    (_, true, _) => "chaos --soak",
+                    (_, _, true) => "chaos --short",
+                    _ => "chaos",
+                },
+                kind: if mode == "servicebus" {
+                    Kind::ServiceBus
                 } else {
-                    "chaos"
+                    Kind::RabbitMq
                 },
                 messages: if soak {
                     100_000
@@ -139,10 +156,34 @@ async fn cluster(args: &[&str]) -> Result<(), String> {
 struct Process {
     name: String,
     child: Child,
+    /// What it printed on standard output after `ready` (its shutdown statistics).
+    output: Arc<Mutex<Vec<String>>>,
+    /// Reads that output; ends at the end of the pipe.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+/// What the shutdown probe saw: the worker it stopped and the slow messages in its handlers
+/// when it was told to stop.
+struct ShutdownProbe {
+    worker: String,
+    in_flight: BTreeSet<u64>,
+}
+
+/// What the broker held when the Service Bus test broker was restarted (its messages are in
+/// memory only, so the restart loses them): messages accepted before it was back and not yet
+/// completed or dead-lettered when it stopped.
+struct RestartLoss {
+    at_risk: BTreeSet<u64>,
 }
 
 struct Run {
     settings: Settings,
+    /// The Service Bus test broker process, in a Service Bus run.
+    broker: tokio::sync::Mutex<Option<TestBroker>>,
+    restart_loss: Mutex<Option<RestartLoss>>,
+    dead: Arc<Mutex<BTreeMap<u64, u32>>>,
+    /// The Service Bus test broker's own connection string (not through a proxy).
+    sb_connection: Option<String>,
     dir: PathBuf,
     prefix: String,
     worker_url: String,
@@ -152,6 +193,7 @@ struct Run {
     sent: AtomicU64,
     publishing: AtomicBool,
     events: Mutex<Vec<String>>,
+    shutdown_probe: Mutex<Option<ShutdownProbe>>,
 }
 
 impl Run {
@@ -160,10 +202,33 @@ impl Run {
         self.events.lock().unwrap().push(what);
     }
 
+    /// Starts worker `name`; a worker whose start failed (a cut while it connected or began
+    /// consuming makes `Worker::start` fail, and the process exit) is started again, as a
+    /// supervisor would, up to 5 times, each noted as an event.
     async fn spawn(&self, name: &str) -> Result<Process, String> {
+        let mut attempt = 1;
+        loop {
+            match self.spawn_once(name).await {
+                Ok(process) => return Ok(process),
+                Err(e) if attempt < 5 => {
+                    let why = std::fs::read_to_string(self.dir.join(format!("{name}.stderr")))
+                        .ok()
+                        .and_then(|t| t.lines().last().map(str::to_owned))
+                        .unwrap_or(e);
+                    self.event(format!(
+                        "worker {name} did not start ({why}); starting it again"
+                    ));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn spawn_once(&self, name: &str) -> Result<Process, String> {
         let args = WorkerArgs {
             name: name.to_owned(),
-            url: self.worker_url.clone(),
+            transport: self.settings.kind,
             prefix: self.prefix.clone(),
             endpoint: ENDPOINT.to_owned(),
             levels: LEVELS,
@@ -173,11 +238,15 @@ impl Run {
             slow: Duration::from_secs(30),
             shutdown: Duration::from_secs(1),
         };
-        let stderr = std::fs::File::create(self.dir.join(format!("{name}.stderr")))
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.stderr")))
             .map_err(|e| e.to_string())?;
         let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .arg("worker")
             .args(args.to_args())
+            .env(URL_VARIABLE, &self.worker_url)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .kill_on_drop(true)
@@ -190,10 +259,20 @@ impl Run {
             return Err(format!("worker {name} did not start: {ready:?}"));
         }
         // Keep reading so the worker never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let output: Arc<Mutex<Vec<String>>> = Arc::default();
+        let reader = tokio::spawn({
+            let output = Arc::clone(&output);
+            async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    output.lock().unwrap().push(line);
+                }
+            }
+        });
         Ok(Process {
             name: name.to_owned(),
             child,
+            output,
+            reader,
         })
     }
 }
@@ -214,23 +293,46 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
     let id = format!("{:08x}", fastrand::u32(..));
     let dir = std::env::temp_dir().join(format!("rdlv-chaos-{id}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let nodes = nodes();
+    // The upstream addresses (RabbitMQ's nodes, or the Service Bus test broker), and the
+    // proxies the workers and the driver connect through when connections are cut.
+    let (broker, upstreams, sb_connection) = match settings.kind {
+        Kind::RabbitMq => (None, nodes(), None),
+        Kind::ServiceBus => {
+            let (broker, connection) =
+                TestBroker::start(&dir, ENDPOINT, SERVICE_BUS_LOCK, SERVICE_BUS_MAX_DELIVERY)
+                    .await?;
+            let address = broker.address;
+            (Some(broker), vec![address], Some(connection))
+        }
+    };
     let (worker_proxies, driver_proxies) = if settings.cuts {
         let mut w = Vec::new();
         let mut d = Vec::new();
-        for node in &nodes {
-            w.push(Proxy::start(*node).await.map_err(|e| e.to_string())?);
-            d.push(Proxy::start(*node).await.map_err(|e| e.to_string())?);
+        for upstream in &upstreams {
+            match settings.kind {
+                Kind::RabbitMq => {
+                    w.push(Proxy::start(*upstream).await.map_err(|e| e.to_string())?);
+                    d.push(Proxy::start(*upstream).await.map_err(|e| e.to_string())?);
+                }
+                Kind::ServiceBus => {
+                    w.push(backend::service_bus_proxy(*upstream).await?);
+                    d.push(backend::service_bus_proxy(*upstream).await?);
+                }
+            }
         }
         (w, d)
     } else {
         (Vec::new(), Vec::new())
     };
-    let addrs = |proxies: &[Proxy]| -> Vec<SocketAddr> {
-        if proxies.is_empty() {
-            nodes.clone()
+    let url = |proxies: &[Proxy]| -> String {
+        let addrs: Vec<SocketAddr> = if proxies.is_empty() {
+            upstreams.clone()
         } else {
             proxies.iter().map(Proxy::addr).collect()
+        };
+        match &sb_connection {
+            None => url_of(&addrs),
+            Some(connection) => backend::with_host(connection, &addrs[0].ip().to_string()),
         }
     };
     let prefix = format!("rdlv-chaos-{id}.");
@@ -242,9 +344,14 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         settings.concurrency,
         dir.display()
     );
+    let dead: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
     let run = Arc::new(Run {
-        worker_url: url_of(&addrs(&worker_proxies)),
+        worker_url: url(&worker_proxies),
         settings,
+        broker: tokio::sync::Mutex::new(broker),
+        restart_loss: Mutex::default(),
+        dead: Arc::clone(&dead),
+        sb_connection: sb_connection.clone(),
         dir: dir.clone(),
         prefix: prefix.clone(),
         processes: Mutex::default(),
@@ -253,24 +360,23 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         sent: AtomicU64::new(0),
         publishing: AtomicBool::new(true),
         events: Mutex::default(),
+        shutdown_probe: Mutex::default(),
     });
-    let transport = RabbitMqTransport::connect(
-        options(
-            &url_of(&addrs(&driver_proxies)),
-            &prefix,
-            LEVELS,
-            "chaos driver",
-        )
-        .with_operation_timeout(PUBLISH_TIMEOUT),
-    )
+    let transport = backend::connect(&Connection {
+        kind: run.settings.kind,
+        url: &url(&driver_proxies),
+        prefix: &prefix,
+        levels: LEVELS,
+        name: "chaos driver",
+        publish_timeout: PUBLISH_TIMEOUT,
+    })
     .await
     .map_err(|e| format!("connecting the driver: {e}"))?;
-    let shared: Arc<dyn Transport> = Arc::new(transport.clone());
+    let shared = transport.shared();
     shared
         .declare(&Topology::new().endpoint(ENDPOINT))
         .await
         .map_err(|e| format!("declaring: {e}"))?;
-    let dead: Arc<Mutex<BTreeMap<u64, u32>>> = Arc::default();
     let drain = Worker::builder(Arc::clone(&shared), Source::dead_letters(ENDPOINT))
         .concurrency(50)
         .start({
@@ -327,7 +433,13 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         slow_shutdown(&run, &*shared).await?;
     }
 
-    // Drain: until every accepted message is accounted for, or nothing moved for 60 s.
+    // Drain: until every accepted message is accounted for, or nothing moved for 60 s (on
+    // Service Bus 60 s more than a lock lasts: messages locked by a killed worker, or by a
+    // connection that was cut, come back only when their lock runs out).
+    let patience = match run.settings.kind {
+        Kind::RabbitMq => Duration::from_secs(60),
+        Kind::ServiceBus => Duration::from_secs(60) + SERVICE_BUS_LOCK,
+    };
     let mut last = (usize::MAX, Instant::now());
     let reading = loop {
         let reading = Reading::of(&dir);
@@ -342,12 +454,13 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
         }
         if open != last.0 {
             last = (open, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(60) {
+        } else if last.1.elapsed() > patience {
             // A quorum queue's at-least-once dead-letter outbox is retried only every
             // `dead_letter_worker_publisher_confirm_timeout` (180 s by default on 3.10): while
             // the broker holds messages there, they are late, not lost; wait for them, boundedly.
-            let outbox: u64 = held(&run.prefix)
+            let outbox: u64 = held(&run)
                 .await
+                .unwrap_or_default()
                 .values()
                 .map(|(all, ready, unacked)| all.saturating_sub(ready + unacked))
                 .sum();
@@ -358,7 +471,7 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
                 ));
                 break reading;
             }
-            if last.1.elapsed() < Duration::from_secs(61) {
+            if last.1.elapsed() < patience + Duration::from_secs(1) {
                 run.event(format!(
                     "{open} accepted messages open, {outbox} in delay levels' dead-letter \
                      outboxes: waiting for the broker's next forwarding attempt"
@@ -369,7 +482,11 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
     };
     let drained_after = started.elapsed();
     // What the broker still holds, queue by queue.
-    let held = held(&prefix).await;
+    let held = held(&run).await;
+    let sb_held = match &run.sb_connection {
+        Some(connection) => Some(backend::service_bus_held(connection, ENDPOINT).await),
+        None => None,
+    };
 
     let mut processes = std::mem::take(&mut *run.processes.lock().unwrap());
     for process in &mut processes {
@@ -378,12 +495,16 @@ pub(crate) async fn run(settings: Settings) -> Result<(), String> {
     drain.shutdown().await;
     drop(worker_proxies);
     transport.close().await;
+    if let Some(broker) = run.broker.lock().await.as_mut() {
+        broker.stop().await?;
+    }
 
     report(
         &run,
         &reading,
         &dead.lock().unwrap(),
-        &held,
+        held.as_ref(),
+        sb_held,
         publish_time,
         drained_after,
     )
@@ -454,45 +575,8 @@ async fn faults(
         let replacement = run.spawn("w2-restarted").await?;
         run.processes.lock().unwrap().push(replacement);
     }
-    // The node every process connected to first (the first in the list) stops, then starts.
     at(&run, 45).await;
-    let begin = now_ms();
-    cluster(&["stop-node", "1"]).await?;
-    let down = now_ms();
-    run.event(format!(
-        "node 1 stopped at {} sent (stopping took {} ms)",
-        run.sent.load(Ordering::SeqCst),
-        down - begin
-    ));
-    let resumed = async {
-        loop {
-            if let Some(first) = Reading::of(&run.dir)
-                .completed_at
-                .iter()
-                .filter(|t| **t > down)
-                .min()
-            {
-                return *first;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(60), resumed).await {
-        Ok(first) => run.event(format!(
-            "time to resume: first completion {} ms after node 1 was down ({} ms after the stop began)",
-            first - down,
-            first - begin
-        )),
-        Err(_) => run.event("no completion within 60 s of stopping node 1".to_owned()),
-    }
-    tokio::time::sleep(
-        run.settings
-            .node_down
-            .saturating_sub(Duration::from_millis(now_ms() - down)),
-    )
-    .await;
-    cluster(&["start-node", "1"]).await?;
-    run.event("node 1 started again".to_owned());
+    restart_broker(&run).await?;
     if run.settings.publish_outage {
         at(&run, 75).await;
         for proxy in &proxies.1 {
@@ -505,19 +589,29 @@ async fn faults(
         for proxy in &proxies.1 {
             proxy.set_accepting(true);
         }
-        let ok = matches!(result, Err(Error::Timeout { .. }))
-            && took >= PUBLISH_TIMEOUT
-            && took < PUBLISH_TIMEOUT + Duration::from_secs(2);
+        let ok = match run.settings.kind {
+            Kind::RabbitMq => {
+                matches!(result, Err(Error::Timeout { .. }))
+                    && took >= PUBLISH_TIMEOUT
+                    && took < PUBLISH_TIMEOUT + Duration::from_secs(2)
+            }
+            // Tried `send_attempts` (3) times, each try bounded by the try time-out; a
+            // connection refused fails a try at once.
+            Kind::ServiceBus => {
+                result.is_err() && took < PUBLISH_TIMEOUT * 3 + Duration::from_secs(5)
+            }
+        };
         run.event(format!(
             "publish during an outage: {} after {took:?} ({})",
             match &result {
                 Ok(()) => "accepted".to_owned(),
                 Err(e) => format!("{e}"),
             },
-            if ok {
-                "the 5 s time-out, as configured"
-            } else {
-                "NOT the configured 5 s time-out"
+            match (run.settings.kind, ok) {
+                (Kind::RabbitMq, true) => "the 5 s time-out, as configured",
+                (Kind::RabbitMq, false) => "NOT the configured 5 s time-out",
+                (Kind::ServiceBus, true) => "an error within 3 tries of at most 5 s, as configured",
+                (Kind::ServiceBus, false) => "NOT an error within 3 tries of at most 5 s",
             }
         ));
         if !ok {
@@ -531,37 +625,194 @@ async fn faults(
     Ok(Arc::try_unwrap(proxies).unwrap_or_else(|_| unreachable!("the cutter has ended")))
 }
 
-/// Sends slow messages until one worker has `SLOW_IN_FLIGHT` of them in flight, then shuts it
-/// down: they must be abandoned and handled elsewhere.
+/// The first completion in any ledger after `after` (unix ms), waiting for it up to 60 s.
+async fn first_completion_after(run: &Run, after: u64) -> Option<u64> {
+    let first = async {
+        loop {
+            if let Some(first) = Reading::of(&run.dir)
+                .completed_at
+                .iter()
+                .filter(|t| **t > after)
+                .min()
+            {
+                return *first;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .ok()
+}
+
+/// The broker restart: RabbitMQ's node 1 (the first every process connected to) stops, then
+/// starts; the Service Bus test broker's process ends and starts again, empty.
+async fn restart_broker(run: &Run) -> Result<(), String> {
+    match run.settings.kind {
+        Kind::RabbitMq => {
+            let begin = now_ms();
+            cluster(&["stop-node", "1"]).await?;
+            let down = now_ms();
+            run.event(format!(
+                "node 1 stopped at {} sent (stopping took {} ms)",
+                run.sent.load(Ordering::SeqCst),
+                down - begin
+            ));
+            match first_completion_after(run, down).await {
+                Some(first) => run.event(format!(
+                    "time to resume: first completion {} ms after node 1 was down ({} ms after \
+                     the stop began)",
+                    first - down,
+                    first - begin
+                )),
+                None => run.event("no completion within 60 s of stopping node 1".to_owned()),
+            }
+            // The planned time down: the fault's length, not a wait for anything.
+            tokio::time::sleep(
+                run.settings
+                    .node_down
+                    .saturating_sub(Duration::from_millis(now_ms() - down)),
+            )
+            .await;
+            cluster(&["start-node", "1"]).await?;
+            run.event("node 1 started again".to_owned());
+        }
+        Kind::ServiceBus => {
+            let mut guard = run.broker.lock().await;
+            let broker = guard.as_mut().ok_or("no test broker process")?;
+            let begin = now_ms();
+            broker.stop().await?;
+            let down = now_ms();
+            // Done before the broker stopped: safe from the restart.
+            let reading = Reading::of(&run.dir);
+            let dead = run.dead.lock().unwrap().clone();
+            run.event(format!(
+                "test broker stopped (SIGTERM) at {} sent (stopping took {} ms); it keeps \
+                 messages in memory only, so the restart loses what it held",
+                run.sent.load(Ordering::SeqCst),
+                down - begin
+            ));
+            tokio::time::sleep(
+                run.settings
+                    .node_down
+                    .saturating_sub(Duration::from_millis(now_ms() - down)),
+            )
+            .await;
+            // Accepted by now means accepted by the broker that stopped.
+            let at_risk: BTreeSet<u64> = run
+                .accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .copied()
+                .filter(|n| !reading.completions.contains_key(n) && !dead.contains_key(n))
+                .collect();
+            broker.start_again().await?;
+            let up = now_ms();
+            drop(guard);
+            run.event(format!(
+                "test broker started again, empty, after {} ms down; {} accepted messages were \
+                 neither completed nor dead-lettered when it stopped",
+                up - down,
+                at_risk.len()
+            ));
+            *run.restart_loss.lock().unwrap() = Some(RestartLoss { at_risk });
+            match first_completion_after(run, up).await {
+                Some(first) => run.event(format!(
+                    "time to resume: first completion {} ms after the test broker was back",
+                    first - up
+                )),
+                None => run.event("no completion within 60 s of the restart".to_owned()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends `SLOW_IN_FLIGHT` slow messages per worker, waits until the ledger of one worker
+/// shows `SLOW_IN_FLIGHT` of them started there and not completed (every handler of that
+/// worker busy with one), then shuts that worker down: it must exit within its 1 s shutdown
+/// time-out plus a margin, and the messages it gave back must be completed by the others
+/// (checked in the report).
 async fn slow_shutdown(run: &Run, transport: &dyn Transport) -> Result<(), String> {
     for n in SLOW_BASE..SLOW_BASE + SLOW_IN_FLIGHT * WORKERS as u64 {
         send(run, transport, n).await;
     }
-    let mut process = run.processes.lock().unwrap().remove(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let in_flight = loop {
-        let in_flight = Reading::of(&run.dir).slow_in_flight(&process.name);
-        if in_flight >= SLOW_IN_FLIGHT || Instant::now() > deadline {
-            break in_flight;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut process, in_flight, counts) = loop {
+        let reading = Reading::of(&run.dir);
+        let open = |name: &str| reading.slow_open.get(name).cloned().unwrap_or_default();
+        {
+            let mut processes = run.processes.lock().unwrap();
+            let counts: Vec<String> = processes
+                .iter()
+                .map(|p| format!("{} {}", p.name, open(&p.name).len()))
+                .collect();
+            if let Some(i) = processes
+                .iter()
+                .position(|p| open(&p.name).len() as u64 >= SLOW_IN_FLIGHT)
+            {
+                let process = processes.remove(i);
+                let in_flight = open(&process.name);
+                break (process, in_flight, counts);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "shutdown probe: no worker had {SLOW_IN_FLIGHT} slow handlers in flight \
+                     within 120 s (in flight per worker: {})",
+                    counts.join(", ")
+                ));
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let asked = Instant::now();
     let status = terminate(&mut process).await;
+    let took = asked.elapsed();
+    // The worker prints its statistics before it exits: read its output to the end.
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut process.reader).await;
+    let stats = process
+        .output
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.starts_with("stats "))
+        .cloned()
+        .unwrap_or_else(|| "no statistics printed".to_owned());
     run.event(format!(
-        "shutdown of {} with {in_flight} slow handlers in flight: exited {status:?} after {:?} \
-         (1 s shutdown time-out; the abandoned messages go to the other workers)",
+        "shutdown of {} with {} slow handlers in flight (per worker: {}): exited {} after \
+         {took:?} (1 s shutdown time-out), worker {stats}",
         process.name,
-        asked.elapsed()
+        in_flight.len(),
+        counts.join(", "),
+        status.map_or_else(|| "not at all within 30 s".to_owned(), |s| s.to_string()),
     ));
+    let exited_cleanly = status.is_some_and(|s| s.success());
+    let in_time = took < Duration::from_secs(5);
+    *run.shutdown_probe.lock().unwrap() = Some(ShutdownProbe {
+        worker: process.name.clone(),
+        in_flight,
+    });
+    if !exited_cleanly || !in_time {
+        return Err(format!(
+            "shutdown probe: {} exited {status:?} after {took:?}, expected exit 0 within 5 s",
+            process.name
+        ));
+    }
     Ok(())
 }
 
 /// How many messages the broker still holds in each queue of the run (those holding any):
 /// `messages` as `rabbitmqctl list_queues` counts them, which includes what a quorum queue
 /// keeps in its at-least-once dead-letter outbox (neither ready nor unacknowledged, so a
-/// passive declaration does not see it). Values: (messages, ready, unacknowledged).
-async fn held(prefix: &str) -> BTreeMap<String, (u64, u64, u64)> {
+/// passive declaration does not see it). Values: (messages, ready, unacknowledged). `None`
+/// for the Service Bus test broker, which runs in a process of its own and answers no such
+/// question.
+async fn held(run: &Run) -> Option<BTreeMap<String, (u64, u64, u64)>> {
+    if run.settings.kind == Kind::ServiceBus {
+        return None;
+    }
+    let prefix = run.prefix.as_str();
     let mut held = BTreeMap::new();
     let output = Command::new(cluster_script())
         .args(["queues", prefix])
@@ -569,7 +820,7 @@ async fn held(prefix: &str) -> BTreeMap<String, (u64, u64, u64)> {
         .await;
     let Ok(output) = output else {
         held.insert("(could not ask the broker)".to_owned(), (u64::MAX, 0, 0));
-        return held;
+        return Some(held);
     };
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -580,14 +831,15 @@ async fn held(prefix: &str) -> BTreeMap<String, (u64, u64, u64)> {
             }
         }
     }
-    held
+    Some(held)
 }
 
 fn report(
     run: &Run,
     reading: &Reading,
     dead: &BTreeMap<u64, u32>,
-    held: &BTreeMap<String, (u64, u64, u64)>,
+    held: Option<&BTreeMap<String, (u64, u64, u64)>>,
+    sb_held: Option<Result<BTreeMap<u64, String>, String>>,
     publish_time: Duration,
     drained_after: Duration,
 ) -> Result<(), String> {
@@ -604,11 +856,17 @@ fn report(
         .copied()
         .filter(|n| !reading.completions.contains_key(n) && !dead.contains_key(n))
         .collect();
+    // A Service Bus run's broker restart loses what the broker held: those are counted apart.
+    let restart_loss = run.restart_loss.lock().unwrap();
+    let (lost_to_restart, lost): (Vec<u64>, Vec<u64>) = lost
+        .into_iter()
+        .partition(|n| restart_loss.as_ref().is_some_and(|r| r.at_risk.contains(n)));
     let duplicates: u32 = reading.completions.values().map(|c| c - 1).sum::<u32>()
         + dead.values().map(|c| c - 1).sum::<u32>();
     let expected_dead = accepted
         .iter()
         .filter(|n| run.settings.mix.fate(**n) == Fate::Permanent)
+        .filter(|n| !lost_to_restart.contains(n))
         .count();
     let wrong: Vec<u64> = accepted
         .iter()
@@ -632,15 +890,30 @@ fn report(
     );
     println!("  completed       {completed}");
     println!(
-        "  dead-lettered   {dead_lettered} (expected {expected_dead}: the permanent failures)"
+        "  dead-lettered   {dead_lettered} (expected {expected_dead}: the permanent failures{})",
+        if restart_loss.is_some() {
+            ", less those lost to the restart"
+        } else {
+            ""
+        }
     );
-    println!("  lost            {}", lost.len());
+    match &*restart_loss {
+        None => println!("  lost            {}", lost.len()),
+        Some(r) => {
+            println!("  lost            {} by redeliver", lost.len());
+            println!(
+                "  lost to restart {} by the test broker's restart (it keeps no state; it held \
+                 {} accepted messages not yet completed or dead-lettered when it stopped)",
+                lost_to_restart.len(),
+                r.at_risk.len()
+            );
+        }
+    }
     println!("  duplicates      {duplicates}");
     println!("  wrong fate      {}", wrong.len());
     println!("  published in {publish_time:?}; all accounted for after {drained_after:?}");
-    if held.is_empty() {
-        println!("  broker holds    nothing in the run's queues");
-    } else {
+    let held_any = held.is_some_and(|h| !h.is_empty());
+    if let Some(held) = held.filter(|h| !h.is_empty()) {
         println!("  broker holds    (queue: messages, ready, unacknowledged)");
         for (queue, (all, ready, unacked)) in held {
             let outbox = all.saturating_sub(ready + unacked);
@@ -653,11 +926,48 @@ fn report(
                 }
             );
         }
+    } else if held.is_some() {
+        println!("  broker holds    nothing in the run's queues");
+    } else {
+        match &sb_held {
+            Some(Ok(sb)) => {
+                let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+                for state in sb.values() {
+                    *states.entry(state.as_str()).or_default() += 1;
+                }
+                println!(
+                    "  broker holds    {} messages in `{ENDPOINT}` (peeked, by state: {states:?})",
+                    sb.len()
+                );
+                let late = lost.iter().filter(|n| sb.contains_key(n)).count();
+                let restart_late = lost_to_restart
+                    .iter()
+                    .filter(|n| sb.contains_key(n))
+                    .count();
+                if restart_late > 0 {
+                    println!(
+                        "  of the {} lost to the restart, {restart_late} are in the broker after \
+                         all (late)",
+                        lost_to_restart.len()
+                    );
+                }
+                if !lost.is_empty() {
+                    println!(
+                        "  of the {} lost by redeliver, {late} are still in the broker (late, \
+                         not delivered in time) and {} are not in it",
+                        lost.len(),
+                        lost.len() - late
+                    );
+                }
+            }
+            Some(Err(e)) => println!("  broker holds    unknown ({e})"),
+            None => println!("  broker holds    unknown"),
+        }
     }
     if !lost.is_empty() {
         let shown: Vec<_> = lost.iter().take(20).collect();
         println!("  lost messages (first 20): {shown:?}");
-        if !held.is_empty() {
+        if held_any {
             println!(
                 "  NOT PROVEN: {} accepted messages never came out; the broker still holds the \
                  messages above (not lost on the broker, but not delivered in time)",
@@ -665,14 +975,41 @@ fn report(
             );
         }
     }
-    if lost.is_empty() && wrong.is_empty() && dead_lettered == expected_dead {
+    let mut probe_ok = true;
+    if let Some(probe) = &*run.shutdown_probe.lock().unwrap() {
+        let elsewhere = probe
+            .in_flight
+            .iter()
+            .filter(|n| {
+                reading
+                    .slow_completed_in
+                    .get(n)
+                    .is_some_and(|files| files.iter().any(|f| *f != probe.worker))
+            })
+            .count();
+        let missing = probe.in_flight.len() - elsewhere;
+        println!(
+            "  shutdown probe  {} in flight in {} at SIGTERM; {elsewhere} of them completed by \
+             other workers, {missing} not",
+            probe.in_flight.len(),
+            probe.worker
+        );
+        probe_ok = missing == 0 && probe.in_flight.len() as u64 == SLOW_IN_FLIGHT;
+    }
+    if lost.is_empty() && wrong.is_empty() && dead_lettered == expected_dead && probe_ok {
         println!("PASS: every accepted message was completed or dead-lettered as planned");
         Ok(())
     } else {
         Err(format!(
-            "FAIL: {} lost, {} with the wrong fate, {dead_lettered} dead letters of {expected_dead} expected",
+            "FAIL: {} lost, {} with the wrong fate, {dead_lettered} dead letters of {expected_dead} \
+             expected{}",
             lost.len(),
-            wrong.len()
+            wrong.len(),
+            if probe_ok {
+                ""
+            } else {
+                "; the shutdown probe's messages were not all completed by other workers"
+            }
         ))
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! `C <n> <attempt> <unix ms>`: message `n` completed. `S <n> <unix ms>`: a slow handler started.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -53,6 +53,11 @@ pub(crate) struct Reading {
     pub(crate) slow_started: BTreeMap<String, u64>,
     /// Slow handlers completed, per file.
     pub(crate) slow_completed: BTreeMap<String, u64>,
+    /// The slow messages each file saw start and not complete there: in flight in that
+    /// process, or abandoned by it.
+    pub(crate) slow_open: BTreeMap<String, BTreeSet<u64>>,
+    /// The files that recorded a completion of each slow message.
+    pub(crate) slow_completed_in: BTreeMap<u64, BTreeSet<String>>,
 }
 
 impl Reading {
@@ -74,6 +79,8 @@ impl Reading {
             let Ok(text) = std::fs::read_to_string(&path) else {
                 continue;
             };
+            let mut started = BTreeSet::new();
+            let mut done = BTreeSet::new();
             for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words[..] {
@@ -85,26 +92,27 @@ impl Reading {
                         reading.completed_at.push(at);
                         if n >= crate::plan::SLOW_BASE {
                             *reading.slow_completed.entry(name.clone()).or_default() += 1;
+                            done.insert(n);
+                            reading
+                                .slow_completed_in
+                                .entry(n)
+                                .or_default()
+                                .insert(name.clone());
                         }
                     }
-                    ["S", _, _] => {
+                    ["S", n, _] => {
                         *reading.slow_started.entry(name.clone()).or_default() += 1;
+                        if let Ok(n) = n.parse::<u64>() {
+                            started.insert(n);
+                        }
                     }
                     _ => {}
                 }
             }
+            reading
+                .slow_open
+                .insert(name.clone(), started.difference(&done).copied().collect());
         }
         reading
-    }
-
-    /// Slow handlers started and not completed in the ledger `name`.
-    pub(crate) fn slow_in_flight(&self, name: &str) -> u64 {
-        self.slow_started.get(name).copied().unwrap_or(0)
-            - self
-                .slow_completed
-                .get(name)
-                .copied()
-                .unwrap_or(0)
-                .min(self.slow_started.get(name).copied().unwrap_or(0))
     }
 }

@@ -6,18 +6,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redeliver_core::{Context, Outcome, Transport, Worker};
-use redeliver_rabbitmq::{RabbitMqOptions, RabbitMqTransport};
+use redeliver_core::{Context, Outcome, Worker};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::Job;
+use crate::backend::{Connection, Kind, URL_VARIABLE, connect};
 use crate::ledger::Ledger;
 use crate::plan::{Fate, Mix, retry_policy};
 
 /// Settings passed by the driver on the command line.
+/// The broker's address is not among them: it is passed in the environment variable
+/// [`URL_VARIABLE`], since it may hold a key.
 pub(crate) struct WorkerArgs {
     pub(crate) name: String,
-    pub(crate) url: String,
+    pub(crate) transport: Kind,
     pub(crate) prefix: String,
     pub(crate) endpoint: String,
     pub(crate) levels: u8,
@@ -32,7 +34,7 @@ impl WorkerArgs {
     pub(crate) fn to_args(&self) -> Vec<String> {
         [
             ("--name", self.name.clone()),
-            ("--url", self.url.clone()),
+            ("--transport", self.transport.to_arg().to_owned()),
             ("--prefix", self.prefix.clone()),
             ("--endpoint", self.endpoint.clone()),
             ("--levels", self.levels.to_string()),
@@ -60,7 +62,7 @@ impl WorkerArgs {
         };
         Ok(WorkerArgs {
             name: get("name")?,
-            url: get("url")?,
+            transport: Kind::from_arg(&get("transport")?)?,
             prefix: get("prefix")?,
             endpoint: get("endpoint")?,
             levels: u8::try_from(number("levels")?).map_err(|_| "worker: `--levels`")?,
@@ -73,31 +75,31 @@ impl WorkerArgs {
     }
 }
 
-pub(crate) fn options(url: &str, prefix: &str, levels: u8, name: &str) -> RabbitMqOptions {
-    RabbitMqOptions::new(url)
-        .with_prefix(prefix)
-        .with_delay_levels(levels)
-        .with_connection_name(name)
-        .with_connect_attempts(10, Duration::from_secs(1))
-        .with_connect_timeout(Duration::from_secs(20))
-        .with_reconnect_delay(Duration::from_millis(200), Duration::from_secs(2))
-        // The default 30 s: a publish rides out a quorum queue's leader election (seconds).
-        .with_operation_timeout(Duration::from_secs(30))
-}
+/// How long a worker's publish (a retry's copy) may take: the default 30 s, so that it rides
+/// out a quorum queue's leader election (seconds). On Service Bus, one try of a send.
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// On Service Bus, one try of any client call: after a cut or a restart of the broker a call
+/// on the dead connection fails only when its try runs out.
+pub(crate) const SERVICE_BUS_TRY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(args: WorkerArgs) -> Result<(), String> {
     let ledger = Arc::new(
         Ledger::open(&args.ledger).map_err(|e| format!("{}: {e}", args.ledger.display()))?,
     );
-    let transport = RabbitMqTransport::connect(options(
-        &args.url,
-        &args.prefix,
-        args.levels,
-        &format!("chaos {}", args.name),
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
-    let shared: Arc<dyn Transport> = Arc::new(transport.clone());
+    let url = std::env::var(URL_VARIABLE).map_err(|_| format!("worker: {URL_VARIABLE} not set"))?;
+    let transport = connect(&Connection {
+        kind: args.transport,
+        url: &url,
+        prefix: &args.prefix,
+        levels: args.levels,
+        name: &format!("chaos {}", args.name),
+        publish_timeout: match args.transport {
+            Kind::RabbitMq => PUBLISH_TIMEOUT,
+            Kind::ServiceBus => SERVICE_BUS_TRY_TIMEOUT,
+        },
+    })
+    .await?;
+    let shared = transport.shared();
     let mix = args.mix;
     let slow = args.slow;
     let worker = Worker::builder(shared, args.endpoint.as_str())
