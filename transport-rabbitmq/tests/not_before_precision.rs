@@ -15,10 +15,13 @@ use tokio::sync::watch;
 
 use common::{Fixture, eventually};
 
-/// The handler calls: which message, and when (by the UTC clock the worker checks against).
+/// One handler call: which message, and when (by the UTC clock the worker checks against).
+type Call = (String, DateTime<Utc>);
+
+/// The handler calls, in call order.
 #[derive(Clone)]
 struct Calls {
-    calls: Arc<Mutex<Vec<(String, DateTime<Utc>)>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
     count: watch::Sender<usize>,
 }
 
@@ -41,7 +44,7 @@ impl Calls {
     }
 
     /// Waits until `n` calls were made (at most `within`), then returns them in call order.
-    async fn wait_for(&self, n: usize, within: Duration) -> Vec<(String, DateTime<Utc>)> {
+    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Call> {
         let mut count = self.count.subscribe();
         tokio::time::timeout(within, count.wait_for(|c| *c >= n))
             .await
@@ -56,7 +59,7 @@ impl Calls {
         self.snapshot()
     }
 
-    fn snapshot(&self) -> Vec<(String, DateTime<Utc>)> {
+    fn snapshot(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
     }
 }
