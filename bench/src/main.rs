@@ -11,6 +11,7 @@
 //! Every figure is the median of several runs; a comparison is a ratio of two figures measured
 //! in this run, on this machine.
 
+mod arrivals;
 mod memory;
 mod rabbitmq;
 mod replay;

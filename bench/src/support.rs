@@ -86,6 +86,8 @@ pub(crate) struct Lateness {
     pub(crate) p50: f64,
     pub(crate) p99: f64,
     pub(crate) max: f64,
+    /// Deliveries the worker parked again (arrived early beyond what it could wait for).
+    pub(crate) parked: u64,
 }
 
 impl Lateness {
@@ -97,6 +99,7 @@ impl Lateness {
             p50: at(0.5),
             p99: at(0.99),
             max: at(1.0),
+            parked: 0,
         }
     }
 }
@@ -259,6 +262,9 @@ pub(crate) async fn scheduled_lateness(
         .for_each(|sent| async move { sent.expect("scheduled") })
         .await;
     countdown.wait().await;
-    worker.shutdown().await;
-    Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
+    let stats = worker.shutdown().await;
+    Lateness {
+        parked: stats.parked,
+        ..Lateness::of(std::mem::take(&mut *late.lock().expect("not poisoned")))
+    }
 }

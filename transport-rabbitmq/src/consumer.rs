@@ -18,6 +18,7 @@ use crate::acks::Acks;
 use crate::connection::{Connected, Shared, bounded, close_connection};
 use crate::convert;
 use crate::errors;
+use crate::naming::Scheduler;
 
 /// For how many reconnect delays a consumer takes one delivery at a time after lapin could not
 /// read one, so that the messages behind an unreadable one are not handed out (and returned,
@@ -499,7 +500,9 @@ impl Settle for RabbitSettler {
     }
 
     async fn store_copy(&mut self, next: &Message) -> Result<Stored, Error> {
-        self.transport.schedule(&self.queue, next, true).await?;
+        self.transport
+            .schedule(&self.queue, next, Scheduler::Worker)
+            .await?;
         Ok(Stored::Copy)
     }
 

@@ -56,8 +56,8 @@
 //!
 //! # Delays: the binary cascade
 //! A message with a not-before in the future is delayed by the broker, with nothing but core
-//! features (no delayed-message plugin): the delay is rounded **up** to whole seconds — never
-//! early — and written in binary. Level `L` is a quorum queue whose every message waits 2^L
+//! features (no delayed-message plugin): the delay is rounded **down** to whole seconds (see
+//! [the last second](#the-last-second-waited-out-by-the-worker)) and written in binary. Level `L` is a quorum queue whose every message waits 2^L
 //! seconds, so its queue order is its expiry order and nothing waits behind a longer delay (no
 //! head-of-line blocking). The routing key carries the bits, most significant first, then `q`
 //! and the destination queue: `0.1.0.1.q.orders` waits 4 + 1 s for `orders`. The message is
@@ -81,6 +81,44 @@
 //! would retry it forever) it goes to the `unroutable` queue through the alternate exchange, for
 //! an operator to inspect. [`send`](redeliver_core::Transport::send) checks once per queue that
 //! the destination exists before a delayed publish. A scheduled message cannot be cancelled.
+//!
+//! ## The last second, waited out by the worker
+//! Since the cascade rounds down, a delayed message reaches its queue up to a second *before*
+//! its not-before (a send due in less than a second goes straight to the queue).
+//! [`Capabilities::scheduling_precision`](redeliver_core::Capabilities) is 1 s, so the
+//! [`Worker`](redeliver_core::Worker) does not call the handler for it: it waits out the rest
+//! on a timer that holds only the unacknowledged delivery — no handler slot, so the messages
+//! behind it are handled meanwhile — and then handles it. The handler is still never called
+//! before the not-before (the worker checks it against the UTC clock when the timer fires, and
+//! again before every call). Measured lateness (`bench/RESULTS.md` in the repository, 2,500
+//! messages due over 1–10 s, sent at once) is about 1 ms at the median instead of about 600 ms;
+//! the slowest 1% are 70–90 ms late, what the cascade's hops between levels add under that burst
+//! (they added as much on top of the rounding before). Consumers other than the worker see the
+//! message up to a second early.
+//!
+//! **What it costs in prefetch, and its bound.** A delivery waiting aside is unacknowledged, so
+//! it counts against the consumer's prefetch. The worker asks for a prefetch of twice its
+//! concurrency: `concurrency` for handling and up to `concurrency` deliveries waiting aside. A
+//! delivery that arrives early while `concurrency` others already wait is **parked** instead:
+//! acknowledged after a copy went back through the cascade, which for a copy due in less than a
+//! second means its 1 s level (so that it does not come straight back). It is then up to a second
+//! *late*, never early. So waiting deliveries never take the handlers' share of the prefetch and
+//! cannot stall the endpoint, as long as twice the concurrency is within
+//! [`with_prefetch_limit`](RabbitMqOptions::with_prefetch_limit) (1000 by default: a concurrency
+//! up to 500); above it the prefetch is capped (with a warning) and waiting deliveries can hold,
+//! for less than a second each, prefetch the handlers would have used. How many wait at once is
+//! about the rate of delayed messages times half a second (Little's law: each waits the
+//! fraction of a second its delay had beyond whole seconds): 1000 delayed messages a second keep
+//! about 500 waiting, so a worker whose concurrency is below that parks some of them and those
+//! are up to a second late. Retries and parks the worker schedules less than a second ahead wait
+//! the cascade's 1 s level as well.
+//!
+//! **At-least-once while waiting.** The delivery is acknowledged only once it was handled and
+//! settled. If the consumer's connection is lost while it waits, the broker delivers it again
+//! (at once, still early, so it waits again); the copy that was waiting cannot be settled any
+//! more, but the worker may still hand it to the handler when its timer fires, so that message
+//! can be **handled twice** — one more place where duplicates are possible. At shutdown the
+//! deliveries waiting aside are given back at once.
 //!
 //! A message **published to a topic** with a future not-before is delivered to every subscribed
 //! endpoint at once; each endpoint's worker then parks its copy in the cascade without calling
@@ -253,8 +291,9 @@
 //! `[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].`
 //! (`chaos/RESULTS.md` in the repository shows both.)
 //!
-//! Prefetch (`basic.qos`, per consumer) is the worker's concurrency
-//! ([`ConsumeOptions::prefetch`](redeliver_core::ConsumeOptions)), capped at
+//! Prefetch (`basic.qos`, per consumer) is what the consumer asks for
+//! ([`ConsumeOptions::prefetch`](redeliver_core::ConsumeOptions); a worker asks for twice its
+//! concurrency, see [the last second](#the-last-second-waited-out-by-the-worker)), capped at
 //! [`with_prefetch_limit`](RabbitMqOptions::with_prefetch_limit).
 
 mod acks;

@@ -186,13 +186,30 @@ pub(crate) fn check_destination(levels: u8, destination: Destination<'_>) -> Res
     Ok(())
 }
 
-/// A delay rounded **up** to whole seconds: a delivery is never early.
-pub(crate) fn whole_seconds(delay: Duration) -> u64 {
-    let secs = delay.as_secs();
-    if delay.subsec_nanos() > 0 {
-        secs + 1
+/// Who schedules a delayed message, which decides how its delay is rounded to the cascade's
+/// whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scheduler {
+    /// An application's send.
+    Send,
+    /// The worker's retry or park copy of a delivery.
+    Worker,
+}
+
+/// The whole seconds a message waits in the cascade for `delay`: rounded **down**, so that it
+/// comes out less than a second before its not-before and the worker waits out the rest aside
+/// (holding only the unacknowledged delivery), instead of up to a second late. A send due in
+/// less than a second is published straight to its queue.
+///
+/// A copy from the worker due in less than a second waits one second instead: the worker parks
+/// a delivery that is early by less than a second only when it has no room to wait for it, and
+/// publishing it straight back would hand it over again at once, round and round.
+pub(crate) fn cascade_seconds(delay: Duration, scheduler: Scheduler) -> u64 {
+    let seconds = delay.as_secs();
+    if seconds == 0 && !delay.is_zero() && scheduler == Scheduler::Worker {
+        1
     } else {
-        secs
+        seconds
     }
 }
 
@@ -276,12 +293,19 @@ mod tests {
     }
 
     #[test]
-    fn delays_round_up_to_whole_seconds() {
-        assert_eq!(whole_seconds(Duration::ZERO), 0);
-        assert_eq!(whole_seconds(Duration::from_millis(1)), 1);
-        assert_eq!(whole_seconds(Duration::from_millis(1000)), 1);
-        assert_eq!(whole_seconds(Duration::from_millis(1001)), 2);
-        assert_eq!(whole_seconds(Duration::from_secs(90)), 90);
+    fn delays_round_down_to_whole_seconds_but_worker_copies_wait_at_least_one() {
+        let ms = Duration::from_millis;
+        for scheduler in [Scheduler::Send, Scheduler::Worker] {
+            assert_eq!(cascade_seconds(Duration::ZERO, scheduler), 0);
+            assert_eq!(cascade_seconds(ms(1000), scheduler), 1);
+            assert_eq!(cascade_seconds(ms(1999), scheduler), 1);
+            assert_eq!(cascade_seconds(ms(2000), scheduler), 2);
+            assert_eq!(cascade_seconds(Duration::from_secs(90), scheduler), 90);
+        }
+        assert_eq!(cascade_seconds(ms(1), Scheduler::Send), 0);
+        assert_eq!(cascade_seconds(ms(999), Scheduler::Send), 0);
+        assert_eq!(cascade_seconds(ms(1), Scheduler::Worker), 1);
+        assert_eq!(cascade_seconds(ms(999), Scheduler::Worker), 1);
     }
 
     #[test]

@@ -13,10 +13,11 @@ use redeliver_core::{
     Capabilities, Clock, ConsumeOptions, DeliveryStream, Error, Message, Source, Topology,
     Transport,
 };
+use tracing::warn;
 
 use crate::connection::{Shared, Target};
 use crate::convert;
-use crate::naming::{Destination, cascade_route, check_destination, whole_seconds};
+use crate::naming::{Destination, Scheduler, cascade_route, cascade_seconds, check_destination};
 use crate::options::{DelayMode, RabbitMqOptions};
 
 /// The `messaging.system` this transport's spans and metrics carry (OpenTelemetry's name for
@@ -145,20 +146,22 @@ impl RabbitMqTransport {
             .await
     }
 
-    /// Publishes `message` to `queue`, to be delivered at its not-before. A delay longer than
-    /// the longest is refused, or, with `clamp` (parking and retries, whose worker re-parks
-    /// early arrivals), shortened to the longest.
+    /// Publishes `message` to `queue`, to be delivered (less than a second early, see
+    /// [`cascade_seconds`]) at its not-before. A delay longer than the longest is refused, or,
+    /// for the worker's copies (parking and retries, whose worker re-parks early arrivals),
+    /// shortened to the longest.
     pub(crate) async fn schedule(
         &self,
         queue: &str,
         message: &Message,
-        clamp: bool,
+        scheduler: Scheduler,
     ) -> Result<(), Error> {
+        let clamp = scheduler == Scheduler::Worker;
         let delay = message
             .not_before()
             .map(|at| until(self.shared.clock.now(), at))
             .unwrap_or_default();
-        let seconds = whole_seconds(delay);
+        let seconds = cascade_seconds(delay, scheduler);
         if seconds == 0 {
             return self.send_now(queue, message).await;
         }
@@ -348,6 +351,17 @@ impl Transport for RabbitMqTransport {
         let prefetch = u16::try_from(options.prefetch)
             .unwrap_or(u16::MAX)
             .clamp(1, limit);
+        if options.prefetch > usize::from(limit) {
+            warn!(
+                source = %source,
+                asked = options.prefetch,
+                limit,
+                "the prefetch is capped at the prefetch limit (RabbitMqOptions::with_prefetch_limit): \
+                 a worker asks for twice its concurrency, so that deliveries waiting aside for \
+                 their not-before never take the handlers' share; with less, they can for up to \
+                 a second each"
+            );
+        }
         crate::consumer::consume(self.clone(), source.clone(), prefetch).await
     }
 
@@ -380,13 +394,13 @@ impl RabbitMqTransport {
     /// [`Transport::send`] once the trace context is in the headers.
     async fn send_to_endpoint(&self, endpoint: &str, message: Message) -> Result<(), Error> {
         let queue = convert::destination_queue(&self.shared.names, endpoint);
-        let delayed = message
-            .not_before()
-            .is_some_and(|at| whole_seconds(until(self.shared.clock.now(), at)) > 0);
+        let delayed = message.not_before().is_some_and(|at| {
+            cascade_seconds(until(self.shared.clock.now(), at), Scheduler::Send) > 0
+        });
         if delayed {
             self.ensure_queue(&queue).await?;
         }
-        self.schedule(&queue, &message, false).await
+        self.schedule(&queue, &message, Scheduler::Send).await
     }
 
     /// [`Transport::publish`] once the trace context is in the headers.

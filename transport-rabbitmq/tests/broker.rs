@@ -112,7 +112,9 @@ async fn take(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delays_are_never_early_and_at_most_one_and_a_half_seconds_late() {
+async fn delays_reach_the_queue_less_than_a_second_early_and_at_most_half_a_second_late() {
+    // The cascade rounds delays down to whole seconds: a consumer reading the queue itself (not
+    // the worker, which waits out the rest aside) sees a delayed message up to a second early.
     let Some(fx) = Fixture::new(|o| o).await else {
         return;
     };
@@ -140,11 +142,11 @@ async fn delays_are_never_early_and_at_most_one_and_a_half_seconds_late() {
             late.num_milliseconds()
         );
         assert!(
-            late >= TimeDelta::zero(),
+            late > TimeDelta::seconds(-1),
             "a {seconds} s delay arrived {late} early"
         );
         assert!(
-            late <= TimeDelta::milliseconds(1500),
+            late <= TimeDelta::milliseconds(500),
             "a {seconds} s delay arrived {late} late"
         );
     }
@@ -260,8 +262,8 @@ async fn unroutable_and_refused_publishes_are_errors() {
         "{e:?}"
     );
 
-    // Longer than the cascade can hold (6 levels: 63 s).
-    let far = Message::new("x").with_not_before(Utc::now() + TimeDelta::seconds(64));
+    // Longer than the cascade can hold (6 levels: 63 s; rounded down, 64.x s is 64 s).
+    let far = Message::new("x").with_not_before(Utc::now() + TimeDelta::seconds(65));
     let e = transport.send("known", far).await.unwrap_err();
     assert!(matches!(e, Error::InvalidMessage { .. }), "{e:?}");
     assert!(e.to_string().contains("longest delay"), "{e}");
@@ -880,7 +882,8 @@ async fn a_delayed_message_whose_queue_was_deleted_does_not_block_the_cascade() 
     fx.declare(&Topology::new().endpoint("doomed").endpoint("alive"))
         .await;
     let transport = fx.transport();
-    let orphan = Message::new("orphan").with_not_before(Utc::now() + TimeDelta::seconds(1));
+    // Due in 2 s: one second in level 0 (a delay under a second would not enter the cascade).
+    let orphan = Message::new("orphan").with_not_before(Utc::now() + TimeDelta::seconds(2));
     let orphan_id = orphan.id().clone();
     transport.send("doomed", orphan).await.unwrap();
     // The destination disappears while the message waits in level 0.
@@ -890,7 +893,7 @@ async fn a_delayed_message_whose_queue_was_deleted_does_not_block_the_cascade() 
         .queue_delete(doomed.as_str().into(), Default::default())
         .await
         .unwrap();
-    let later = Message::new("alive").with_not_before(Utc::now() + TimeDelta::seconds(1));
+    let later = Message::new("alive").with_not_before(Utc::now() + TimeDelta::seconds(2));
     transport.send("alive", later).await.unwrap();
 
     // The level is not blocked: the next message through it arrives.

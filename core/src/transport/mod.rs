@@ -11,10 +11,11 @@
 //!   or it is dead-lettered. A delivery that is never settled (the process dies, the delivery is
 //!   dropped, the connection is lost) comes back. Duplicates are possible; see each transport's
 //!   documentation for where.
-//! - **Never early.** A message is not handed to a consumer before its
-//!   [`not_before`](Message::not_before), give or take the declared
-//!   [`Capabilities::scheduling_precision`], and only ever *late* by that amount. The worker
-//!   re-checks and parks anything that comes early, so handlers are never called early.
+//! - **Never early.** A message is not handed to a consumer more than the declared
+//!   [`Capabilities::scheduling_precision`] before its [`not_before`](Message::not_before)
+//!   (RabbitMQ hands delayed messages over up to that early on purpose), and not later than
+//!   that after it. The worker re-checks every delivery: it waits out what came early by at
+//!   most the precision and parks anything earlier, so handlers are never called early.
 //! - **Settling consumes the delivery**: a delivery is settled once, which the type system
 //!   enforces. A transport provides the steps ([`Settle`]); the order that makes them
 //!   at-least-once is kept in one place, [`Delivery`] (see [`delivery`]).
@@ -256,8 +257,9 @@ impl Topology {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
-    /// How late a scheduled message may arrive because of the transport's granularity (RabbitMQ
-    /// rounds delays up to whole seconds: 1 s; in memory: zero). Messages are never early.
+    /// How far from its not-before a scheduled message may arrive because of the transport's
+    /// granularity (RabbitMQ rounds delays down to whole seconds, so up to 1 s early; in memory:
+    /// zero). The worker waits out an early arrival within it, so handlers are never early.
     pub scheduling_precision: Duration,
     /// The longest delay the transport can hold a message for, if limited.
     pub max_delay: Option<Duration>,

@@ -62,8 +62,9 @@ impl QueueType {
 #[non_exhaustive]
 pub enum DelayMode {
     /// The binary delay cascade (the default): `levels` levels of fixed-TTL quorum queues, level
-    /// `L` waiting 2^L seconds. Delays are rounded **up** to whole seconds and may be at most
-    /// 2^levels - 1 seconds. See the [crate documentation](crate#delays-the-binary-cascade).
+    /// `L` waiting 2^L seconds. Delays are rounded **down** to whole seconds (the worker waits
+    /// out the last fraction of a second) and may be at most 2^levels - 1 seconds. See the
+    /// [crate documentation](crate#delays-the-binary-cascade).
     Cascade {
         /// How many levels, 1 to [`MAX_DELAY_LEVELS`].
         levels: u8,
