@@ -30,6 +30,8 @@ enum Settlement {
 struct Recorder {
     settlements: mpsc::UnboundedSender<Settlement>,
     fail: bool,
+    /// Its channel or lock is gone: the broker delivers the message again.
+    lost: bool,
 }
 
 impl Recorder {
@@ -44,6 +46,13 @@ impl Recorder {
 
 #[async_trait]
 impl Settle for Recorder {
+    fn check_held(&self) -> Result<(), Error> {
+        if self.lost {
+            return Err(Error::connection("lost", std::io::Error::other("closed")));
+        }
+        Ok(())
+    }
+
     async fn remove(&mut self) -> Result<(), Error> {
         self.record(Settlement::Complete)
     }
@@ -91,6 +100,17 @@ impl Script {
         let settler = Recorder {
             settlements: self.tx.clone(),
             fail,
+            lost: false,
+        };
+        Delivery::new(message, Source::endpoint("q"), settler)
+    }
+
+    /// A delivery whose channel is already gone.
+    fn lost_delivery(&self, message: Message) -> Delivery {
+        let settler = Recorder {
+            settlements: self.tx.clone(),
+            fail: false,
+            lost: true,
         };
         Delivery::new(message, Source::endpoint("q"), settler)
     }
@@ -178,6 +198,33 @@ async fn early_by_less_than_the_precision_is_waited_for_not_parked() {
     assert_eq!(settlement, Settlement::Complete);
     assert!(called_at.lock().unwrap().unwrap() >= not_before);
     assert_eq!(worker.shutdown().await.parked, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_lost_while_it_waited_for_its_not_before_is_not_handled() {
+    // The broker delivers a message again once the channel it came on is gone; handling the
+    // copy that waited as well would handle it twice.
+    let clock = Clock::tokio();
+    let mut script = Script::new(Duration::from_secs(1), clock.clone());
+    let not_before = clock.now() + TimeDelta::milliseconds(400);
+    let delivery = script.lost_delivery(Message::json(&1).unwrap().with_not_before(not_before));
+    script.consume(vec![delivery]);
+    let calls = script.calls.clone();
+
+    let worker = Worker::builder(Arc::new(script.transport), "q")
+        .start(recording_handler(calls.clone()))
+        .await
+        .unwrap();
+    // Virtual time: well past the not-before, when the handler would have been called.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = worker.shutdown().await;
+
+    assert_eq!(calls.count(), 0, "the handler was not called");
+    assert_eq!(stats.handled, 0);
+    assert!(
+        script.settlements.try_recv().is_err(),
+        "nothing was settled"
+    );
 }
 
 #[tokio::test(start_paused = true)]

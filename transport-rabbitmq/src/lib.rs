@@ -115,10 +115,11 @@
 //!
 //! **At-least-once while waiting.** The delivery is acknowledged only once it was handled and
 //! settled. If the consumer's connection is lost while it waits, the broker delivers it again
-//! (at once, still early, so it waits again); the copy that was waiting cannot be settled any
-//! more, but the worker may still hand it to the handler when its timer fires, so that message
-//! can be **handled twice** — one more place where duplicates are possible. At shutdown the
-//! deliveries waiting aside are given back at once.
+//! (at once, still early, so it waits again). The copy that was waiting cannot be settled any
+//! more: when its timer fires the worker sees that and drops it without calling the handler, so
+//! the message is handled from the redelivered copy only. A connection lost after that check,
+//! while the handler runs, gives a duplicate as it does for any delivery in flight. At shutdown
+//! the deliveries waiting aside are given back at once.
 //!
 //! A message **published to a topic** with a future not-before is delivered to every subscribed
 //! endpoint at once; each endpoint's worker then parks its copy in the cascade without calling

@@ -191,6 +191,12 @@ impl Delivery {
         self.problem.as_deref()
     }
 
+    /// Fails if the delivery can no longer be settled (its channel closed, its lock ran out):
+    /// the broker then delivers the message again.
+    pub fn check_held(&self) -> Result<(), Error> {
+        self.settler.check_held()
+    }
+
     /// Removes the message: it was handled.
     pub async fn complete(mut self) -> Result<Settled, Error> {
         self.settler.check_held()?;

@@ -370,6 +370,13 @@ where
     async fn wait_aside(&self, delivery: Delivery, not_before: DateTime<Utc>, stop: &Signal) {
         tokio::select! {
             _ = self.clock.sleep_until(not_before) => {
+                if let Err(e) = delivery.check_held() {
+                    // Its channel or lock went away while it waited: the broker delivers the
+                    // message again, and handling this copy too would handle it twice.
+                    debug!(source = %self.source, error = %e, "a delivery waiting for its not-before can no longer be settled; dropping it");
+                    self.waiting.leave();
+                    return;
+                }
                 let Err(mpsc::error::SendError(delivery)) = self.waiting.ready.send(delivery) else {
                     return;
                 };
