@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::arrivals::Arrivals;
 use crate::report::Report;
 use crate::support::{self, Countdown, Lateness, fail_once_then_succeed, median_of};
+use crate::telemetry::{self, Recording};
 use crate::{Scale, median};
 
 const GROUP: &str = "rabbitmq";
@@ -297,30 +298,25 @@ pub(crate) async fn run(scale: &Scale, report: &mut Report) {
     bench.clean_up().await;
 }
 
-/// Consume throughput on a classic queue with telemetry recording on and switched off,
-/// alternating run by run: the medians (on, off), or `None` without a broker.
-pub(crate) async fn telemetry_throughput(scale: &Scale) -> Option<(f64, f64)> {
+/// Consume throughput on a classic queue for each way of [`Recording`], taking turns run by
+/// run: the medians in the order of [`telemetry::per_mode`], or `None` without a broker.
+pub(crate) async fn telemetry_throughput(
+    scale: &Scale,
+    apply: impl Fn(Recording),
+) -> Option<[f64; 3]> {
     let url = amqp_url();
     let raw = connect_or_skip(&url).await?;
     let sizes = Sizes::new(scale);
     let bench = Bench::new(&url, raw).await;
     let endpoint = "telemetry-throughput";
     let transport = bench.endpoint(QueueType::Classic, endpoint).await;
-    let (mut on, mut off) = (Vec::new(), Vec::new());
-    for run in 0..sizes.runs {
-        for recording in [run % 2 == 1, run % 2 == 0] {
-            redeliver::telemetry::set_enabled(recording);
-            redeliver_publish(&transport, endpoint, sizes.messages).await;
-            let rate = redeliver_consume(&transport, endpoint, sizes.messages).await;
-            if recording {
-                on.push(rate)
-            } else {
-                off.push(rate)
-            }
-        }
-    }
+    let rates = telemetry::per_mode(sizes.runs, apply, || async {
+        redeliver_publish(&transport, endpoint, sizes.messages).await;
+        redeliver_consume(&transport, endpoint, sizes.messages).await
+    })
+    .await;
     bench.clean_up().await;
-    Some((median_of(on), median_of(off)))
+    Some(rates)
 }
 
 /// Publish then consume the same messages, redeliver and raw lapin alternating run by run.

@@ -9,9 +9,10 @@
 //! of every transport call [`produce`]: it starts a *producer* span (`send {destination}` or
 //! `publish {destination}`, kind `PRODUCER`) as a child of the caller's current OpenTelemetry
 //! context and writes that span's W3C trace context into the message headers
-//! [`TRACEPARENT`] and [`TRACESTATE`]. The worker reads them back and runs the handler in a
-//! *consumer* span (`process {endpoint}`, kind `CONSUMER`) whose parent is the producer's span,
-//! so the handler is part of the sender's trace. A producer that is not redeliver (a raw AMQP
+//! [`TRACEPARENT`] and [`TRACESTATE`] (the latter only when the trace state has entries; an
+//! empty one is left out, as W3C trace context allows). The worker reads them back and runs the
+//! handler in a *consumer* span (`process {endpoint}`, kind `CONSUMER`) whose parent is the
+//! producer's span, so the handler is part of the sender's trace. A producer that is not redeliver (a raw AMQP
 //! client, another language) only has to set a `traceparent` header.
 //!
 //! The headers travel with the message: a retry, a parked message and a dead letter keep the
@@ -93,6 +94,15 @@
 //!
 //! `examples/observability` serves the metrics as Prometheus text and the host's health with
 //! axum. [`set_enabled`] switches recording off and on at run time.
+//!
+//! # Cost
+//! Recording adds about 6,700 instructions per delivery to the worker (a few microseconds),
+//! three quarters of them inside OpenTelemetry: parsing `traceparent`, building and ending the
+//! consumer span, plus the exporting thread's work for each sampled span. The metrics are bound
+//! to the endpoint when the worker starts and cost tens of instructions each. That is little
+//! next to a broker's round trip, but it more than halves the in-memory transport's throughput
+//! with a no-op handler; `redeliver-bench --only telemetry` measures it, with every span
+//! sampled and with one trace in ten (`Sampler::ParentBased` over `TraceIdRatioBased`).
 
 use std::time::Duration;
 

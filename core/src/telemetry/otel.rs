@@ -1,9 +1,10 @@
 //! The `opentelemetry` feature: W3C trace context in the headers, spans and metrics.
 //!
-//! The hot path takes what it can from the worker: the tracer, the meter's instruments, the
-//! endpoint's name as a shared string and the attributes every metric carries are made once
-//! when the worker starts. Per delivery it costs the header parse, one span with its attribute
-//! list, and the metric updates.
+//! The hot path takes what it can from the worker: the tracer, the meter's instruments (bound to
+//! the attributes every metric carries, so that the SDK resolves that attribute set once instead
+//! of hashing and looking it up on every update) and the endpoint's name as a shared string are
+//! made once when the worker starts. Per delivery it costs the header parse, one span with its
+//! attribute list, and the metric updates.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use std::time::Instant;
 use chrono::{DateTime, SecondsFormat, Utc};
 use opentelemetry::context::{FutureExt as _, WithContext};
 use opentelemetry::global::{self, BoxedTracer};
-use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
+use opentelemetry::metrics::{BoundCounter, BoundHistogram, BoundUpDownCounter, Counter, Meter};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{Link, SpanKind, Status, TraceContextExt, Tracer as _};
 use opentelemetry::{Context, ContextGuard, InstrumentationScope, KeyValue, Value};
@@ -63,6 +64,12 @@ struct HeaderWriter<'a>(&'a mut Headers);
 
 impl Injector for HeaderWriter<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // An empty `tracestate` is left out, as W3C trace context allows: every message is
+        // spared a header and the consumer its parse. One an earlier send left goes with it.
+        if key == super::TRACESTATE && value.is_empty() {
+            self.0.remove(key);
+            return;
+        }
         self.0.insert(key, value);
     }
 }
@@ -152,25 +159,26 @@ impl ProducerSpan {
     }
 }
 
-/// The instruments of one worker, made when it starts.
+/// The instruments of one worker, made when it starts. Those without a reason are bound to the
+/// worker's `messaging.system` and `messaging.destination.name`.
 struct Instruments {
-    received: Counter<u64>,
-    completed: Counter<u64>,
+    received: BoundCounter<u64>,
+    completed: BoundCounter<u64>,
     retried: Counter<u64>,
     dead_lettered: Counter<u64>,
     discarded: Counter<u64>,
-    in_flight: UpDownCounter<i64>,
-    handler_duration: Histogram<f64>,
-    attempts: Histogram<u64>,
-    retry_delay: Histogram<f64>,
-    lateness: Histogram<f64>,
-    settle_failures: Counter<u64>,
-    reconnects: Counter<u64>,
+    in_flight: BoundUpDownCounter<i64>,
+    handler_duration: BoundHistogram<f64>,
+    attempts: BoundHistogram<u64>,
+    retry_delay: BoundHistogram<f64>,
+    lateness: BoundHistogram<f64>,
+    settle_failures: BoundCounter<u64>,
+    reconnects: BoundCounter<u64>,
 }
 
 impl Instruments {
-    fn new(meter: &Meter) -> Self {
-        let messages = |name: &'static str, description: &'static str| {
+    fn new(meter: &Meter, base: &[KeyValue]) -> Self {
+        let messages = |name: &'static str, description: &'static str| -> Counter<u64> {
             meter
                 .u64_counter(name)
                 .with_unit("{message}")
@@ -187,13 +195,15 @@ impl Instruments {
                     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
                 ])
                 .build()
+                .bind(base)
         };
         Instruments {
-            received: messages("redeliver.messages.received", "Deliveries received"),
+            received: messages("redeliver.messages.received", "Deliveries received").bind(base),
             completed: messages(
                 "redeliver.messages.completed",
                 "Deliveries completed after a success",
-            ),
+            )
+            .bind(base),
             retried: messages("redeliver.messages.retried", "Retries scheduled"),
             dead_lettered: messages(
                 "redeliver.messages.dead_lettered",
@@ -204,14 +214,16 @@ impl Instruments {
                 .i64_up_down_counter("redeliver.messages.in_flight")
                 .with_unit("{message}")
                 .with_description("Deliveries being handled")
-                .build(),
+                .build()
+                .bind(base),
             handler_duration: seconds("redeliver.handler.duration", "Handler calls"),
             attempts: meter
                 .u64_histogram("redeliver.attempts")
                 .with_unit("{attempt}")
                 .with_description("Attempts a message needed until it completed")
                 .with_boundaries(vec![1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0, 50.0])
-                .build(),
+                .build()
+                .bind(base),
             retry_delay: seconds("redeliver.retry.delay", "Delays scheduled for retries"),
             lateness: seconds(
                 "redeliver.scheduling.lateness",
@@ -221,12 +233,14 @@ impl Instruments {
                 .u64_counter("redeliver.settle.failures")
                 .with_unit("{settlement}")
                 .with_description("Settlements the broker did not take")
-                .build(),
+                .build()
+                .bind(base),
             reconnects: meter
                 .u64_counter("redeliver.consumer.reconnects")
                 .with_unit("{reconnect}")
                 .with_description("Times a consumer lost its stream and consumed again")
-                .build(),
+                .build()
+                .bind(base),
         }
     }
 }
@@ -248,29 +262,30 @@ impl WorkerTelemetry {
     pub(crate) fn new(system: &'static str, source: &Source) -> Self {
         let endpoint: Arc<str> = Arc::from(source.endpoint_name());
         let destination = Value::from(endpoint);
-        let meter = global::meter_with_scope(scope());
+        let base = [
+            KeyValue::new(SYSTEM, system),
+            KeyValue::new(DESTINATION, destination.clone()),
+        ];
+        let instruments = Instruments::new(&global::meter_with_scope(scope()), &base);
         WorkerTelemetry {
             tracer: global::tracer_with_scope(scope()),
             span_name: Cow::Owned(format!("process {}", source.endpoint_name())),
-            base: [
-                KeyValue::new(SYSTEM, system),
-                KeyValue::new(DESTINATION, destination.clone()),
-            ],
+            base,
             destination,
             system,
-            instruments: Instruments::new(&meter),
+            instruments,
         }
     }
 
     pub(crate) fn received(&self) {
         if is_enabled() {
-            self.instruments.received.add(1, &self.base);
+            self.instruments.received.add(1);
         }
     }
 
     pub(crate) fn reconnected(&self) {
         if is_enabled() {
-            self.instruments.reconnects.add(1, &self.base);
+            self.instruments.reconnects.add(1);
         }
     }
 
@@ -279,7 +294,7 @@ impl WorkerTelemetry {
         if !is_enabled() {
             return DeliverySpan::off(self);
         }
-        self.instruments.in_flight.add(1, &self.base);
+        self.instruments.in_flight.add(1);
         let parent = extract(message.headers());
         let mut attributes = Vec::with_capacity(8);
         attributes.push(KeyValue::new(SYSTEM, self.system));
@@ -382,10 +397,7 @@ impl<'a> DeliverySpan<'a> {
         }
         if let Some(not_before) = not_before {
             let late = until(not_before, now);
-            self.worker
-                .instruments
-                .lateness
-                .record(late.as_secs_f64(), &self.worker.base);
+            self.worker.instruments.lateness.record(late.as_secs_f64());
             if let Some(cx) = &self.cx {
                 cx.span()
                     .set_attribute(KeyValue::new(LATENESS_MS, millis(late)));
@@ -400,7 +412,7 @@ impl<'a> DeliverySpan<'a> {
             self.worker
                 .instruments
                 .handler_duration
-                .record(started.elapsed().as_secs_f64(), &self.worker.base);
+                .record(started.elapsed().as_secs_f64());
         }
     }
 
@@ -444,23 +456,19 @@ impl<'a> DeliverySpan<'a> {
             }
         }
         match taken {
-            Taken::Failed => instruments.settle_failures.add(1, base),
+            Taken::Failed => instruments.settle_failures.add(1),
             Taken::DeadLettered(reason) => instruments.dead_lettered.add(1, &with_reason(reason)),
             Taken::AsAsked => match settlement.outcome {
                 "completed" => {
-                    instruments.completed.add(1, base);
-                    instruments
-                        .attempts
-                        .record(u64::from(settlement.attempt), base);
+                    instruments.completed.add(1);
+                    instruments.attempts.record(u64::from(settlement.attempt));
                 }
                 "retried" => {
                     instruments
                         .retried
                         .add(1, &with_reason(settlement.reason.unwrap_or_default()));
                     if let Some(retry) = &settlement.retry {
-                        instruments
-                            .retry_delay
-                            .record(retry.delay.as_secs_f64(), base);
+                        instruments.retry_delay.record(retry.delay.as_secs_f64());
                     }
                 }
                 "dead-lettered" => instruments
@@ -479,7 +487,47 @@ impl Drop for DeliverySpan<'_> {
     fn drop(&mut self) {
         if let Some(cx) = self.cx.take() {
             cx.span().end();
-            self.worker.instruments.in_flight.add(-1, &self.worker.base);
+            self.worker.instruments.in_flight.add(-1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+    use super::*;
+    use crate::telemetry::{TRACEPARENT, TRACESTATE};
+
+    fn inject(trace_state: TraceState, headers: &mut Headers) {
+        let span = SpanContext::new(
+            TraceId::from(7),
+            SpanId::from(9),
+            TraceFlags::SAMPLED,
+            true,
+            trace_state,
+        );
+        let cx = Context::new().with_remote_span_context(span);
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderWriter(headers));
+    }
+
+    #[test]
+    fn an_empty_tracestate_is_left_out_and_an_earlier_one_removed() {
+        let mut headers = Headers::default();
+        headers.insert(TRACESTATE, "earlier=1");
+        inject(TraceState::default(), &mut headers);
+        assert_eq!(
+            headers.get(TRACEPARENT),
+            Some("00-00000000000000000000000000000007-0000000000000009-01")
+        );
+        assert_eq!(headers.get(TRACESTATE), None);
+    }
+
+    #[test]
+    fn a_tracestate_with_entries_is_written() {
+        let mut headers = Headers::default();
+        let state = TraceState::from_key_value([("vendor", "x")]).unwrap();
+        inject(state, &mut headers);
+        assert_eq!(headers.get(TRACESTATE), Some("vendor=x"));
     }
 }
