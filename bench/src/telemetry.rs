@@ -37,9 +37,9 @@ pub(crate) enum Recording {
     Off,
     /// Every span sampled and exported.
     Always,
-    /// One trace in ten sampled (`ParentBased(TraceIdRatioBased(0.1))`, as a production
-    /// deployment would configure it); the others get non-recording spans. Metrics are
-    /// recorded for every message either way.
+    /// One trace in ten sampled (`ParentBased(TraceIdRatioBased(0.1))`, a common production
+    /// setting); the others get non-recording spans. Metrics are recorded for every message
+    /// either way.
     Sampled,
 }
 
