@@ -130,6 +130,15 @@ impl Script {
     }
 }
 
+/// Starts a worker on `q` of `transport` whose handler records its calls in `calls` and
+/// succeeds.
+async fn start_recording(transport: MockTransport, calls: &Calls) -> Worker {
+    Worker::builder(Arc::new(transport), "q")
+        .start(recording_handler(calls.clone()))
+        .await
+        .unwrap()
+}
+
 /// Succeeds, recording the call (which asserts that it did not come before the not-before).
 fn recording_handler(
     calls: Calls,
@@ -153,10 +162,7 @@ async fn an_early_delivery_is_parked_without_calling_the_handler_or_counting_an_
     script.consume(vec![delivery]);
     let calls = script.calls.clone();
 
-    let worker = Worker::builder(Arc::new(script.transport), "q")
-        .start(recording_handler(calls.clone()))
-        .await
-        .unwrap();
+    let worker = start_recording(script.transport, &calls).await;
     let settlement = within("a settlement", script.settlements.recv())
         .await
         .unwrap();
@@ -211,10 +217,7 @@ async fn a_delivery_lost_while_it_waited_for_its_not_before_is_not_handled() {
     script.consume(vec![delivery]);
     let calls = script.calls.clone();
 
-    let worker = Worker::builder(Arc::new(script.transport), "q")
-        .start(recording_handler(calls.clone()))
-        .await
-        .unwrap();
+    let worker = start_recording(script.transport, &calls).await;
     // Virtual time: well past the not-before, when the handler would have been called.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stats = worker.shutdown().await;
@@ -296,10 +299,7 @@ async fn a_delivery_waiting_aside_is_given_back_at_shutdown() {
     script.consume(vec![waiting]);
     let calls = script.calls.clone();
 
-    let worker = Worker::builder(Arc::new(script.transport), "q")
-        .start(recording_handler(calls.clone()))
-        .await
-        .unwrap();
+    let worker = start_recording(script.transport, &calls).await;
     // Let the worker take the delivery and put it aside (virtual time does not move).
     while worker.stats().received == 0 {
         tokio::task::yield_now().await;
@@ -323,10 +323,7 @@ async fn malformed_headers_are_dead_lettered_with_the_problem() {
     script.consume(vec![delivery]);
     let calls = script.calls.clone();
 
-    let worker = Worker::builder(Arc::new(script.transport), "q")
-        .start(recording_handler(calls.clone()))
-        .await
-        .unwrap();
+    let worker = start_recording(script.transport, &calls).await;
     let settlement = within("a settlement", script.settlements.recv())
         .await
         .unwrap();
@@ -352,10 +349,7 @@ async fn a_failed_settlement_is_reported_and_the_worker_goes_on() {
     script.consume(vec![failing, fine]);
     let calls = script.calls.clone();
 
-    let worker = Worker::builder(Arc::new(script.transport), "q")
-        .start(recording_handler(calls.clone()))
-        .await
-        .unwrap();
+    let worker = start_recording(script.transport, &calls).await;
     for _ in 0..2 {
         within("a settlement", script.settlements.recv())
             .await
@@ -391,10 +385,7 @@ async fn a_closed_consumer_is_opened_again() {
         });
     let calls = script.calls.clone();
 
-    let worker = Worker::builder(Arc::new(script.transport), "q")
-        .start(recording_handler(calls.clone()))
-        .await
-        .unwrap();
+    let worker = start_recording(script.transport, &calls).await;
     for _ in 0..2 {
         within("a settlement", script.settlements.recv())
             .await
